@@ -1,0 +1,75 @@
+"""Constant tensors of a graph: read them, and rewrite them without touching other users.
+
+A constant is an initializer or the output of a Constant node. `Consts.replace(node, i, value)`
+gives input i of `node` a new value: in place when `node` is the tensor's only reader, else as a
+fresh initializer (copy-on-write), so a weight shared with another layer is never changed under it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+class Consts:
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.const_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+        self.readers: dict[str, int] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.readers[i] = self.readers.get(i, 0) + 1
+        self.graph_outputs = {o.name for o in graph.output}
+        self._cache: dict[str, np.ndarray] = {}
+        self._names = {n for n in self.inits} | {o for n in graph.node for o in n.output} | \
+                      {i.name for i in graph.input}
+
+    def is_const(self, name: str) -> bool:
+        return name in self.inits or name in self.const_nodes
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name in self._cache:
+            return self._cache[name]
+        if name in self.inits:
+            v = numpy_helper.to_array(self.inits[name])
+        elif name in self.const_nodes:
+            attr = self.const_nodes[name].attribute[0]
+            if attr.name != "value":
+                v = np.asarray(onnx.helper.get_attribute_value(attr))
+            else:
+                v = numpy_helper.to_array(attr.t)
+        else:
+            return None
+        self._cache[name] = v
+        return v
+
+    def shared(self, name: str) -> bool:
+        return self.readers.get(name, 0) > 1 or name in self.graph_outputs
+
+    def unique_name(self, base: str) -> str:
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def replace(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> str:
+        """Give `node.input[index]` the constant `value`; returns the tensor name it now reads."""
+        name = node.input[index]
+        old = self.get(name)
+        value = value.astype(old.dtype if old is not None else value.dtype)
+        if name in self.inits and not self.shared(name):
+            self.inits[name].CopyFrom(numpy_helper.from_array(value, name))
+            self._cache[name] = value
+            return name
+        new = self.unique_name(f"{name}_gp")
+        t = numpy_helper.from_array(value, new)
+        self.graph.initializer.append(t)
+        self.inits[new] = self.graph.initializer[-1]
+        self._cache[new] = value
+        self.readers[name] -= 1
+        self.readers[new] = 1
+        node.input[index] = new
+        return new

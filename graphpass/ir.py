@@ -1,0 +1,181 @@
+"""Model I/O and graph bookkeeping shared by every command.
+
+load_model(path)            -> ModelProto with external data resolved, or a one-line GraphpassError
+save_model(model, path)     -> atomic write (temp name + rename); external data past 1 GB
+model_size(path)            -> bytes on disk, external data files included
+input_specs(model)          -> [(name, numpy dtype, rank)] of the real graph inputs
+producers / consumers       -> tensor name -> node(s)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import GraphpassError
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's hard limit is 2 GB; leave room for the graph
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    rank: int
+
+
+def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file; every failure becomes one line that names the file and the problem."""
+    p = Path(path)
+    if not p.exists():
+        raise GraphpassError(f"{p}: no such file")
+    if p.is_dir():
+        raise GraphpassError(f"{p}: is a directory, expected an .onnx file")
+    if p.stat().st_size == 0:
+        raise GraphpassError(f"{p}: empty file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning, ...
+        raise GraphpassError(f"{p}: not a readable ONNX model ({_first_line(e)})") from None
+    if not model.HasField("graph") or not model.opset_import:
+        raise GraphpassError(f"{p}: protobuf holds no ONNX graph")
+    if load_weights:
+        _load_external(model, p.parent.resolve(), p)
+    return model
+
+
+def _load_external(model: onnx.ModelProto, base: Path, p: Path) -> None:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (base / loc).resolve()
+        if base not in target.parents:
+            raise GraphpassError(f"{p}: external data '{loc}' points outside the model's folder")
+        if not target.is_file():
+            raise GraphpassError(f"{p}: external data file '{loc}' is missing")
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except Exception as e:
+        raise GraphpassError(f"{p}: cannot read external data ({_first_line(e)})") from None
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
+    """Write atomically: a temporary name in the same folder, then rename into place.
+
+    Large models (or external=True) store weights in `<name>.data` beside the file.
+    """
+    p = Path(path)
+    if not p.parent.exists():
+        raise GraphpassError(f"{p.parent}: output folder does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise GraphpassError(f"{p.parent}: output folder is not writable")
+    if external is None:
+        external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _small_enough(model) else True
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    data_name = p.name + ".data"
+    tmp_data = Path(tmp).with_name(Path(tmp).name + ".data")
+    try:
+        if external:
+            m = onnx.ModelProto()
+            m.CopyFrom(model)
+            onnx.save_model(m, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name, size_threshold=1024)
+            _rename_location(tmp, tmp_data.name, data_name)
+            os.replace(tmp_data, p.parent / data_name)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        for f in (Path(tmp), tmp_data):
+            f.unlink(missing_ok=True)
+        raise
+    return p
+
+
+def _small_enough(model: onnx.ModelProto) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:
+        return False
+
+
+def _rename_location(model_path: str, old: str, new: str) -> None:
+    m = onnx.load(model_path, load_external_data=False)
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(m):
+        for e in t.external_data:
+            if e.key == "location" and e.value == old:
+                e.value = new
+    onnx.save_model(m, model_path)
+
+
+def model_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus every external data file it references."""
+    p = Path(path)
+    total = p.stat().st_size
+    m = onnx.load(str(p), load_external_data=False)
+    from onnx.external_data_helper import _get_all_tensors
+
+    locs = {e.value for t in _get_all_tensors(m) for e in t.external_data if e.key == "location"}
+    return total + sum((p.parent / loc).stat().st_size for loc in locs if (p.parent / loc).is_file())
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        specs.append(InputSpec(vi.name, dtype, len(tt.shape.dim)))
+    return specs
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i:
+                out.setdefault(i, []).append(n)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text write (reports, JSON): temp name in the same folder, then rename."""
+    p = Path(path)
+    if not p.parent.exists():
+        raise GraphpassError(f"{p.parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p

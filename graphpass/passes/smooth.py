@@ -1,0 +1,175 @@
+"""SmoothQuant, folded: Y = X·W = (X·diag(s)^-1)·(diag(s)·W), with no runtime op added.
+
+Per site, over its readers k:  s_j = max|X_j|^α / (max_k max_o |W_k[j, o]|)^(1-α),
+clamped to [1e-4, 1e4], and 1 wherever a channel is all-zero or not finite.
+  readers:  W_k[j, :] *= s_j
+  producer: γ_j /= s_j, β_j /= s_j (norm)   |   W_p[:, j] /= s_j, b_j /= s_j (linear, glu, attn)
+With grouped-query attention the scale is reduced over the query heads that read one kv head,
+so the fold into the value projection stays exact. A norm whose output has other readers (the
+residual of a post-LN block) is duplicated: the readers that are not smoothed keep the original.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..consts import Consts
+from ..patterns import Analysis, LinearFold, NormFold, Site, analyze
+
+S_MIN, S_MAX = 1e-4, 1e4
+
+
+@dataclass(frozen=True)
+class SmoothConfig:
+    alpha: float = 0.5
+    site_alpha: tuple[tuple[str, float], ...] = ()   # (site name, anchor or tensor; α) overrides
+    allow_mul: bool = False                           # a Mul before readers with no foldable producer
+
+    def alpha_for(self, site: Site) -> float:
+        for key, a in self.site_alpha:
+            if key in (site.name, site.anchor, site.act):
+                return a
+        return self.alpha
+
+
+@dataclass
+class SmoothReport:
+    rows: list[dict] = field(default_factory=list)
+    uncovered: list[tuple[str, str]] = field(default_factory=list)
+    muls_added: int = 0
+
+
+def smoothing_scales(act_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    a = np.maximum(act_max.astype(np.float64), 1e-5)
+    w = np.maximum(w_max.astype(np.float64), 1e-5)
+    with np.errstate(all="ignore"):
+        s = a ** alpha / w ** (1.0 - alpha)
+    bad = ~np.isfinite(s) | ~(act_max > 0) | ~(w_max > 0) | ~np.isfinite(act_max)
+    s[bad] = 1.0
+    return np.clip(s, S_MIN, S_MAX)
+
+
+def weight_absmax(site_readers, c: Consts) -> np.ndarray:
+    return np.max([np.abs(lin.weight(c)).max(axis=1) for lin in site_readers], axis=0)
+
+
+def site_scales(site: Site, c: Consts, act_max: np.ndarray, alpha: float) -> np.ndarray:
+    w_max = weight_absmax(site.consumers, c)
+    cmap = site.fold.channel_map if isinstance(site.fold, LinearFold) else None
+    if cmap is None:
+        return smoothing_scales(act_max, w_max, alpha)
+    n = int(cmap.max()) + 1   # reduce over the query heads sharing a kv channel
+    a, w = np.zeros(n), np.zeros(n)
+    np.maximum.at(a, cmap, act_max)
+    np.maximum.at(w, cmap, w_max)
+    return smoothing_scales(a, w, alpha)[cmap]
+
+
+def _ratio(v: np.ndarray) -> float:
+    med = float(np.median(v))
+    return float(v.max() / med) if med > 0 else float("inf")
+
+
+def smooth(model: onnx.ModelProto, act_absmax: dict[str, np.ndarray], config: SmoothConfig = SmoothConfig(),
+           analysis: Analysis | None = None) -> tuple[onnx.ModelProto, SmoothReport]:
+    """Fold smoothing scales into `model` (edited in place and returned) from per-channel max|X|."""
+    an = analysis or analyze(model)
+    c, rep = an.consts, SmoothReport(uncovered=list(an.uncovered))
+    for site in an.sites:
+        alpha = config.alpha_for(site)
+        act = act_absmax[site.act].astype(np.float64)
+        s = site_scales(site, c, act, alpha)
+        w_before = weight_absmax(site.consumers, c)
+        for lin in site.consumers:
+            lin.set_weight(c, lin.weight(c) * s[:, None].astype(np.float32))
+        if isinstance(site.fold, NormFold):
+            _fold_norm(model.graph, c, site, s)
+        else:
+            _fold_linear(c, site.fold, s)
+        rep.rows.append(dict(site=site.name, kind=site.kind, act=site.act,
+                             consumers=[lin.name for lin in site.consumers], alpha=alpha,
+                             act_ratio_before=_ratio(act), act_ratio_after=_ratio(act / s),
+                             w_ratio_before=_ratio(w_before), w_ratio_after=_ratio(w_before * s),
+                             cloned=isinstance(site.fold, NormFold) and site.fold.clone))
+    if config.allow_mul:
+        for act, readers in an.unfoldable:
+            site = Site("mul", act, readers, NormFold([], None, None), act)
+            s = site_scales(site, c, act_absmax[act].astype(np.float64), config.alpha_for(site))
+            for lin in readers:
+                lin.set_weight(c, lin.weight(c) * s[:, None].astype(np.float32))
+            _insert_mul(model.graph, c, act, readers, s)
+            rep.muls_added += 1
+    return model, rep
+
+
+def _fold_norm(graph: onnx.GraphProto, c: Consts, site: Site, s: np.ndarray) -> None:
+    fold = site.fold
+    if fold.clone:
+        fold = _clone_tail(graph, c, site)
+    for at in (fold.scale, fold.bias):
+        if at is None:
+            continue
+        node, i = at
+        v = c.get(node.input[i])
+        c.replace(node, i, v / s.reshape(v.shape).astype(v.dtype))
+
+
+def _clone_tail(graph: onnx.GraphProto, c: Consts, site: Site) -> NormFold:
+    """Duplicate the norm's affine tail; the site's readers move to the copy's output."""
+    fold, renamed, clones = site.fold, {}, []
+    for n in fold.nodes:
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        m.name = c.unique_name((n.name or n.op_type) + "_smoothed")
+        del m.output[1:]
+        m.input[:] = [renamed.get(i, i) for i in m.input]
+        renamed[n.output[0]] = m.output[0] = c.unique_name(n.output[0] + "_smoothed")
+        for i in m.input:
+            c.readers[i] = c.readers.get(i, 0) + 1
+        clones.append(m)
+    clones = _insert_after(graph, fold.nodes[-1], clones)
+    for lin in site.consumers:
+        lin.node.input[0] = clones[-1].output[0]
+        lin.act = clones[-1].output[0]
+    pick = {id(n): m for n, m in zip(fold.nodes, clones)}
+    at = lambda a: (pick[id(a[0])], a[1]) if a else None  # noqa: E731
+    return NormFold(clones, at(fold.scale), at(fold.bias), clone=True)
+
+
+def _fold_linear(c: Consts, fold: LinearFold, s: np.ndarray) -> None:
+    p = fold.producer
+    w = p.weight(c)
+    if fold.channel_map is not None:
+        s_out = np.ones(w.shape[1])
+        s_out[fold.channel_map] = s
+    else:
+        s_out = s
+    p.set_weight(c, w / s_out[None, :].astype(np.float32))
+    if p.bias_at is not None:
+        node, i = p.bias_at
+        b = c.get(node.input[i])
+        if b.size == s_out.size:
+            c.replace(node, i, b / s_out.reshape(b.shape).astype(b.dtype))
+        else:  # a scalar Gemm bias becomes a vector
+            c.replace(node, i, (np.full(s_out.size, b.reshape(-1)[0]) / s_out).astype(b.dtype))
+
+
+def _insert_mul(graph: onnx.GraphProto, c: Consts, act: str, readers, s: np.ndarray) -> None:
+    inv = c.unique_name(act + "_inv_smooth")
+    out = c.unique_name(act + "_smoothed")
+    graph.initializer.append(onnx.numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+    mul = onnx.helper.make_node("Mul", [act, inv], [out], name=c.unique_name("Smooth_Mul"))
+    _insert_after(graph, readers[0].node, [mul], before=True)
+    for lin in readers:
+        lin.node.input[0] = out
+        lin.act = out
+
+
+def _insert_after(graph: onnx.GraphProto, anchor: onnx.NodeProto, nodes, before: bool = False) -> list:
+    idx = next(i for i, n in enumerate(graph.node) if n is anchor or n == anchor)
+    idx = idx if before else idx + 1
+    for k, n in enumerate(nodes):
+        graph.node.insert(idx + k, n)
+    return [graph.node[idx + k] for k in range(len(nodes))]  # protobuf stores copies
