@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=_positive(float), default=6.0, help="timing budget per shape")
     b.add_argument("--json", help="also write the results as JSON")
     b.set_defaults(func=_cmd_bench)
+
+    from .cli_smooth import add_parsers
+
+    add_parsers(sub, _positive)
     return p
 
 

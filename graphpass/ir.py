@@ -167,13 +167,17 @@ def _first_line(e: BaseException) -> str:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Atomic text write (reports, JSON): temp name in the same folder, then rename."""
+    return write_bytes(path, text.encode())
+
+
+def write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     p = Path(path)
     if not p.parent.exists():
         raise GraphpassError(f"{p.parent}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -39,6 +39,22 @@ class SmoothReport:
     rows: list[dict] = field(default_factory=list)
     uncovered: list[tuple[str, str]] = field(default_factory=list)
     muls_added: int = 0
+    verified_error: float | None = None   # max relative output change on probe inputs
+
+    def format(self) -> str:
+        lines = [f"{len(self.rows)} sites folded, {self.muls_added} Mul nodes added, "
+                 f"{len(self.uncovered)} linear layers not covered"]
+        lines.append(f"  {'site':<58} {'kind':<9} {'readers':>7} {'alpha':>5} "
+                     f"{'act max/med':>17} {'weight max/med':>17}")
+        for r in self.rows:
+            lines.append(f"  {r['site'][:58]:<58} {r['kind']:<9} {len(r['consumers']):>7} {r['alpha']:>5.2f} "
+                         f"{r['act_ratio_before']:>7.1f} -> {r['act_ratio_after']:<6.1f} "
+                         f"{r['w_ratio_before']:>7.1f} -> {r['w_ratio_after']:<6.1f}")
+        for name, why in self.uncovered:
+            lines.append(f"  not covered: {name}: {why}")
+        if self.verified_error is not None:
+            lines.append(f"  outputs unchanged: max relative error {self.verified_error:.2e} on probe inputs")
+        return "\n".join(lines)
 
 
 def smoothing_scales(act_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
