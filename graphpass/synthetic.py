@@ -64,12 +64,14 @@ class SyntheticConfig:
             (self.outlier_scale < 1, "outlier_scale must be >= 1"),
             (self.opset < 17, "opset must be >= 17 (LayerNormalization)"),
             (self.rms_form not in RMS_FORMS, f"rms_form must be one of {RMS_FORMS}"),
-            (self.rms_form == "rmsnorm23" and self.opset < 23, "rms_form 'rmsnorm23' needs opset >= 23"),
-            (min(self.layers, self.vocab, self.max_positions, self.type_vocab) < 1, "sizes must be >= 1"),
+            (self.rms_form == "rmsnorm23" and self.opset < 23,
+             "rms_form 'rmsnorm23' needs opset >= 23"),
+            (min(self.layers, self.vocab, self.max_positions, self.type_vocab) < 1,
+             "sizes must be >= 1"),
         ]
         for bad, why in problems:
             if bad:
-                raise ValueError(f"SyntheticConfig: {why} ({self})")
+                raise ValueError(f"SyntheticConfig: {why}")
 
     @property
     def head_dim(self) -> int:
@@ -142,8 +144,10 @@ def build_prenorm_decoder(cfg: SyntheticConfig = SyntheticConfig()) -> onnx.Mode
                    init.bias(H))
         x = b.op("Add", [x, a], s)
         h = layer_norm(b, x, f"{s}/ln_2", init.gamma(), init.beta(), cfg.eps)
-        f = linear(b, h, f"{s}/mlp/c_fc", init.w(H, cfg.ffn, boost=init.ch), init.bias(cfg.ffn, init.ch))
-        f = linear(b, sb.gelu(b, f, f"{s}/mlp/act"), f"{s}/mlp/c_proj", init.w(cfg.ffn, H), init.bias(H))
+        f = linear(b, h, f"{s}/mlp/c_fc", init.w(H, cfg.ffn, boost=init.ch),
+                   init.bias(cfg.ffn, init.ch))
+        f = sb.gelu(b, f, f"{s}/mlp/act")
+        f = linear(b, f, f"{s}/mlp/c_proj", init.w(cfg.ffn, H), init.bias(H))
         x = b.op("Add", [x, f], s)
     h = layer_norm(b, x, "/transformer/ln_f", init.gamma(), init.beta(), cfg.eps)
     linear(b, h, "/lm_head", init.w(H, cfg.vocab))
@@ -186,12 +190,14 @@ def build_postln_encoder(cfg: SyntheticConfig = SyntheticConfig()) -> onnx.Model
     late = cfg.outlier_scale ** 0.25  # the residual stream already carries the outliers
     n = sb.seq_len(b, "input_ids")
     sc = "/embeddings"
-    word = b.op("Gather", [b.weight("embeddings.word_embeddings.weight",
-                                    init.normal((cfg.vocab, H), EMB_STD)), "input_ids"], sc, axis=0)
-    typ = b.op("Gather", [b.weight("embeddings.token_type_embeddings.weight",
-                                   init.normal((cfg.type_vocab, H), EMB_STD)), "token_type_ids"], sc, axis=0)
-    wpe = b.weight("embeddings.position_embeddings.weight", init.normal((cfg.max_positions, H), EMB_STD))
-    pos = b.op("Gather", [wpe, sb.positions(b, n, sc)], sc, axis=0)
+
+    def embed(table: str, rows: int, ids: str) -> str:
+        w = b.weight(f"embeddings.{table}.weight", init.normal((rows, H), EMB_STD))
+        return b.op("Gather", [w, ids], sc, axis=0)
+
+    word = embed("word_embeddings", cfg.vocab, "input_ids")
+    typ = embed("token_type_embeddings", cfg.type_vocab, "token_type_ids")
+    pos = embed("position_embeddings", cfg.max_positions, sb.positions(b, n, sc))
     x = b.op("Add", [b.op("Add", [word, typ], sc), pos], sc)
     x = layer_norm(b, x, f"{sc}/LayerNorm", init.gamma(), init.beta(), cfg.eps)
     mask = sb.padding_mask(b, "attention_mask")
@@ -204,7 +210,8 @@ def build_postln_encoder(cfg: SyntheticConfig = SyntheticConfig()) -> onnx.Model
         a = linear(b, a, f"{s}/attention/output/dense",
                    init.w(H, H, damp=init.attn_out_channels(cfg.heads)), init.bias(H))
         h = b.op("Add", [a, x], f"{s}/attention/output")
-        h = layer_norm(b, h, f"{s}/attention/output/LayerNorm", init.gamma(late), init.beta(), cfg.eps)
+        h = layer_norm(b, h, f"{s}/attention/output/LayerNorm", init.gamma(late), init.beta(),
+                       cfg.eps)
         f = linear(b, h, f"{s}/intermediate/dense", init.w(H, cfg.ffn, boost=init.ch),
                    init.bias(cfg.ffn, init.ch), cfg.gemm)
         f = sb.gelu(b, f, f"{s}/intermediate/intermediate_act_fn")
@@ -254,13 +261,14 @@ def random_inputs(model: onnx.ModelProto, batch: int = 2, seq: int = 16,
         elif name == "token_type_ids":
             feeds[name] = (np.arange(seq)[None, :] >= seq // 2).astype(np.int64).repeat(batch, 0)
         else:
-            feeds[name] = rng.integers(0, _table_rows(model, name, inits), (batch, seq), dtype=np.int64)
+            rows = _table_rows(model, name, inits)
+            feeds[name] = rng.integers(0, rows, (batch, seq), dtype=np.int64)
     return feeds
 
 
 def _table_rows(model: onnx.ModelProto, name: str, inits: dict) -> int:
     for nd in model.graph.node:
-        if nd.op_type == "Gather" and len(nd.input) > 1 and nd.input[1] == name and nd.input[0] in inits:
+        if nd.op_type == "Gather" and list(nd.input)[1:] == [name] and nd.input[0] in inits:
             return int(inits[nd.input[0]].dims[0])
     meta = {p.key: p.value for p in model.metadata_props}
     if META_KEY in meta:

@@ -44,12 +44,14 @@ class GraphBuilder:
            domain: str = "", **attrs) -> str | list[str]:
         name = self._unique(f"{scope}/{op_type}")
         outs = [f"{name}_output_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain,
+                                           **attrs))
         return outs[0] if n_out == 1 else outs
 
     def weight(self, name: str, array: np.ndarray) -> str:
         name = self._unique(name)
-        self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))  # 0-d stays 0-d
+        arr = np.array(array, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
+        self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
     def const(self, value, dtype=np.float32) -> str:
