@@ -183,3 +183,52 @@ def write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Order nodes so every input is produced before it is read (stable for sorted graphs)."""
+    nodes = list(graph.node)
+    avail = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    prod = {o: k for k, n in enumerate(nodes) for o in n.output}
+    waiting: dict[int, int] = {}
+    readers: dict[int, list[int]] = {}
+    for k, n in enumerate(nodes):
+        deps = {prod[i] for i in _all_inputs(n) if i not in avail and i in prod}
+        waiting[k] = len(deps)
+        for d in deps:
+            readers.setdefault(d, []).append(k)
+    import heapq
+
+    ready = [k for k, w in waiting.items() if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for r in readers.get(k, []):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        raise GraphpassError("graph has a cycle; cannot order its nodes")
+    graph.ClearField("node")
+    graph.node.extend(order)
+
+
+def _all_inputs(n: onnx.NodeProto) -> list[str]:
+    """Inputs of a node, including outer-scope names its subgraphs read."""
+    names = list(n.input)
+    for a in n.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for sub in g.node:
+                names += _all_inputs(sub)
+    return names
+
+
+def prune_initializers(graph: onnx.GraphProto) -> int:
+    """Drop initializers no node reads; returns how many."""
+    used = {i for n in graph.node for i in _all_inputs(n)} | {o.name for o in graph.output}
+    unused = [k for k, t in enumerate(graph.initializer) if t.name not in used]
+    for k in reversed(unused):  # in place: no copy of the weights that stay
+        del graph.initializer[k]
+    return len(unused)
