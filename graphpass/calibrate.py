@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,21 +26,28 @@ from .runtime import make_session
 from .stats import Stats
 
 
-def calibration_targets(model: onnx.ModelProto) -> dict[str, int]:
+def calibration_targets(model: onnx.ModelProto, base_dir: str | None = None) -> dict[str, int]:
     """Tensor -> channel count, for the input of every linear layer (site or not)."""
-    an = analyze(model)
-    return {lin.act: int(lin.weight(an.consts).shape[0]) for lin in an.linears}
+    an = analyze(model, base_dir)
+    return {lin.act: int(lin.shape(an.consts)[0]) for lin in an.linears}
 
 
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
-def add_reductions(model: onnx.ModelProto, targets: list[str]) -> list[str]:
-    """Replace the graph outputs by per-channel min/max of each target; returns output names."""
+def add_reductions(model: onnx.ModelProto, targets: list[str], row_step: int = 0) -> list[str]:
+    """Replace the graph outputs by per-channel min/max of each target; returns output names.
+
+    With row_step > 0 every target also returns its rows 0, row_step, 2·row_step, ... (samples
+    of X for the per-site alpha search), as a third output.
+    """
     g, new18 = model.graph, _opset(model) >= 18
     axes = "gp_calib_axes0"
     g.initializer.append(helper.make_tensor(axes, onnx.TensorProto.INT64, [1], [0]))
+    if row_step:
+        for nm, v in (("start", 0), ("end", 2**62), ("step", row_step)):
+            g.initializer.append(helper.make_tensor(f"gp_calib_{nm}", onnx.TensorProto.INT64, [1], [v]))
     outs = []
     del g.output[:]
     for k, t in enumerate(targets):
@@ -51,6 +59,12 @@ def add_reductions(model: onnx.ModelProto, targets: list[str]) -> list[str]:
             kw = {} if new18 else {"axes": [0]}
             g.node.append(helper.make_node(f"Reduce{red}", ins, [o], keepdims=0,
                                            name=f"gp_calib_Reduce{red}_{k}", **kw))
+            g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
+            outs.append(o)
+        if row_step:
+            o = f"gp_calib_rows_{k}"
+            g.node.append(helper.make_node("Slice", [flat, "gp_calib_start", "gp_calib_end", axes, "gp_calib_step"],
+                                           [o], name=f"gp_calib_Slice_{k}"))
             g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
             outs.append(o)
     _prune(g)
@@ -73,27 +87,61 @@ def _prune(g: onnx.GraphProto) -> None:
     g.initializer.extend(used)
 
 
-def calibrate(model_path: str | os.PathLike, data: dict[str, np.ndarray], batch_size: int = 1,
-              threads: int = 2, progress: bool = True, targets: dict[str, int] | None = None) -> Stats:
-    """Per-channel min/max of every linear layer's input over `data`, batch by batch."""
+def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, np.ndarray]]:
+    """Batches from a dict of arrays, an onnxruntime CalibrationDataReader, or any iterable of dicts."""
+    if isinstance(data, dict):
+        check_data(data, model, "data")
+        yield from batches(data, batch_size)
+        return
+    it = iter(data.get_next, None) if hasattr(data, "get_next") else iter(data)
+    n = 0
+    for b in it:
+        check_data(b, model, f"calibration batch {n}")
+        n += 1
+        yield b
+    if n == 0:
+        raise GraphpassError("the calibration data reader gave no batch")
+
+
+def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads: int = 2,
+              progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0) -> Stats:
+    """Per-channel min/max of every linear layer's input over `data`, batch by batch.
+
+    `data`: dict of arrays (first axis = samples) or a CalibrationDataReader. With row_step > 0,
+    `stats.rows[t]` also holds every row_step-th row of each target (kept in memory, not saved).
+    """
     p = Path(model_path)
     graph_only = load_model(p, load_weights=False)
-    check_data(data, graph_only, "data")
     if targets is None:
-        targets = calibration_targets(load_model(p))
+        targets = calibration_targets(graph_only, str(p.parent))
     if not targets:
         raise GraphpassError(f"{p}: no linear layer with a constant weight; nothing to calibrate")
     names = sorted(targets)
-    outs = add_reductions(graph_only, names)
+    check_model = _inputs_only(graph_only)
+    outs = add_reductions(graph_only, names, row_step)
     sess = _session_beside(graph_only, p, threads)
-    stats = Stats()
-    for b in tqdm(list(batches(data, batch_size)), desc="calibrate", unit="batch", disable=not progress):
+    stats, per = Stats(), 3 if row_step else 2
+    total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
+    rows: dict[str, list[np.ndarray]] = {t: [] for t in names} if row_step else {}
+    for b in tqdm(feeds(data, batch_size, check_model), total=total, desc="calibrate", unit="batch",
+                  disable=not progress):
         vals = sess.run(outs, b)
         for k, t in enumerate(names):
-            stats.update(t, vals[2 * k], vals[2 * k + 1])
+            stats.update(t, vals[per * k], vals[per * k + 1])
+            if row_step:
+                rows[t].append(vals[per * k + 2])
         stats.samples += next(iter(b.values())).shape[0]
     stats.require(targets, "calibration")
+    stats.rows = {t: np.concatenate(v) for t, v in rows.items()}
     return stats
+
+
+def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model holding just the real graph inputs (for data checks), no weights."""
+    inits = {t.name for t in model.graph.initializer}
+    m = onnx.ModelProto()
+    m.graph.input.extend(i for i in model.graph.input if i.name not in inits)
+    return m
 
 
 def _session_beside(graph_only: onnx.ModelProto, p: Path, threads: int):
@@ -101,11 +149,11 @@ def _session_beside(graph_only: onnx.ModelProto, p: Path, threads: int):
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     if not any(uses_external_data(t) for t in _get_all_tensors(graph_only)):
-        return make_session(graph_only, threads)  # weights are inline: nothing to find beside
+        return make_session(graph_only, threads, prepack=False)  # weights are inline: nothing to find beside
     fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.calib.", suffix=".onnx", dir=p.parent)
     os.close(fd)
     try:
         onnx.save_model(graph_only, tmp)
-        return make_session(tmp, threads)
+        return make_session(tmp, threads, prepack=False)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -80,7 +80,7 @@ def _cmd_inspect(a: argparse.Namespace) -> None:
     an = analyze(load_model(a.model))
     stats = Stats.load(a.stats) if a.stats else None
     if stats:
-        stats.require({s.act: s.consumers[0].weight(an.consts).shape[0] for s in an.sites}, "stats")
+        stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "stats")
     print(f"{len(an.linears)} linear layers, {len(an.sites)} smoothing sites, {len(an.uncovered)} not covered")
     for s in an.sites:
         extra = ""

@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 
 class Consts:
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
+    def __init__(self, graph: onnx.GraphProto, base_dir: str | None = None):
+        self.graph, self.base_dir = graph, base_dir   # base_dir: read external data lazily
         self.inits = {t.name: t for t in graph.initializer}
         self.const_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
         self.readers: dict[str, int] = {}
@@ -28,11 +28,33 @@ class Consts:
     def is_const(self, name: str) -> bool:
         return name in self.inits or name in self.const_nodes
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape without reading the data (weights may still sit in external data)."""
+        if name in self.inits:
+            return tuple(self.inits[name].dims)
+        v = self.get(name)
+        return None if v is None else v.shape
+
+    def dtype(self, name: str) -> np.dtype | None:
+        if name in self.inits:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.inits[name].data_type))
+        v = self.get(name)
+        return None if v is None else v.dtype
+
     def get(self, name: str) -> np.ndarray | None:
         if name in self._cache:
             return self._cache[name]
         if name in self.inits:
-            v = numpy_helper.to_array(self.inits[name])
+            t = self.inits[name]
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                if self.base_dir is None:
+                    raise ValueError(f"tensor '{name}' is in external data and no folder was given")
+                t = onnx.TensorProto()
+                t.CopyFrom(self.inits[name])
+                onnx.external_data_helper.load_external_data_for_tensor(t, self.base_dir)
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
+            v = numpy_helper.to_array(t)
         elif name in self.const_nodes:
             attr = self.const_nodes[name].attribute[0]
             if attr.name != "value":

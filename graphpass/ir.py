@@ -44,12 +44,11 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
         raise GraphpassError(f"{p}: not a readable ONNX model ({_first_line(e)})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise GraphpassError(f"{p}: protobuf holds no ONNX graph")
-    if load_weights:
-        _load_external(model, p.parent.resolve(), p)
+    _load_external(model, p.parent.resolve(), p, load_weights)
     return model
 
 
-def _load_external(model: onnx.ModelProto, base: Path, p: Path) -> None:
+def _load_external(model: onnx.ModelProto, base: Path, p: Path, load: bool) -> None:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     for t in _get_all_tensors(model):
@@ -61,6 +60,8 @@ def _load_external(model: onnx.ModelProto, base: Path, p: Path) -> None:
             raise GraphpassError(f"{p}: external data '{loc}' points outside the model's folder")
         if not target.is_file():
             raise GraphpassError(f"{p}: external data file '{loc}' is missing")
+    if not load:
+        return
     try:
         onnx.load_external_data_for_model(model, str(base))
     except Exception as e:

@@ -34,6 +34,12 @@ class Linear:
         n, i = self._holder()
         return c.get(n.input[i])
 
+    def shape(self, c: Consts) -> tuple[int, int]:
+        """(in, out) without reading the weight."""
+        n, i = self._holder()
+        a, b = c.shape(n.input[i])
+        return (b, a) if (self.in_axis == 1) != (self.via is not None) else (a, b)
+
     def weight(self, c: Consts) -> np.ndarray:
         """W as [in, out]."""
         w = self.stored(c)
@@ -68,7 +74,7 @@ def _weight_source(name: str, c: Consts, prod: dict) -> tuple[onnx.NodeProto | N
     p = prod.get(name)
     if p is not None and p.op_type == "Transpose" and c.is_const(p.input[0]):
         perm = list(_attr(p, "perm", [1, 0]))
-        if perm == [1, 0] and c.get(p.input[0]).ndim == 2:
+        if perm == [1, 0] and len(c.shape(p.input[0])) == 2:
             return p, None
     return None, "weight is not a constant"
 
@@ -98,12 +104,13 @@ def find_linears(graph: onnx.GraphProto, c: Consts, prod: dict, cons: dict
                 skipped.append((label(n), "the constant is the left operand"))
             continue  # activation x activation (attention scores): not a linear layer
         lin = Linear(n, n.input[0], 0, via, n.output[0], None)
-        w = lin.stored(c)
-        if w.ndim != 2:
-            skipped.append((label(n), f"weight has rank {w.ndim}, expected 2"))
+        h, i = lin._holder()
+        shape, dtype = c.shape(h.input[i]), c.dtype(h.input[i])
+        if len(shape) != 2:
+            skipped.append((label(n), f"weight has rank {len(shape)}, expected 2"))
             continue
-        if w.dtype != np.float32:
-            skipped.append((label(n), f"weight is {w.dtype}, expected float32"))
+        if dtype != np.float32:
+            skipped.append((label(n), f"weight is {dtype}, expected float32"))
             continue
         if n.op_type == "Gemm":
             if _attr(n, "transA", 0):
@@ -116,7 +123,7 @@ def find_linears(graph: onnx.GraphProto, c: Consts, prod: dict, cons: dict
                     continue
                 lin.bias_at = (n, 2)
         else:
-            add = _bias_add(n.output[0], lin.weight(c).shape[1], c, cons)
+            add = _bias_add(n.output[0], lin.shape(c)[1], c, cons)
             if add is not None:
                 lin.bias_at, lin.out = add, add[0].output[0]
         found.append(lin)

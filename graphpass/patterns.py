@@ -69,9 +69,9 @@ class Analysis:
 
 
 class _Graph:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
         self.g = model.graph
-        self.c = Consts(self.g)
+        self.c = Consts(self.g, base_dir)
         self.prod, self.cons = producers(self.g), consumers(self.g)
 
     def readers(self, t: str) -> list[onnx.NodeProto]:
@@ -89,9 +89,12 @@ class _Graph:
         return v is not None and v.size == width and v.shape[-1] == width
 
 
-def analyze(model: onnx.ModelProto) -> Analysis:
-    """All linear layers of the model, grouped into sites, and the reason for each one left out."""
-    gr = _Graph(model)
+def analyze(model: onnx.ModelProto, base_dir: str | None = None) -> Analysis:
+    """All linear layers of the model, grouped into sites, and the reason for each one left out.
+
+    `base_dir`: the model's folder, when its weights were left in external data (read on demand).
+    """
+    gr = _Graph(model, base_dir)
     linears, skipped = find_linears(gr.g, gr.c, gr.prod, gr.cons)
     res = Analysis(gr.c, linears, uncovered=list(skipped))
     groups: dict[str, list[Linear]] = {}
@@ -99,8 +102,8 @@ def analyze(model: onnx.ModelProto) -> Analysis:
         groups.setdefault(lin.act, []).append(lin)
     by_out = {lin.out: lin for lin in linears}
     for act, group in groups.items():
-        width = group[0].weight(gr.c).shape[0]
-        if any(lin.weight(gr.c).shape[0] != width for lin in group):
+        width = group[0].shape(gr.c)[0]
+        if any(lin.shape(gr.c)[0] != width for lin in group):
             why = "readers disagree on the channel count"
         else:
             site, why = _match(gr, act, group, width, by_out)
@@ -108,7 +111,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
                 res.sites.append(site)
                 continue
         res.uncovered += [(lin.name, why) for lin in group]
-        if all(lin.weight(gr.c).shape[0] == width and not _tied(gr, lin) for lin in group):
+        if all(lin.shape(gr.c)[0] == width and not _tied(gr, lin) for lin in group):
             res.unfoldable.append((act, group))
     return res
 
@@ -136,7 +139,7 @@ def _match(gr: _Graph, act: str, group: list[Linear], width: int, by_out: dict):
     if p.op_type == "Mul":
         for t in p.input:
             lin = by_out.get(t)
-            if lin is not None and gr.only_reader(t, p) and lin.weight(gr.c).shape[1] == width:
+            if lin is not None and gr.only_reader(t, p) and lin.shape(gr.c)[1] == width:
                 return Site("glu", act, group, LinearFold(lin), lin.name), ""
     lin, cmap, why = _trace_attention(gr, act, width, by_out)
     if lin is not None:
@@ -223,7 +226,7 @@ def _trace_attention(gr: _Graph, act: str, width: int, by_out: dict):
         else:
             return None, None, ""
     lin = by_out[t]
-    cv = lin.weight(gr.c).shape[1]
+    cv = lin.shape(gr.c)[1]
     if cv == width:
         return lin, None, ""
     if width % cv or not any(n.op_type == "Expand" for n in path):

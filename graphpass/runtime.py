@@ -12,7 +12,7 @@ from .errors import GraphpassError
 
 def session_options(threads: int = 2, spinning: bool = False,
                     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                    profile: bool = False) -> ort.SessionOptions:
+                    profile: bool = False, prepack: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -21,6 +21,9 @@ def session_options(threads: int = 2, spinning: bool = False,
     # An idle session's spinning threads steal time from the one being measured (FACTS.md).
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.enable_profiling = profile
+    if not prepack:  # lean mode for streaming runs over large models: no prepacked weight
+        so.add_session_config_entry("session.disable_prepacking", "1")   # copies, and no
+        so.enable_mem_pattern = False                                      # preplanned arena block
     return so
 
 

@@ -29,9 +29,9 @@ def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bo
     for key, a in config.site_alpha:
         check_alpha(a, f"alpha for site '{key}'")
     an = analyze(model)
-    acts = {s.act: s.consumers[0].weight(an.consts).shape[0] for s in an.sites}
+    acts = {s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}
     if config.allow_mul:
-        acts.update({act: r[0].weight(an.consts).shape[0] for act, r in an.unfoldable})
+        acts.update({act: r[0].shape(an.consts)[0] for act, r in an.unfoldable})
     known = {s.name for s in an.sites} | {s.anchor for s in an.sites} | {s.act for s in an.sites}
     for key, _ in config.site_alpha:
         if key not in known:

@@ -25,6 +25,7 @@ class Stats:
     min: dict[str, np.ndarray] = field(default_factory=dict)
     max: dict[str, np.ndarray] = field(default_factory=dict)
     samples: int = 0
+    rows: dict[str, np.ndarray] = field(default_factory=dict)   # sampled rows of X (not saved)
 
     def absmax(self, t: str) -> np.ndarray:
         return np.maximum(-self.min[t], self.max[t])
