@@ -118,6 +118,8 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
         raise GraphpassError(f"{p}: no linear layer with a constant weight; nothing to calibrate")
     names = sorted(targets)
     check_model = _inputs_only(graph_only)
+    if isinstance(data, dict):
+        check_data(data, check_model, "data")   # before any progress bar is drawn
     outs = add_reductions(graph_only, names, row_step)
     sess = _session_beside(graph_only, p, threads)
     stats, per = Stats(), 3 if row_step else 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,7 +106,7 @@ def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if "pickle" in str(e):
             raise GraphpassError(f"{p}: holds pickled objects; refusing to load them") from None
         raise GraphpassError(f"{p}: not a readable .npz ({str(e)[:120]})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
+    except Exception as e:  # zipfile raises BadZipFile, NotImplementedError, RuntimeError, ...
         raise GraphpassError(f"{p}: not a readable .npz ({str(e)[:120]})") from None
     if not data:
         raise GraphpassError(f"{p}: holds no arrays")

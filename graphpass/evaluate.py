@@ -78,6 +78,18 @@ def _encoder(st: _Stats, mask: np.ndarray | None, ref: np.ndarray, cand: np.ndar
     st.min("cos_min", cos[keep].min() if keep.any() else 1.0)
 
 
+def _check_scorable(kind: str, data: dict[str, np.ndarray]) -> None:
+    """Refuse, before any work, data on which no metric is defined."""
+    if kind == "causal-lm":
+        ids = data.get("input_ids")
+        if ids is None:
+            raise GraphpassError("causal-lm evaluation needs an 'input_ids' input")
+        if ids.ndim != 2 or ids.shape[1] < 2:
+            raise GraphpassError("no token to score: causal-lm sequences need 2+ tokens")
+    elif "attention_mask" in data and not np.asarray(data["attention_mask"]).any():
+        raise GraphpassError("no token to score: the attention mask is all zeros")
+
+
 def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: dict[str, np.ndarray],
              batch_size: int = 2, threads: int = 2, kind: str | None = None,
              progress: bool = True) -> dict:
@@ -90,6 +102,7 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
     if output_names(cand_model) != outs:
         raise GraphpassError(f"{candidate}: outputs {output_names(cand_model)} differ from the reference's {outs}")
     kind = kind or model_kind(reference, ref_model)
+    _check_scorable(kind, data)
     ref_sess, cand_sess = make_session(reference, threads), make_session(candidate, threads)
     st = _Stats()
     for b in tqdm(list(batches(data, batch_size)), desc="eval", unit="batch", disable=not progress):
@@ -101,8 +114,6 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
             st.add(f"sum_abs:{name}", d.sum())
             st.add(f"count:{name}", d.size)
         if kind == "causal-lm":
-            if "input_ids" not in b:
-                raise GraphpassError("causal-lm evaluation needs an 'input_ids' input")
             _causal(st, b["input_ids"], r[0], c[0])
         else:
             _encoder(st, b.get("attention_mask"), r[0], c[0])
@@ -111,6 +122,9 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
 
 def _summary(s: dict, kind: str, n: int, outs: list[str]) -> dict:
     res: dict = {"kind": kind, "samples": n}
+    if s.get("next_tokens" if kind == "causal-lm" else "tokens", 0) == 0:
+        raise GraphpassError("no token to score: sequences need 2+ tokens (causal-lm) "
+                             "or an attention mask with ones (encoder)")
     if kind == "causal-lm":
         res.update(
             perplexity_reference=float(np.exp(s["nll_ref"] / s["next_tokens"])),

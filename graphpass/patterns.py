@@ -32,6 +32,7 @@ class NormFold:
     scale: tuple[onnx.NodeProto, int]            # (node, input index) of γ
     bias: tuple[onnx.NodeProto, int] | None      # (node, input index) of β
     clone: bool = False
+    via: onnx.NodeProto | None = None            # a channel-keeping Reshape between norm and readers
 
 
 @dataclass
@@ -126,6 +127,13 @@ def _match(gr: _Graph, act: str, group: list[Linear], width: int, by_out: dict):
     if tied:
         return None, (f"{tied[0].name} reads a tied weight (Transpose of a table used elsewhere); "
                       "smoothing would store it twice")
+    if p.op_type == "Reshape" and not extra and _last_dim(gr, p.input[1]) == width and gr.prod.get(p.input[0]):
+        x = p.input[0]                 # [.., C] -> [-1, C] before a Gemm keeps the channels
+        others_x = [n for n in gr.readers(x) if n is not p]
+        fold, kind = _norm_fold(gr, gr.prod[x], x, width)
+        if fold is not None:
+            fold.clone, fold.via = bool(others_x) or x in gr.c.graph_outputs, p
+            return Site(kind, act, group, fold, label(fold.nodes[-1])), ""
     fold, kind = _norm_fold(gr, p, act, width)
     if fold is not None:
         fold.clone = extra
@@ -135,17 +143,23 @@ def _match(gr: _Graph, act: str, group: list[Linear], width: int, by_out: dict):
         return None, f"input also feeds {names}, and its producer {p.op_type} cannot be duplicated"
     if act in by_out:
         prodlin = by_out[act]
-        return Site("linear", act, group, LinearFold(prodlin), prodlin.name), ""
+        return _linear_site("linear", gr, act, group, prodlin, None)
     if p.op_type == "Mul":
         for t in p.input:
             lin = by_out.get(t)
             if lin is not None and gr.only_reader(t, p) and lin.shape(gr.c)[1] == width:
-                return Site("glu", act, group, LinearFold(lin), lin.name), ""
+                return _linear_site("glu", gr, act, group, lin, None)
     lin, cmap, why = _trace_attention(gr, act, width, by_out)
     if lin is not None:
-        return Site("attn", act, group, LinearFold(lin, cmap), lin.name), ""
+        return _linear_site("attn", gr, act, group, lin, cmap)
     return None, why or (f"input produced by {p.op_type}, not a norm or a per-channel linear map "
                          "(a Mul can be inserted with --allow-mul)")
+
+
+def _linear_site(kind: str, gr: _Graph, act: str, group, prod: Linear, cmap):
+    if prod.shared_weight(gr.c):
+        return None, f"producer {prod.name} shares its weight with another reader; folding would change it"
+    return Site(kind, act, group, LinearFold(prod, cmap), prod.name), ""
 
 
 def _tied(gr: _Graph, lin: Linear) -> bool:
@@ -211,13 +225,13 @@ def _trace_attention(gr: _Graph, act: str, width: int, by_out: dict):
     """Follow X back through head reshapes and P·V to the value projection."""
     t, path, seen_pv = act, [], False
     while True:
+        if t != act and not gr.single_use(t):
+            return None, None, "value path tensor has other readers (a kv-cache output?)" if seen_pv else ""
         if t in by_out and seen_pv:
             break
         n = gr.prod.get(t)
         if n is None:
             return None, None, ""
-        if t != act and not gr.single_use(t):
-            return None, None, "value path tensor has other readers (a kv-cache output?)" if seen_pv else ""
         if n.op_type in PASS_THROUGH:
             path.append(n)
             t = n.input[0]

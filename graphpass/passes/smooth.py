@@ -40,6 +40,7 @@ class SmoothReport:
     uncovered: list[tuple[str, str]] = field(default_factory=list)
     muls_added: int = 0
     verified_error: float | None = None   # max relative output change on probe inputs
+    scales: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # new X -> (old X, s)
 
     def format(self) -> str:
         lines = [f"{len(self.rows)} sites folded, {self.muls_added} Mul nodes added, "
@@ -95,6 +96,7 @@ def smooth(model: onnx.ModelProto, act_absmax: dict[str, np.ndarray], config: Sm
     c, rep = an.consts, SmoothReport(uncovered=list(an.uncovered))
     for site in an.sites:
         alpha = config.alpha_for(site)
+        act_name = site.act
         act = act_absmax[site.act].astype(np.float64)
         s = site_scales(site, c, act, alpha)
         w_before = weight_absmax(site.consumers, c)
@@ -104,6 +106,7 @@ def smooth(model: onnx.ModelProto, act_absmax: dict[str, np.ndarray], config: Sm
             _fold_norm(model.graph, c, site, s)
         else:
             _fold_linear(c, site.fold, s)
+        rep.scales[site.consumers[0].act] = (act_name, s)
         rep.rows.append(dict(site=site.name, kind=site.kind, act=site.act,
                              consumers=[lin.name for lin in site.consumers], alpha=alpha,
                              act_ratio_before=_ratio(act), act_ratio_after=_ratio(act / s),
@@ -116,6 +119,7 @@ def smooth(model: onnx.ModelProto, act_absmax: dict[str, np.ndarray], config: Sm
             for lin in readers:
                 lin.set_weight(c, lin.weight(c) * s[:, None].astype(np.float32))
             _insert_mul(model.graph, c, act, readers, s)
+            rep.scales[readers[0].act] = (act, s)
             rep.muls_added += 1
     return model, rep
 
@@ -146,12 +150,16 @@ def _clone_tail(graph: onnx.GraphProto, c: Consts, site: Site) -> NormFold:
             c.readers[i] = c.readers.get(i, 0) + 1
         clones.append(m)
     clones = _insert_after(graph, fold.nodes[-1], clones)
-    for lin in site.consumers:
-        lin.node.input[0] = clones[-1].output[0]
-        lin.act = clones[-1].output[0]
+    if fold.via is not None:          # the readers see the norm through a Reshape: move that
+        via = next(n for n in graph.node if n.output[0] == fold.via.output[0])
+        via.input[0] = clones[-1].output[0]
+    else:
+        for lin in site.consumers:
+            lin.node.input[0] = clones[-1].output[0]
+            lin.act = clones[-1].output[0]
     pick = {id(n): m for n, m in zip(fold.nodes, clones)}
     at = lambda a: (pick[id(a[0])], a[1]) if a else None  # noqa: E731
-    return NormFold(clones, at(fold.scale), at(fold.bias), clone=True)
+    return NormFold(clones, at(fold.scale), at(fold.bias), clone=True, via=fold.via)
 
 
 def _fold_linear(c: Consts, fold: LinearFold, s: np.ndarray) -> None:

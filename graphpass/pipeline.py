@@ -1,0 +1,138 @@
+"""calibrate -> (alpha search) -> smooth -> quantize -> check -> save, each step timed and logged.
+
+Ranges after smoothing need no second calibration: a smoothed input X' = X·diag(s)^-1 has the
+per-tensor range [min_j(min_j / s_j), max_j(max_j / s_j)] from the per-channel stats of X.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from .errors import GraphpassError
+from .ir import load_model, model_size, save_model
+from .passes.quantize import QuantConfig, QuantReport
+from .passes.quantize import quantize as quantize_pass
+from .passes.smooth import SmoothConfig, SmoothReport
+from .passes.smooth import smooth as smooth_pass
+from .patterns import analyze
+from .smoothing import check_alpha
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    scheme: str = "token"
+    alpha: float | str | None = 0.5             # a number, "auto", or None for no smoothing
+    site_alpha: tuple[tuple[str, float], ...] = ()
+    lm_head: bool = False
+    embedding_int8: bool = False
+    skip: tuple[str, ...] = ()
+    batch_size: int = 1
+    threads: int = 2
+    row_step: int = 32                          # alpha search samples every row_step-th token
+
+    def __post_init__(self):
+        QuantConfig(scheme=self.scheme)         # validates the scheme
+        if self.alpha is not None and self.alpha != "auto":
+            if isinstance(self.alpha, str):
+                raise GraphpassError(f"alpha must be a number in [0, 1] or 'auto', got '{self.alpha}'")
+            check_alpha(self.alpha)
+        for key, a in self.site_alpha:
+            check_alpha(a, f"alpha for site '{key}'")
+
+
+@dataclass
+class PipelineResult:
+    output: Path
+    steps: list[tuple[str, float, str]] = field(default_factory=list)
+    smooth: SmoothReport | None = None
+    quant: QuantReport | None = None
+    alphas: dict[str, float] = field(default_factory=dict)
+    size_before: int = 0
+    size_after: int = 0
+
+    def format(self) -> str:
+        lines = [f"  {name:<12} {sec:7.1f} s  {what}" for name, sec, what in self.steps]
+        if self.quant is not None:
+            lines.append(self.quant.format())
+        lines.append(f"size {self.size_before / 1e6:.1f} MB -> {self.size_after / 1e6:.1f} MB "
+                     f"({self.size_after / self.size_before:.3f}x)   wrote {self.output}")
+        return "\n".join(lines)
+
+
+def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
+             config: PipelineConfig = PipelineConfig(), progress: bool = True, log=print) -> PipelineResult:
+    """The whole job. `data`: dict of arrays (first axis = samples) or a CalibrationDataReader."""
+    from .calibrate import calibrate
+
+    src, res = Path(model), PipelineResult(Path(output))
+    needs_stats = config.alpha is not None or config.scheme == "static"
+    stats = None
+
+    def step(name: str, t0: float, what: str) -> None:
+        res.steps.append((name, time.perf_counter() - t0, what))
+        log(f"{name}: {what} ({res.steps[-1][1]:.1f} s)")
+
+    if needs_stats:
+        if data is None:
+            raise GraphpassError(f"scheme '{config.scheme}' with smoothing needs calibration data (--data)")
+        t0 = time.perf_counter()
+        row_step = config.row_step if config.alpha == "auto" else 0
+        stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step)
+        step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples")
+    t0 = time.perf_counter()
+    m = load_model(src)
+    step("load", t0, f"{len(m.graph.node)} nodes")
+    if config.alpha is not None:
+        _smooth(m, stats, config, res, step, progress)
+    t0 = time.perf_counter()
+    ranges = _ranges(stats, res.smooth) if stats is not None else None
+    m, res.quant = quantize_pass(m, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
+                                                config.skip), ranges)
+    if not res.quant.quantized and not res.quant.tables:
+        log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
+    step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
+    t0 = time.perf_counter()
+    _check(m)
+    save_model(m, output)
+    step("save", t0, "onnx.checker passed")
+    res.size_before, res.size_after = model_size(src), model_size(output)
+    return res
+
+
+def _smooth(m: onnx.ModelProto, stats, config: PipelineConfig, res: PipelineResult, step, progress) -> None:
+    t0 = time.perf_counter()
+    an = analyze(m)
+    stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "calibration")
+    overrides = dict(config.site_alpha)
+    alpha = 0.5 if config.alpha == "auto" else float(config.alpha)
+    if config.alpha == "auto":
+        from .alpha import search_alpha
+
+        chosen, _ = search_alpha(an, stats, config.scheme, progress=progress)
+        overrides = {**chosen, **overrides}
+        step("alpha", t0, f"searched {len(chosen)} sites, mean alpha "
+                          f"{sum(chosen.values()) / max(len(chosen), 1):.2f}")
+        t0 = time.perf_counter()
+    res.alphas = overrides
+    cfg = SmoothConfig(alpha=alpha, site_alpha=tuple(overrides.items()))
+    _, res.smooth = smooth_pass(m, {s.act: stats.absmax(s.act) for s in an.sites}, cfg, an)
+    step("smooth", t0, f"{len(res.smooth.rows)} sites folded, {len(res.smooth.uncovered)} layers not covered")
+
+
+def _ranges(stats, rep: SmoothReport | None) -> dict[str, tuple[float, float]]:
+    out = {t: (float(stats.min[t].min()), float(stats.max[t].max())) for t in stats.min}
+    for new, (old, s) in (rep.scales.items() if rep else ()):
+        out[new] = (float((stats.min[old] / s).min()), float((stats.max[old] / s).max()))
+    return out
+
+
+def _check(m: onnx.ModelProto) -> None:
+    if m.ByteSize() < (1 << 31) - (1 << 24):
+        try:
+            onnx.checker.check_model(m)
+        except onnx.checker.ValidationError as e:
+            raise GraphpassError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
