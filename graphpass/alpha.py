@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .passes.qforms import quantize_weight, static_qparams
+from .passes.qforms import static_qparams
 from .passes.smooth import site_scales
 from .patterns import Analysis, Site
 from .stats import Stats
@@ -29,18 +29,22 @@ def fake_quant_act(x: np.ndarray, scheme: str, lo: float = 0.0, hi: float = 0.0)
     return (q - float(zp)) * scale
 
 
-def site_error(site: Site, an: Analysis, x: np.ndarray, weights: list[np.ndarray], stats: Stats,
-               alpha: float, scheme: str) -> float:
+def fake_quant_weight(w: np.ndarray) -> np.ndarray:
+    """Symmetric int8 per output channel, dequantized (float32, as the search needs no int8)."""
+    scale = np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-30) / np.float32(127)
+    return np.clip(np.rint(w / scale), -127, 127) * scale
+
+
+def site_error(site: Site, an: Analysis, x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarray],
+               stats: Stats, alpha: float, scheme: str) -> float:
     act = stats.absmax(site.act).astype(np.float64)
     s = site_scales(site, an.consts, act, alpha).astype(np.float32)
     lo = float((stats.min[site.act] / s).min())
     hi = float((stats.max[site.act] / s).max())
     xq = fake_quant_act(x / s, scheme, lo, hi).astype(np.float32)
     err = 0.0
-    for w in weights:
-        y = x @ w
-        q, ws = quantize_weight(w * s[:, None])
-        yq = xq @ (q.astype(np.float32) * ws[None, :])
+    for w, y in zip(weights, ys):
+        yq = xq @ fake_quant_weight(w * s[:, None])
         err += float(((y - yq) ** 2).sum() / max(float((y ** 2).sum()), 1e-30))
     return err
 
@@ -57,7 +61,8 @@ def search_alpha(an: Analysis, stats: Stats, scheme: str, grid=GRID, progress: b
             continue
         x = x.astype(np.float32)
         weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
-        errs = [site_error(site, an, x, weights, stats, float(a), scheme) for a in grid]
+        ys = [x @ w for w in weights]
+        errs = [site_error(site, an, x, weights, ys, stats, float(a), scheme) for a in grid]
         best = int(np.argmin(errs))
         chosen[site.name] = float(grid[best])
         rows.append({"site": site.name, "alpha": float(grid[best]), "errors": dict(zip(map(float, grid), errs))})

@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results as JSON")
     b.set_defaults(func=_cmd_bench)
 
-    from .cli_smooth import add_parsers
+    from . import cli_quant, cli_smooth
 
-    add_parsers(sub, _positive)
+    cli_smooth.add_parsers(sub, _positive)
+    cli_quant.add_parsers(sub, _positive)
     return p
 
 

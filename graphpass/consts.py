@@ -11,6 +11,9 @@ import onnx
 from onnx import numpy_helper
 
 
+CACHE_BYTES = 1 << 16
+
+
 class Consts:
     def __init__(self, graph: onnx.GraphProto, base_dir: str | None = None):
         self.graph, self.base_dir = graph, base_dir   # base_dir: read external data lazily
@@ -24,6 +27,22 @@ class Consts:
         self._cache: dict[str, np.ndarray] = {}
         self._names = {n for n in self.inits} | {o for n in graph.node for o in n.output} | \
                       {i.name for i in graph.input}
+
+    def release(self, name: str) -> None:
+        """Free a float weight's bytes now that its only reader is being replaced."""
+        if name in self.inits and self.readers.get(name, 0) == 1 and name not in self.graph_outputs:
+            t = self.inits[name]
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                t.ClearField("raw_data")
+                t.ClearField("float_data")
+                t.data_location = onnx.TensorProto.EXTERNAL   # marks it as gone for get()
+            self._cache.pop(name, None)
+
+    def load_external(self) -> None:
+        """Bring every initializer still in external data into the graph (before saving)."""
+        for name, t in self.inits.items():
+            if t.data_location == onnx.TensorProto.EXTERNAL and t.external_data:
+                t.CopyFrom(numpy_helper.from_array(self.get(name), name))
 
     def is_const(self, name: str) -> bool:
         return name in self.inits or name in self.const_nodes
@@ -63,7 +82,8 @@ class Consts:
                 v = numpy_helper.to_array(attr.t)
         else:
             return None
-        self._cache[name] = v
+        if v.nbytes <= CACHE_BYTES:   # weights are read again from the graph, not kept twice
+            self._cache[name] = v
         return v
 
     def shared(self, name: str) -> bool:
@@ -84,13 +104,12 @@ class Consts:
         value = value.astype(old.dtype if old is not None else value.dtype)
         if name in self.inits and not self.shared(name):
             self.inits[name].CopyFrom(numpy_helper.from_array(value, name))
-            self._cache[name] = value
+            self._cache.pop(name, None)
             return name
         new = self.unique_name(f"{name}_gp")
         t = numpy_helper.from_array(value, new)
         self.graph.initializer.append(t)
         self.inits[new] = self.graph.initializer[-1]
-        self._cache[new] = value
         self.readers[name] -= 1
         self.readers[new] = 1
         node.input[index] = new

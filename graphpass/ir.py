@@ -68,10 +68,14 @@ def _load_external(model: onnx.ModelProto, base: Path, p: Path, load: bool) -> N
         raise GraphpassError(f"{p}: cannot read external data ({_first_line(e)})") from None
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
-    """Write atomically: a temporary name in the same folder, then rename into place.
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None,
+               check: bool = False, release: bool = False) -> Path:
+    """Write atomically: temporary names in the same folder, then rename into place.
 
-    Large models (or external=True) store weights in `<name>.data` beside the file.
+    Weights go to `<name>.data` beside the file when they pass 1 GB (or external=True). The
+    bytes move out of memory while the graph is serialized and are read back afterwards, unless
+    release=True (the caller is done with the model: its tensors then stay external).
+    With check=True, onnx.checker runs on the very bytes that are written.
     """
     p = Path(path)
     if not p.parent.exists():
@@ -79,46 +83,69 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
     if not os.access(p.parent, os.W_OK):
         raise GraphpassError(f"{p.parent}: output folder is not writable")
     if external is None:
-        external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _small_enough(model) else True
+        external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
     data_name = p.name + ".data"
-    tmp_data = Path(tmp).with_name(Path(tmp).name + ".data")
+    tmp_data = Path(tmp + ".data")
+    moved = []
     try:
         if external:
-            m = onnx.ModelProto()
-            m.CopyFrom(model)
-            onnx.save_model(m, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            _rename_location(tmp, tmp_data.name, data_name)
+            moved = _write_external(model, tmp_data, data_name)
+        payload = model.SerializeToString()
+        if check:
+            try:
+                onnx.checker.check_model(payload)
+            except onnx.checker.ValidationError as e:
+                raise GraphpassError(f"rewritten graph fails onnx.checker: {_first_line(e)}") from None
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        del payload
+        if moved and not release:
+            _read_back(moved, tmp_data)
+        if external:
             os.replace(tmp_data, p.parent / data_name)
-        else:
-            onnx.save_model(model, tmp)
         os.replace(tmp, p)
     except BaseException:
+        if moved and not release and tmp_data.exists():
+            _read_back(moved, tmp_data)
         for f in (Path(tmp), tmp_data):
             f.unlink(missing_ok=True)
         raise
     return p
 
 
-def _small_enough(model: onnx.ModelProto) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except Exception:
-        return False
+def _read_back(moved: list, data_path: Path) -> None:
+    with open(data_path, "rb") as f:
+        for t, offset, length in moved:
+            f.seek(offset)
+            t.raw_data = f.read(length)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
 
 
-def _rename_location(model_path: str, old: str, new: str) -> None:
-    m = onnx.load(model_path, load_external_data=False)
-    from onnx.external_data_helper import _get_all_tensors
+def _write_external(model: onnx.ModelProto, data_path: Path, location: str, threshold: int = 1024) -> list:
+    """Move every large initializer's bytes into one data file (64-byte aligned offsets)."""
+    from onnx.external_data_helper import set_external_data
 
-    for t in _get_all_tensors(m):
-        for e in t.external_data:
-            if e.key == "location" and e.value == old:
-                e.value = new
-    onnx.save_model(m, model_path)
+    moved = []
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+                if t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() > threshold:
+                    t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))
+                else:
+                    continue
+            if len(t.raw_data) < threshold:
+                continue
+            f.seek(-f.tell() % 64, 1)
+            offset = f.tell()
+            f.write(t.raw_data)
+            set_external_data(t, location, offset, len(t.raw_data))
+            moved.append((t, offset, len(t.raw_data)))
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+    return moved
 
 
 def model_size(path: str | os.PathLike) -> int:

@@ -55,10 +55,15 @@ def is_lm_head(lin: Linear, c: Consts) -> bool:
 
 
 def quantize(model: onnx.ModelProto, config: QuantConfig,
-             act_ranges: dict[str, tuple[float, float]] | None = None) -> tuple[onnx.ModelProto, QuantReport]:
-    """Rewrite `model` in place; `act_ranges` (tensor -> (min, max)) is needed by `static`."""
+             act_ranges: dict[str, tuple[float, float]] | None = None, base_dir: str | None = None
+             ) -> tuple[onnx.ModelProto, QuantReport]:
+    """Rewrite `model` in place; `act_ranges` (tensor -> (min, max)) is needed by `static`.
+
+    `base_dir`: the model's folder when weights were left in external data; each is read once,
+    quantized, and the rest are brought into the graph at the end.
+    """
     g = model.graph
-    an = analyze(model)
+    an = analyze(model, base_dir)
     c, rep = an.consts, QuantReport(skipped=[u for u in an.uncovered if "tied" not in u[1]])
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     e = Emitter(g, opset, set(c._names))
@@ -83,6 +88,8 @@ def quantize(model: onnx.ModelProto, config: QuantConfig,
         model.opset_import.append(helper.make_opsetid(MS, 1))
     toposort(g)
     prune_initializers(g)
+    if base_dir is not None:
+        Consts(g, base_dir).load_external()
     return model, rep
 
 
@@ -117,6 +124,7 @@ def _rewrite(lin: Linear, c: Consts, e: Emitter, cfg: QuantConfig, ranges, table
     else:
         q, s = quantize_weight(lin.weight(c))
         wq, ws, width = e.const(f"{base}_w_int8", q), e.const(f"{base}_w_scale", s * np.float32(alpha)), s.size
+        c.release(n.input[1])
     y = n.output[0]
     has_c = n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]
     if has_c:

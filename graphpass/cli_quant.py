@@ -1,0 +1,63 @@
+"""Subcommand quantize: calibrate -> smooth -> W8A8 in one go."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from .errors import GraphpassError
+
+
+def _alpha(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor 'auto'") from None
+
+
+def _cmd_quantize(a: argparse.Namespace) -> None:
+    from .cli_smooth import _site_alpha, check_output
+    from .data import load_data
+    from .ir import write_text
+    from .pipeline import PipelineConfig, quantize
+
+    check_output(a.model, a.output, a.overwrite)
+    cfg = PipelineConfig(scheme=a.scheme, alpha=None if a.no_smooth else a.alpha,
+                         site_alpha=_site_alpha(a.site_alpha), lm_head=a.lm_head,
+                         embedding_int8=a.embedding_int8, skip=tuple(a.skip or ()),
+                         batch_size=a.batch_size, threads=a.threads)
+    if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
+        raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
+                             "a dynamic scheme)")
+    data = load_data(a.data) if a.data else None
+    res = quantize(a.model, a.output, data, cfg)
+    print(res.format())
+    if a.report:
+        rep = {"steps": [{"step": n, "seconds": s, "summary": w} for n, s, w in res.steps],
+               "quantized": res.quant.quantized, "kept_float": res.quant.skipped,
+               "alphas": res.alphas, "size_before": res.size_before, "size_after": res.size_after,
+               "smoothing": res.smooth.rows if res.smooth else []}
+        write_text(a.report, json.dumps(rep, indent=2) + "\n")
+
+
+def add_parsers(sub, positive) -> None:
+    q = sub.add_parser("quantize", help="calibrate, smooth and quantize to W8A8")
+    q.add_argument("model")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--data", help="calibration inputs (.npz)")
+    q.add_argument("--scheme", choices=["static", "dynamic", "token"], default="token",
+                   help="activation quantization: per tensor static / dynamic, or per token")
+    q.add_argument("--alpha", type=_alpha, default="auto",
+                   help="smoothing strength in [0, 1], or 'auto' to search it per site (default)")
+    q.add_argument("--no-smooth", action="store_true", help="quantize without SmoothQuant")
+    q.add_argument("--site-alpha", action="append", metavar="SITE=ALPHA")
+    q.add_argument("--lm-head", action="store_true", help="quantize the LM head's activation too")
+    q.add_argument("--embedding-int8", action="store_true",
+                   help="store the token table in int8 (a tied LM head reads it through DequantizeLinear)")
+    q.add_argument("--skip", action="append", metavar="PATTERN", help="keep matching layers in float")
+    q.add_argument("--batch-size", type=positive(int), default=1)
+    q.add_argument("--threads", type=positive(int), default=2)
+    q.add_argument("--report", help="write a JSON summary")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=_cmd_quantize)
