@@ -3,13 +3,17 @@
 A constant is an initializer or the output of a Constant node. `Consts.replace(node, i, value)`
 gives input i of `node` a new value: in place when `node` is the tensor's only reader, else as a
 fresh initializer (copy-on-write), so a weight shared with another layer is never changed under it.
+
+Memory: weights left in external data are read on demand and not cached. New large values wait
+in an overlay (plain numpy, freed as soon as a later pass consumes them) until `flush()` writes
+them into the graph: protobuf arenas never give memory back, so a weight smoothed and then
+quantized never passes through the graph in float.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
 
 CACHE_BYTES = 1 << 16
 
@@ -24,67 +28,62 @@ class Consts:
             for i in n.input:
                 self.readers[i] = self.readers.get(i, 0) + 1
         self.graph_outputs = {o.name for o in graph.output}
+        self.overlay: dict[str, np.ndarray] = {}
         self._cache: dict[str, np.ndarray] = {}
-        self._names = {n for n in self.inits} | {o for n in graph.node for o in n.output} | \
-                      {i.name for i in graph.input}
-
-    def release(self, name: str) -> None:
-        """Free a float weight's bytes now that its only reader is being replaced."""
-        if name in self.inits and self.readers.get(name, 0) == 1 and name not in self.graph_outputs:
-            t = self.inits[name]
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                t.ClearField("raw_data")
-                t.ClearField("float_data")
-                t.data_location = onnx.TensorProto.EXTERNAL   # marks it as gone for get()
-            self._cache.pop(name, None)
-
-    def load_external(self) -> None:
-        """Bring every initializer still in external data into the graph (before saving)."""
-        for name, t in self.inits.items():
-            if t.data_location == onnx.TensorProto.EXTERNAL and t.external_data:
-                t.CopyFrom(numpy_helper.from_array(self.get(name), name))
+        self._gone: set[str] = set()
+        self._names = set(self.inits) | {o for n in graph.node for o in n.output} | \
+            {i.name for i in graph.input}
 
     def is_const(self, name: str) -> bool:
         return name in self.inits or name in self.const_nodes
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """Shape without reading the data (weights may still sit in external data)."""
+        if name in self.overlay:
+            return self.overlay[name].shape
         if name in self.inits:
             return tuple(self.inits[name].dims)
         v = self.get(name)
         return None if v is None else v.shape
 
     def dtype(self, name: str) -> np.dtype | None:
+        if name in self.overlay:
+            return self.overlay[name].dtype
         if name in self.inits:
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.inits[name].data_type))
         v = self.get(name)
         return None if v is None else v.dtype
 
     def get(self, name: str) -> np.ndarray | None:
+        if name in self.overlay:
+            return self.overlay[name]
         if name in self._cache:
             return self._cache[name]
+        if name in self._gone:
+            raise ValueError(f"tensor '{name}' was released")
         if name in self.inits:
-            t = self.inits[name]
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                if self.base_dir is None:
-                    raise ValueError(f"tensor '{name}' is in external data and no folder was given")
-                t = onnx.TensorProto()
-                t.CopyFrom(self.inits[name])
-                onnx.external_data_helper.load_external_data_for_tensor(t, self.base_dir)
-                t.data_location = onnx.TensorProto.DEFAULT
-                del t.external_data[:]
-            v = numpy_helper.to_array(t)
+            v = numpy_helper.to_array(self._readable(self.inits[name]))
         elif name in self.const_nodes:
             attr = self.const_nodes[name].attribute[0]
-            if attr.name != "value":
-                v = np.asarray(onnx.helper.get_attribute_value(attr))
-            else:
-                v = numpy_helper.to_array(attr.t)
+            v = numpy_helper.to_array(attr.t) if attr.name == "value" else \
+                np.asarray(onnx.helper.get_attribute_value(attr))
         else:
             return None
-        if v.nbytes <= CACHE_BYTES:   # weights are read again from the graph, not kept twice
+        if v.nbytes <= CACHE_BYTES:   # weights are read again when needed, not kept twice
             self._cache[name] = v
         return v
+
+    def _readable(self, t: onnx.TensorProto) -> onnx.TensorProto:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return t
+        if self.base_dir is None:
+            raise ValueError(f"tensor '{t.name}' is in external data and no folder was given")
+        r = onnx.TensorProto()
+        r.CopyFrom(t)
+        onnx.external_data_helper.load_external_data_for_tensor(r, self.base_dir)
+        r.data_location = onnx.TensorProto.DEFAULT
+        del r.external_data[:]
+        return r
 
     def shared(self, name: str) -> bool:
         return self.readers.get(name, 0) > 1 or name in self.graph_outputs
@@ -100,17 +99,45 @@ class Consts:
     def replace(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> str:
         """Give `node.input[index]` the constant `value`; returns the tensor name it now reads."""
         name = node.input[index]
-        old = self.get(name)
-        value = value.astype(old.dtype if old is not None else value.dtype)
+        old_dtype = self.dtype(name)
+        value = np.ascontiguousarray(value.astype(old_dtype if old_dtype is not None else value.dtype))
         if name in self.inits and not self.shared(name):
-            self.inits[name].CopyFrom(numpy_helper.from_array(value, name))
-            self._cache.pop(name, None)
+            self._set(name, value)
             return name
         new = self.unique_name(f"{name}_gp")
-        t = numpy_helper.from_array(value, new)
-        self.graph.initializer.append(t)
+        self.graph.initializer.append(onnx.TensorProto(name=new))
         self.inits[new] = self.graph.initializer[-1]
+        self._set(new, value)
         self.readers[name] -= 1
         self.readers[new] = 1
         node.input[index] = new
         return new
+
+    def _set(self, name: str, value: np.ndarray) -> None:
+        self._cache.pop(name, None)
+        if value.nbytes > CACHE_BYTES:
+            self.overlay[name] = value
+            t = self.inits[name]     # keep dims and type right for readers of the graph
+            del t.dims[:]
+            t.dims.extend(value.shape)
+            t.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        else:
+            self.overlay.pop(name, None)
+            self.inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
+    def release(self, name: str) -> None:
+        """Free a weight whose only reader is being replaced (it is pruned from the graph later)."""
+        if name in self.inits and self.readers.get(name, 0) == 1 and name not in self.graph_outputs:
+            self.overlay.pop(name, None)
+            self._cache.pop(name, None)
+            self._gone.add(name)
+
+    def flush(self) -> None:
+        """Write every pending value into the graph and bring external tensors in (before saving)."""
+        for name, t in self.inits.items():
+            if name in self._gone:
+                continue
+            if name in self.overlay:
+                t.CopyFrom(numpy_helper.from_array(self.overlay.pop(name), name))
+            elif t.data_location == onnx.TensorProto.EXTERNAL and t.external_data:
+                t.CopyFrom(numpy_helper.from_array(self.get(name), name))

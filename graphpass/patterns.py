@@ -70,9 +70,9 @@ class Analysis:
 
 
 class _Graph:
-    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None, consts: Consts | None = None):
         self.g = model.graph
-        self.c = Consts(self.g, base_dir)
+        self.c = consts if consts is not None else Consts(self.g, base_dir)
         self.prod, self.cons = producers(self.g), consumers(self.g)
 
     def readers(self, t: str) -> list[onnx.NodeProto]:
@@ -90,12 +90,13 @@ class _Graph:
         return v is not None and v.size == width and v.shape[-1] == width
 
 
-def analyze(model: onnx.ModelProto, base_dir: str | None = None) -> Analysis:
+def analyze(model: onnx.ModelProto, base_dir: str | None = None, consts: Consts | None = None) -> Analysis:
     """All linear layers of the model, grouped into sites, and the reason for each one left out.
 
     `base_dir`: the model's folder, when its weights were left in external data (read on demand).
+    `consts`: reuse the constant table of an earlier pass (its pending values included).
     """
-    gr = _Graph(model, base_dir)
+    gr = _Graph(model, base_dir, consts)
     linears, skipped = find_linears(gr.g, gr.c, gr.prod, gr.cons)
     res = Analysis(gr.c, linears, uncovered=list(skipped))
     groups: dict[str, list[Linear]] = {}

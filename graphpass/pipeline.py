@@ -87,12 +87,11 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     m = load_model(src, load_weights=False)   # weights are read one at a time, on demand
     base = str(src.parent.resolve())
     step("load", t0, f"{len(m.graph.node)} nodes")
-    if config.alpha is not None:
-        _smooth(m, base, stats, config, res, step, progress)
+    consts = _smooth(m, base, stats, config, res, step, progress) if config.alpha is not None else None
     t0 = time.perf_counter()
     ranges = _ranges(stats, res.smooth) if stats is not None else None
     m, res.quant = quantize_pass(m, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
-                                                config.skip), ranges, base)
+                                                config.skip), ranges, base, consts)
     if not res.quant.quantized and not res.quant.tables:
         log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
     step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
@@ -104,7 +103,8 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
 
 
 def _smooth(m: onnx.ModelProto, base: str, stats, config: PipelineConfig, res: PipelineResult, step,
-            progress) -> None:
+            progress):
+    """Fold the scales; the new weights stay pending in the returned constant table."""
     t0 = time.perf_counter()
     an = analyze(m, base)
     stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "calibration")
@@ -120,8 +120,9 @@ def _smooth(m: onnx.ModelProto, base: str, stats, config: PipelineConfig, res: P
         t0 = time.perf_counter()
     res.alphas = overrides
     cfg = SmoothConfig(alpha=alpha, site_alpha=tuple(overrides.items()))
-    _, res.smooth = smooth_pass(m, {s.act: stats.absmax(s.act) for s in an.sites}, cfg, an)
+    _, res.smooth = smooth_pass(m, {s.act: stats.absmax(s.act) for s in an.sites}, cfg, an, flush=False)
     step("smooth", t0, f"{len(res.smooth.rows)} sites folded, {len(res.smooth.uncovered)} layers not covered")
+    return an.consts
 
 
 def _ranges(stats, rep: SmoothReport | None) -> dict[str, tuple[float, float]]:

@@ -55,15 +55,15 @@ def is_lm_head(lin: Linear, c: Consts) -> bool:
 
 
 def quantize(model: onnx.ModelProto, config: QuantConfig,
-             act_ranges: dict[str, tuple[float, float]] | None = None, base_dir: str | None = None
-             ) -> tuple[onnx.ModelProto, QuantReport]:
+             act_ranges: dict[str, tuple[float, float]] | None = None, base_dir: str | None = None,
+             consts: Consts | None = None) -> tuple[onnx.ModelProto, QuantReport]:
     """Rewrite `model` in place; `act_ranges` (tensor -> (min, max)) is needed by `static`.
 
     `base_dir`: the model's folder when weights were left in external data; each is read once,
     quantized, and the rest are brought into the graph at the end.
     """
     g = model.graph
-    an = analyze(model, base_dir)
+    an = analyze(model, base_dir, consts)
     c, rep = an.consts, QuantReport(skipped=[u for u in an.uncovered if "tied" not in u[1]])
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     e = Emitter(g, opset, set(c._names))
@@ -88,8 +88,7 @@ def quantize(model: onnx.ModelProto, config: QuantConfig,
         model.opset_import.append(helper.make_opsetid(MS, 1))
     toposort(g)
     prune_initializers(g)
-    if base_dir is not None:
-        Consts(g, base_dir).load_external()
+    c.flush()
     return model, rep
 
 

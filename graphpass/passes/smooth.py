@@ -90,8 +90,11 @@ def _ratio(v: np.ndarray) -> float:
 
 
 def smooth(model: onnx.ModelProto, act_absmax: dict[str, np.ndarray], config: SmoothConfig = SmoothConfig(),
-           analysis: Analysis | None = None) -> tuple[onnx.ModelProto, SmoothReport]:
-    """Fold smoothing scales into `model` (edited in place and returned) from per-channel max|X|."""
+           analysis: Analysis | None = None, flush: bool = True) -> tuple[onnx.ModelProto, SmoothReport]:
+    """Fold smoothing scales into `model` (edited in place and returned) from per-channel max|X|.
+
+    flush=False leaves the new weights pending in `analysis.consts` for a pass that follows.
+    """
     an = analysis or analyze(model)
     c, rep = an.consts, SmoothReport(uncovered=list(an.uncovered))
     for site in an.sites:
@@ -121,6 +124,8 @@ def smooth(model: onnx.ModelProto, act_absmax: dict[str, np.ndarray], config: Sm
             _insert_mul(model.graph, c, act, readers, s)
             rep.scales[readers[0].act] = (act, s)
             rep.muls_added += 1
+    if flush:
+        c.flush()
     return model, rep
 
 
