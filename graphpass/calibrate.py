@@ -134,7 +134,8 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
                 rows[t].append(vals[per * k + 2])
         stats.samples += next(iter(b.values())).shape[0]
     stats.require(targets, "calibration")
-    stats.rows = {t: np.concatenate(v) for t, v in rows.items()}
+    for t in list(rows):               # one tensor at a time: never two copies of all rows
+        stats.rows[t] = np.concatenate(rows.pop(t))
     return stats
 
 

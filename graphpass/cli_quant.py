@@ -26,6 +26,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     cfg = PipelineConfig(scheme=a.scheme, alpha=None if a.no_smooth else a.alpha,
                          site_alpha=_site_alpha(a.site_alpha), lm_head=a.lm_head,
                          embedding_int8=a.embedding_int8, skip=tuple(a.skip or ()),
+                         simplify_attention=not a.keep_attention,
                          batch_size=a.batch_size, threads=a.threads)
     if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
@@ -56,6 +57,8 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--embedding-int8", action="store_true",
                    help="store the token table in int8 (a tied LM head reads it through DequantizeLinear)")
     q.add_argument("--skip", action="append", metavar="PATTERN", help="keep matching layers in float")
+    q.add_argument("--keep-attention", action="store_true",
+                   help="keep the exported softmax NaN guards (dropped by default where provably inert)")
     q.add_argument("--batch-size", type=positive(int), default=1)
     q.add_argument("--threads", type=positive(int), default=2)
     q.add_argument("--report", help="write a JSON summary")

@@ -14,6 +14,7 @@ import onnx
 
 from .errors import GraphpassError
 from .ir import load_model, model_size, save_model
+from .passes.attention import drop_softmax_nan_guards
 from .passes.quantize import QuantConfig, QuantReport
 from .passes.quantize import quantize as quantize_pass
 from .passes.smooth import SmoothConfig, SmoothReport
@@ -30,6 +31,7 @@ class PipelineConfig:
     lm_head: bool = False
     embedding_int8: bool = False
     skip: tuple[str, ...] = ()
+    simplify_attention: bool = True             # drop softmax NaN guards of causal masks
     batch_size: int = 1
     threads: int = 2
     row_step: int = 64                          # alpha search samples every row_step-th token
@@ -88,6 +90,10 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     base = str(src.parent.resolve())
     step("load", t0, f"{len(m.graph.node)} nodes")
     consts = _smooth(m, base, stats, config, res, step, progress) if config.alpha is not None else None
+    if config.simplify_attention:
+        t0 = time.perf_counter()
+        _, n, why = drop_softmax_nan_guards(m)
+        step("attention", t0, f"{n} softmax NaN guards dropped" + (f"; kept others: {why}" if why else ""))
     t0 = time.perf_counter()
     ranges = _ranges(stats, res.smooth) if stats is not None else None
     m, res.quant = quantize_pass(m, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
