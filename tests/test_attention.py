@@ -39,7 +39,7 @@ def _attention(padding_input: bool) -> onnx.ModelProto:
     inits = [nh.from_array(np.array(1, np.int64), "one"), nh.from_array(np.array(0, np.int64), "zero_i"),
              nh.from_array(np.array([1], np.int64), "ax1"), nh.from_array(np.array(0, np.float32), "zf"),
              nh.from_array(np.array(-np.inf, np.float32), "ninf")]
-    g = h.make_graph(nodes, "attn", inputs, [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    g = h.make_graph(nodes, "attn", inputs, [h.make_tensor_value_info("y", T.FLOAT, ["b", "s", 8])], inits)
     return h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
 
 
