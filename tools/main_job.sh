@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The main job on the built-in default: SmolLM2-135M, calibrate on Othello, evaluate on Hamlet.
-# Usage: bash tools/main_job.sh [OUT_DIR]   (default: out/)
+# The main job on the built-in default: SmolLM2-135M-Instruct, calibrated on Othello (32 x 512
+# tokens), evaluated on Hamlet (16 x 512): export, quantize with each scheme (SmoothQuant with
+# per-site alpha), evaluate and time against FP32, print the comparison.
+# Usage: bash tools/main_job.sh [OUT_DIR]   (default: out/)     SCHEMES="token" to run fewer.
 set -euo pipefail
 OUT=${1:-out}
+SCHEMES=${SCHEMES:-"token dynamic static"}
 M=$OUT/smollm2
 mkdir -p "$M"
 if [ ! -f "$M/model.onnx" ]; then
@@ -10,6 +13,11 @@ if [ ! -f "$M/model.onnx" ]; then
 fi
 graphpass data --play othello --tokenizer "$M/tokenizer.json" --seq-len 512 --samples 32 -o "$OUT/calib.npz"
 graphpass data --play hamlet  --tokenizer "$M/tokenizer.json" --seq-len 512 --samples 16 -o "$OUT/eval.npz"
-# Until the quantization passes land, the pipeline's candidate is the FP32 graph itself.
-graphpass eval "$M/model.onnx" --reference "$M/model.onnx" --data "$OUT/eval.npz" --json "$OUT/eval.json"
-graphpass bench "$M/model.onnx" --reference "$M/model.onnx" --shape 1x512 --shape 1x32 --json "$OUT/bench.json"
+for S in $SCHEMES; do
+  echo "== scheme $S"
+  graphpass quantize "$M/model.onnx" -o "$OUT/smollm2-$S.onnx" --data "$OUT/calib.npz" --scheme "$S" \
+    --alpha auto --report "$OUT/quantize-$S.json"
+  graphpass eval "$OUT/smollm2-$S.onnx" --reference "$M/model.onnx" --data "$OUT/eval.npz" --json "$OUT/eval-$S.json"
+  graphpass bench "$OUT/smollm2-$S.onnx" --reference "$M/model.onnx" --shape 1x512 --shape 1x32 --json "$OUT/bench-$S.json"
+done
+python tools/summarize.py "$OUT" $SCHEMES
