@@ -135,3 +135,19 @@ def compare(path: Path, torch_fn, feeds: list[dict]) -> float:
         print(f"  {'x'.join(map(str, next(iter(feed.values())).shape))}: max abs diff {diff:.2e}")
         worst = max(worst, diff)
     return worst
+
+
+def export_and_verify(args, wrapper, tok, example: tuple, meta: dict, axes: dict, verify) -> int:
+    """Export, save the folder, check onnxruntime against torch; the exit status of a script."""
+    import sys
+
+    exported = export(wrapper, example, (meta["inputs"], meta["outputs"]), axes, args)
+    save(args.out, exported, meta, tok)
+    print(f"exported with {exported['exporter']} (opset {exported['opset']}) "
+          f"in {exported['export_seconds']} s -> {args.out}")
+    worst = verify(args.out, wrapper=wrapper)
+    print(f"max abs diff {worst:.2e} (tolerance {TOL:g})")
+    if worst > TOL:
+        print(f"error: onnxruntime differs from torch by {worst:.2e} > {TOL:g}", file=sys.stderr)
+        return 1
+    return 0

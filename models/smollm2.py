@@ -54,16 +54,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     wrapper, tok = load()
     example = (torch.randint(0, tok.vocab_size, (2, 16), dtype=torch.int64),)  # batch >= 2
-    exported = ex.export(wrapper, example, (META["inputs"], META["outputs"]), AXES, args)
-    ex.save(args.out, exported, META, tok)
-    print(f"exported with {exported['exporter']} (opset {exported['opset']}) "
-          f"in {exported['export_seconds']} s -> {args.out}")
-    worst = verify(args.out, wrapper=wrapper)
-    print(f"max abs diff {worst:.2e} (tolerance {ex.TOL:g})")
-    if worst > ex.TOL:
-        print(f"error: onnxruntime differs from torch by {worst:.2e} > {ex.TOL:g}", file=sys.stderr)
-        return 1
-    return 0
+    return ex.export_and_verify(args, wrapper, tok, example, META, AXES, verify)
 
 
 if __name__ == "__main__":
