@@ -9,7 +9,6 @@ head) are dropped. Batches are merged with np.minimum / np.maximum.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from .data import batches, check_data
 from .errors import GraphpassError
-from .ir import load_model
+from .ir import _all_inputs, load_model
 from .patterns import analyze
 from .runtime import make_session
 from .stats import Stats
@@ -39,15 +38,18 @@ def _opset(model: onnx.ModelProto) -> int:
 def add_reductions(model: onnx.ModelProto, targets: list[str], row_step: int = 0) -> list[str]:
     """Replace the graph outputs by per-channel min/max of each target; returns output names.
 
-    With row_step > 0 every target also returns its rows 0, row_step, 2·row_step, ... (samples
-    of X for the per-site alpha search), as a third output.
+    With row_step > 0 every target also returns its rows o, o + row_step, o + 2·row_step, ...
+    (samples of X for the per-site alpha search) as a third output; o is the graph input
+    `gp_calib_start`.
     """
     g, new18 = model.graph, _opset(model) >= 18
     axes = "gp_calib_axes0"
     g.initializer.append(helper.make_tensor(axes, onnx.TensorProto.INT64, [1], [0]))
     if row_step:
-        for nm, v in (("start", 0), ("end", 2**62), ("step", row_step)):
+        for nm, v in (("end", 2**62), ("step", row_step)):
             g.initializer.append(helper.make_tensor(f"gp_calib_{nm}", onnx.TensorProto.INT64, [1], [v]))
+        # the first sampled row varies batch by batch (fed at run time), so every position is seen
+        g.input.append(helper.make_tensor_value_info("gp_calib_start", onnx.TensorProto.INT64, [1]))
     outs = []
     del g.output[:]
     for k, t in enumerate(targets):
@@ -78,7 +80,7 @@ def _prune(g: onnx.GraphProto) -> None:
     for n in reversed(g.node):
         if any(o in need for o in n.output):
             keep.append(n)
-            need.update(i for i in n.input if i)
+            need.update(i for i in _all_inputs(n) if i)   # an If / Loop reads what its branches read
     kept = list(reversed(keep))
     del g.node[:]
     g.node.extend(kept)
@@ -125,8 +127,12 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
     stats, per = Stats(), 3 if row_step else 2
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rows: dict[str, list[np.ndarray]] = {t: [] for t in names} if row_step else {}
+    rng = np.random.default_rng(0)
     for b in tqdm(feeds(data, batch_size, check_model), total=total, desc="calibrate", unit="batch",
-                  disable=not progress):
+                  disable=None if progress else True):
+        if row_step:
+            tokens = max(1, next(iter(b.values())).size)      # rows of a [batch, seq, C] tensor
+            b = {**b, "gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
         vals = sess.run(outs, b)
         for k, t in enumerate(names):
             stats.update(t, vals[per * k], vals[per * k + 1])
@@ -148,15 +154,7 @@ def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _session_beside(graph_only: onnx.ModelProto, p: Path, threads: int):
-    """A session for a weightless copy of the graph whose external data sits beside `p`."""
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    """A session for the calibration graph, its external data read from beside `p`.
 
-    if not any(uses_external_data(t) for t in _get_all_tensors(graph_only)):
-        return make_session(graph_only, threads, prepack=False)  # weights are inline: nothing to find beside
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.calib.", suffix=".onnx", dir=p.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(graph_only, tmp)
-        return make_session(tmp, threads, prepack=False)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    Built from memory: nothing is written into the model's folder (which may be read-only)."""
+    return make_session(graph_only, threads, prepack=False, external_dir=str(p.parent.resolve()))

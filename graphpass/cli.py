@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import GraphpassError
@@ -119,15 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program stands so the cleanup paths of an interrupt run."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         args.func(args)
     except GraphpassError as e:
         print(f"graphpass {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"graphpass {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:   # temporary files are gone: every writer cleans up on BaseException
+        killed = isinstance(e, Terminated)
+        print(f"graphpass {args.command}: {'terminated' if killed else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if killed else signal.SIGINT)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -9,11 +9,20 @@ from pathlib import Path
 from .errors import GraphpassError
 
 
-def check_output(inp: str, out: str, overwrite: bool) -> None:
+def check_output(inp: str, out: str, overwrite: bool, also: tuple = ()) -> None:
+    """Before any work: the output must not be the input (unless overwrite), and it and every
+    other file named in `also` (a report, say) must be creatable where they go."""
+    import os
+
+    from .ir import temp_beside
+
     if Path(out).resolve() == Path(inp).resolve() and not overwrite:
         raise GraphpassError(f"output {out} is the input model; pass --overwrite to replace it")
-    if not Path(out).resolve().parent.is_dir():
-        raise GraphpassError(f"{Path(out).parent}: output folder does not exist")
+    for p in [out, *also]:
+        if p:
+            fd, tmp = temp_beside(Path(p))   # really creates a file: os.access is no test for root
+            os.close(fd)
+            os.unlink(tmp)
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> None:

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .ir import _all_inputs
+
 CACHE_BYTES = 1 << 16
 
 
@@ -24,8 +26,8 @@ class Consts:
         self.inits = {t.name: t for t in graph.initializer}
         self.const_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
         self.readers: dict[str, int] = {}
-        for n in graph.node:
-            for i in n.input:
+        for n in graph.node:    # a weight read inside an If / Loop branch counts as shared
+            for i in list(n.input) + [i for i in set(_all_inputs(n)[len(n.input):]) if i not in n.input]:
                 self.readers[i] = self.readers.get(i, 0) + 1
         self.graph_outputs = {o.name for o in graph.output}
         self.overlay: dict[str, np.ndarray] = {}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import GraphpassError
-from .ir import input_specs
+from .ir import input_specs, temp_beside
 
 
 def play_path(name: str) -> Path:
@@ -80,18 +79,26 @@ def build_data(ids: np.ndarray, seq_len: int, samples: int, model: onnx.ModelPro
 
 
 def save_data(data: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
+    """Atomic .npz write; never replaces a file that is not an .npz (a model given as -o, say)."""
     p = Path(path)
-    if not p.parent.exists():
-        raise GraphpassError(f"{p.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp.npz", dir=p.parent)
+    if p.is_file() and p.stat().st_size and not _is_zip(p):
+        raise GraphpassError(f"{p}: exists and is not an .npz file; refusing to replace it")
+    fd, tmp = temp_beside(p, ".tmp.npz")
     os.close(fd)
     try:
         np.savez(tmp, **data)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise GraphpassError(f"{p}: cannot write it ({e.strerror or e})") from None
         raise
     return p
+
+
+def _is_zip(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(2) == b"PK"
 
 
 def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -99,6 +106,8 @@ def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise GraphpassError(f"{p}: no such data file")
+    if not _is_zip(p):   # np.load would try to unpickle anything that is neither .npz nor .npy
+        raise GraphpassError(f"{p}: not a readable .npz (not a zip archive)")
     try:
         with np.load(p, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
@@ -132,6 +141,8 @@ def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, source: str 
             raise GraphpassError(f"{source}: '{name}' has rank {a.ndim}, graph expects {spec.rank}")
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             raise GraphpassError(f"{source}: '{name}' holds NaN or Inf values")
+        if a.ndim and a.shape[0] and not a.size:
+            raise GraphpassError(f"{source}: '{name}' has shape {list(a.shape)}: an axis is empty")
         counts.add(a.shape[0] if a.ndim else 0)
     if len(counts) != 1:
         raise GraphpassError(f"{source}: arrays disagree on the number of samples {sorted(counts)}")

@@ -105,7 +105,7 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
     _check_scorable(kind, data)
     ref_sess, cand_sess = make_session(reference, threads), make_session(candidate, threads)
     st = _Stats()
-    for b in tqdm(list(batches(data, batch_size)), desc="eval", unit="batch", disable=not progress):
+    for b in tqdm(list(batches(data, batch_size)), desc="eval", unit="batch", disable=None if progress else True):
         r = ref_sess.run(outs, b)
         c = cand_sess.run(outs, b)
         for name, rv, cv in zip(outs, r, c):

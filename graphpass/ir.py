@@ -1,6 +1,7 @@
 """Model I/O and graph bookkeeping shared by every command.
 
 load_model(path)            -> ModelProto with external data resolved, or a one-line GraphpassError
+                               (also for opset < 13, float16 models, and graphs onnx.checker refuses)
 save_model(model, path)     -> atomic write (temp name + rename); external data past 1 GB
 model_size(path)            -> bytes on disk, external data files included
 input_specs(model)          -> [(name, numpy dtype, rank)] of the real graph inputs
@@ -9,8 +10,11 @@ producers / consumers       -> tensor name -> node(s)
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,8 @@ from onnx import helper
 from .errors import GraphpassError
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's hard limit is 2 GB; leave room for the graph
+MIN_OPSET = 13                     # per-axis QuantizeLinear, ReduceMin/Max semantics used here
+HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -44,22 +50,96 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
         raise GraphpassError(f"{p}: not a readable ONNX model ({_first_line(e)})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise GraphpassError(f"{p}: protobuf holds no ONNX graph")
+    _check_supported(model, p)
     _load_external(model, p.parent.resolve(), p, load_weights)
     return model
+
+
+def _check_supported(model: onnx.ModelProto, p: Path) -> None:
+    """Refuse, on one line, what graphpass cannot rewrite: old opsets, float16 graphs, invalid graphs."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < MIN_OPSET:
+        raise GraphpassError(f"{p}: opset {opset} is older than {MIN_OPSET}; convert it first "
+                             f"(onnx.version_converter.convert_version(model, 17))")
+    g = model.graph
+    typed = [(v.name, v.type.tensor_type.elem_type) for v in list(g.input) + list(g.output)]
+    typed += [(t.name, t.data_type) for t in g.initializer]
+    half = next(((n, HALF_TYPES[t]) for n, t in typed if t in HALF_TYPES), None)
+    if half is not None:
+        raise GraphpassError(f"{p}: {half[1]} model ('{half[0]}' is {half[1]}); graphpass rewrites "
+                             "float32 graphs: export or convert it to float32 first")
+    try:
+        onnx.checker.check_model(_skeleton(model))
+    except Exception as e:  # ValidationError, or a C++ error surfacing as RuntimeError
+        why = " ".join(str(e).split())[:300] or type(e).__name__   # its messages span lines
+        raise GraphpassError(f"{p}: invalid ONNX graph, onnx.checker says: {why}") from None
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph without weight data (initializers become typed inputs), for onnx.checker.
+
+    Checking this instead of the model keeps the check cheap and possible past 2 GB. Ops that
+    onnxruntime registers in the ONNX domain but onnx does not know (SimplifiedLayerNormalization,
+    ...) move to a private domain, which the checker does not judge.
+    """
+    g, sk = model.graph, onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sk.opset_import.append(helper.make_opsetid(_ORT_DOMAIN, 1))
+    sk.graph.name = g.name
+    sk.graph.input.extend(g.input)
+    sk.graph.output.extend(g.output)
+    sk.graph.value_info.extend(g.value_info)
+    declared = {i.name for i in g.input}
+    weights = [t for t in g.initializer if t.name not in declared]
+    for n in g.node:
+        if n.op_type == "Constant" and n.ByteSize() > 4096 and n.attribute[0].name == "value":
+            v = n.attribute[0].t     # a weight stored as a Constant node: declared, not copied
+            weights.append(onnx.TensorProto(name=n.output[0], data_type=v.data_type, dims=v.dims))
+            continue
+        sk.graph.node.append(n)
+        if n.domain in ("", "ai.onnx") and n.op_type in _ort_only_ops():
+            sk.graph.node[-1].domain = _ORT_DOMAIN
+    for t in weights:
+        sk.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return sk
+
+
+_ORT_DOMAIN = "graphpass.onnxruntime_only"
+
+
+@lru_cache(maxsize=1)
+def _ort_only_ops() -> frozenset[str]:
+    import onnx.defs
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    names = {s.name for s in ort_c.get_all_operator_schema() if s.domain in ("", "ai.onnx")}
+    return frozenset(n for n in names if not onnx.defs.has(n))
 
 
 def _load_external(model: onnx.ModelProto, base: Path, p: Path, load: bool) -> None:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
+    sizes: dict[Path, int] = {}
     for t in _get_all_tensors(model):
         if not uses_external_data(t):
             continue
-        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
         target = (base / loc).resolve()
         if base not in target.parents:
             raise GraphpassError(f"{p}: external data '{loc}' points outside the model's folder")
         if not target.is_file():
             raise GraphpassError(f"{p}: external data file '{loc}' is missing")
+        size = sizes.setdefault(target, target.stat().st_size)
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise GraphpassError(f"{p}: cannot read external data: tensor '{t.name}' has a bad "
+                                 "offset or length") from None
+        if end > size:
+            raise GraphpassError(f"{p}: cannot read external data: '{loc}' holds {size} bytes, "
+                                 f"tensor '{t.name}' needs {end} (truncated?)")
     if not load:
         return
     try:
@@ -78,13 +158,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
     With check=True, onnx.checker runs on the very bytes that are written.
     """
     p = Path(path)
-    if not p.parent.exists():
-        raise GraphpassError(f"{p.parent}: output folder does not exist")
-    if not os.access(p.parent, os.W_OK):
-        raise GraphpassError(f"{p.parent}: output folder is not writable")
     if external is None:
         external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = temp_beside(p)
     os.close(fd)
     data_name = p.name + ".data"
     tmp_data = Path(tmp + ".data")
@@ -103,16 +179,57 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
         del payload
         if moved and not release:
             _read_back(moved, tmp_data)
-        if external:
-            os.replace(tmp_data, p.parent / data_name)
-        os.replace(tmp, p)
-    except BaseException:
+        with _signals_deferred():    # the model and its data file change together, or neither does
+            if external:
+                os.replace(tmp_data, p.parent / data_name)
+            os.replace(tmp, p)
+    except BaseException as e:
         if moved and not release and tmp_data.exists():
             _read_back(moved, tmp_data)
         for f in (Path(tmp), tmp_data):
             f.unlink(missing_ok=True)
-        raise
+        _raise_write_error(e, p)
     return p
+
+
+def temp_beside(p: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """(fd, name) of a new temporary file in p's folder, or a one-line error saying why not.
+
+    The file is really created: permission checks (os.access) say nothing useful for root.
+    """
+    if p.is_dir():
+        raise GraphpassError(f"{p}: is a directory; give a file name for the output")
+    if not p.parent.exists():
+        raise GraphpassError(f"{p.parent}: output folder does not exist")
+    if not p.parent.is_dir():
+        raise GraphpassError(f"{p.parent}: is not a folder; cannot write {p.name} there")
+    try:
+        return tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
+    except OSError as e:
+        raise GraphpassError(f"{p.parent}: cannot write there ({e.strerror or e})") from None
+
+
+def _raise_write_error(e: BaseException, p: Path):
+    """Re-raise after cleanup; an OS error (disk full, permissions) becomes one line."""
+    if isinstance(e, OSError):
+        raise GraphpassError(f"{p}: cannot write it ({e.strerror or e})") from None
+    raise e
+
+
+@contextmanager
+def _signals_deferred():
+    """SIGINT / SIGTERM arriving inside the block are delivered when it ends (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _read_back(moved: list, data_path: Path) -> None:
@@ -180,9 +297,11 @@ def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor -> the nodes reading it; an If / Loop / Scan node reads what its subgraphs read."""
     out: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
-        for i in n.input:
+        direct = list(n.input)
+        for i in direct + [i for i in dict.fromkeys(_all_inputs(n)[len(direct):]) if i not in direct]:
             if i:
                 out.setdefault(i, []).append(n)
     return out
@@ -200,16 +319,14 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     p = Path(path)
-    if not p.parent.exists():
-        raise GraphpassError(f"{p.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = temp_beside(p)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        _raise_write_error(e, p)
     return p
 
 
@@ -251,6 +368,19 @@ def _all_inputs(n: onnx.NodeProto) -> list[str]:
             for sub in g.node:
                 names += _all_inputs(sub)
     return names
+
+
+def prune_dead_nodes(graph: onnx.GraphProto) -> int:
+    """Drop nodes none of whose outputs is read (repeatedly); returns how many."""
+    dropped = 0
+    while True:
+        used = {i for n in graph.node for i in _all_inputs(n)} | {o.name for o in graph.output}
+        dead = [k for k, n in enumerate(graph.node) if not any(o in used for o in n.output if o)]
+        if not dead:
+            return dropped
+        for k in reversed(dead):
+            del graph.node[k]
+        dropped += len(dead)
 
 
 def prune_initializers(graph: onnx.GraphProto) -> int:

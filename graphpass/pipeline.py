@@ -78,6 +78,12 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
         res.steps.append((name, time.perf_counter() - t0, what))
         log(f"{name}: {what} ({res.steps[-1][1]:.1f} s)")
 
+    if not analyze(load_model(src, load_weights=False), str(src.parent.resolve())).linears:
+        log(f"nothing to quantize in {src}: no linear layer with a constant float weight; "
+            "writing the graph unchanged")
+        save_model(load_model(src), output, check=True, release=True)
+        res.quant, res.size_before, res.size_after = QuantReport(), model_size(src), model_size(output)
+        return res
     if needs_stats:
         if data is None:
             raise GraphpassError(f"scheme '{config.scheme}' with smoothing needs calibration data (--data)")

@@ -83,9 +83,15 @@ class Stats:
             out = cls(samples=int(meta["samples"]))
             for k, v in arrays.items():
                 t, _, kind = k.rpartition("::")
+                if v.dtype.kind != "f":
+                    raise TypeError(k)
                 getattr(out, {"min": "min", "max": "max"}[kind])[t] = v.astype(np.float32)
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, OverflowError):
             raise GraphpassError(f"{path}: not a graphpass stats file") from None
-        if set(out.min) != set(out.max) or any(out.min[t].ndim != 1 for t in out.min):
+        if set(out.min) != set(out.max) or out.samples < 0:
             raise GraphpassError(f"{path}: corrupted stats file (min and max entries do not pair up)")
+        for t in out.min:
+            if out.min[t].ndim != 1 or out.min[t].shape != out.max[t].shape:
+                raise GraphpassError(f"{path}: corrupted stats file (tensor '{t}': min {list(out.min[t].shape)}, "
+                                     f"max {list(out.max[t].shape)}; expected two vectors of one length)")
         return out

@@ -268,3 +268,28 @@ def norm_nodes(kind: str, x: str, out: str, c: int, rng, w: dict, gamma_boost=()
         return nodes + [node("Mul", [f"{out}_n", f"{out}_gamma"], f"{out}_gn"),
                         node("Add", [f"{out}_gn", f"{out}_beta"], out)]
     return nodes + [node("Mul", [f"{out}_gamma", f"{out}_n"], out)]
+
+
+# ---------------------------------------------------------------------------- quantized models
+@pytest.fixture(scope="session")
+def quantized(synth, tmp_path_factory):
+    """quantized(variant, **PipelineConfig fields) -> (path, PipelineResult, log lines).
+
+    graphpass.pipeline.quantize run once per session per configuration on the variant's folder
+    (its data.npz as calibration data); the output sits alone in a fresh folder."""
+    from graphpass.pipeline import PipelineConfig, quantize
+
+    cache = {}
+
+    def get(variant: str, **fields):
+        key = (variant, tuple(sorted(fields.items())))
+        if key not in cache:
+            s = synth(variant)
+            out = tmp_path_factory.mktemp(f"q-{variant}") / "q.onnx"
+            logs: list[str] = []
+            res = quantize(s.path, out, s.data, PipelineConfig(**fields), progress=False,
+                           log=logs.append)
+            cache[key] = (out, res, logs)
+        return cache[key]
+
+    return get

@@ -97,6 +97,19 @@ def emit_token(e: Emitter, x: str, wq: str, ws: str, y: str, base: str) -> None:
     e.nodes.append(helper.make_node("Mul", [yp, s], [y], name=e.name(f"{base}_rowscale")))
 
 
+def emit_static_fused(e: Emitter, x: str, wq: str, ws: str, y: str, base: str, qparams, bias: str) -> None:
+    """Static with a bias: QuantizeLinear + MatMulIntegerToFloat(bias), the op the QDQ form fuses to."""
+    key = ("static-q", x)
+    if key not in e.shared:
+        scale, zp = qparams
+        sc, zc = e.const(f"{base}_x_scale", scale), e.const(f"{base}_x_zp", zp)
+        (xq,) = e.node("QuantizeLinear", [x, sc, zc], f"{base}_x")
+        e.shared[key] = (xq, sc, zc)
+    xq, sc, zc = e.shared[key]
+    e.nodes.append(helper.make_node("MatMulIntegerToFloat", [xq, wq, sc, ws, zc, "", bias], [y],
+                                    name=e.name(f"{base}_MatMulIntegerToFloat"), domain=MS))
+
+
 def emit_static(e: Emitter, x: str, wq: str, ws: str, y: str, base: str, qparams, n: int) -> None:
     key = ("static", x)
     if key not in e.shared:

@@ -17,10 +17,11 @@ from onnx import TensorProto, helper
 
 from ..consts import Consts
 from ..errors import GraphpassError
-from ..ir import consumers, prune_initializers, toposort
+from ..ir import consumers, prune_dead_nodes, prune_initializers, toposort
 from ..linears import Linear, _attr
 from ..patterns import analyze
-from .qforms import MS, Emitter, emit_dynamic, emit_static, emit_token, quantize_weight, static_qparams
+from .qforms import (MS, Emitter, emit_dynamic, emit_static, emit_static_fused, emit_token, quantize_weight,
+                     static_qparams)
 
 SCHEMES = ("static", "dynamic", "token")
 
@@ -64,7 +65,8 @@ def quantize(model: onnx.ModelProto, config: QuantConfig,
     """
     g = model.graph
     an = analyze(model, base_dir, consts)
-    c, rep = an.consts, QuantReport(skipped=[u for u in an.uncovered if "tied" not in u[1]])
+    names = {lin.name for lin in an.linears}   # uncovered-by-smoothing layers still get quantized
+    c, rep = an.consts, QuantReport(skipped=[u for u in an.uncovered if u[0] not in names])
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     e = Emitter(g, opset, set(c._names))
     tables = _quantize_tables(g, c, e) if config.embedding_int8 else {}
@@ -87,6 +89,7 @@ def quantize(model: onnx.ModelProto, config: QuantConfig,
     if any(n.domain == MS for n in g.node) and not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     toposort(g)
+    prune_dead_nodes(g)        # e.g. the Transpose that fed a quantized weight
     prune_initializers(g)
     c.flush()
     return model, rep
@@ -123,7 +126,7 @@ def _rewrite(lin: Linear, c: Consts, e: Emitter, cfg: QuantConfig, ranges, table
     else:
         q, s = quantize_weight(lin.weight(c))
         wq, ws, width = e.const(f"{base}_w_int8", q), e.const(f"{base}_w_scale", s * np.float32(alpha)), s.size
-        c.release(n.input[1])
+        c.release(lin._holder()[0].input[lin._holder()[1]])
     y = n.output[0]
     has_c = n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]
     if has_c:
@@ -132,6 +135,12 @@ def _rewrite(lin: Linear, c: Consts, e: Emitter, cfg: QuantConfig, ranges, table
         emit_dynamic(e, lin.act, wq, ws, y, base)
     elif cfg.scheme == "token":
         emit_token(e, lin.act, wq, ws, y, base)
+    elif has_c:   # ORT fuses MatMul+Add into a float Gemm before its QDQ pass: emit the fused op
+        beta = float(_attr(n, "beta", 1.0))
+        b = e.const(f"{base}_bias", c.get(n.input[2]).astype(np.float32).reshape(-1) * np.float32(beta)
+                    * np.ones(width, np.float32))
+        emit_static_fused(e, lin.act, wq, ws, n.output[0], base, static_qparams(*ranges[lin.act]), b)
+        return
     else:
         emit_static(e, lin.act, wq, ws, y, base, static_qparams(*ranges[lin.act]), width)
     if has_c:
