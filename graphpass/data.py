@@ -45,6 +45,8 @@ def tokenize(text_path: str | os.PathLike, tokenizer_path: str | os.PathLike) ->
         text = tp.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise GraphpassError(f"{tp}: cannot read ({e.strerror})") from None
+    tok.no_truncation()   # a tokenizer.json saved for a fixed-length model truncates (MiniLM: 128)
+    tok.no_padding()
     return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
 
@@ -83,13 +85,14 @@ def save_data(data: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_file() and p.stat().st_size and not _is_zip(p):
         raise GraphpassError(f"{p}: exists and is not an .npz file; refusing to replace it")
-    fd, tmp = temp_beside(p, ".tmp.npz")
-    os.close(fd)
+    made: list[str] = []
     try:
+        tmp = temp_beside(p, ".tmp.npz", made)
         np.savez(tmp, **data)
         os.replace(tmp, p)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        for t in made:
+            Path(t).unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise GraphpassError(f"{p}: cannot write it ({e.strerror or e})") from None
         raise

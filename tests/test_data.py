@@ -176,3 +176,16 @@ def test_eval_refuses_pickled_data(capsys, tmp_path, synth):
     np.savez(tmp_path / "d.npz", input_ids=np.array([object(), 1], dtype=object))
     assert "refusing" in cli_error(capsys, ["eval", s.path, "--reference", s.path,
                                             "--data", tmp_path / "d.npz"])
+
+
+def test_tokenizer_saved_with_truncation_still_reads_the_whole_text(capsys, tmp_path, corpus):
+    """Regression: MiniLM's tokenizer.json truncates to 128 tokens; data must not inherit that."""
+    text, tok = corpus
+    t = Tokenizer.from_file(str(tok))
+    t.enable_truncation(max_length=SEQ)
+    trunc = tmp_path / "truncating.json"
+    t.save(str(trunc))
+    out = tmp_path / "d.npz"
+    cli_ok(capsys, ["data", "--text", text, "--tokenizer", trunc, "--seq-len", SEQ,
+                    "--samples", SAMPLES, "-o", out])
+    assert load_data(out)["input_ids"].shape == (SAMPLES, SEQ)
