@@ -114,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results as JSON")
     b.set_defaults(func=_cmd_bench)
 
-    from . import cli_quant, cli_smooth
+    from . import cli_quant, cli_report, cli_smooth
 
     cli_smooth.add_parsers(sub, _positive)
     cli_quant.add_parsers(sub, _positive)
+    cli_report.add_parsers(sub, _positive)
     return p
 
 

@@ -32,14 +32,46 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
                              "a dynamic scheme)")
     data = load_data(a.data) if a.data else None
-    res = quantize(a.model, a.output, data, cfg)
-    print(res.format())
+    bres = None
+    if a.max_kl is not None or a.max_ppl_increase is not None:
+        res, bres = _quantize_budget(a, cfg, data)
+    else:
+        if a.holdout:
+            raise GraphpassError("--holdout is only used with --max-kl / --max-ppl-increase")
+        res = quantize(a.model, a.output, data, cfg)
+        print(res.format())
     if a.report:
         rep = {"steps": [{"step": n, "seconds": s, "summary": w} for n, s, w in res.steps],
                "quantized": res.quant.quantized, "kept_float": res.quant.skipped,
                "alphas": res.alphas, "size_before": res.size_before, "size_after": res.size_after,
                "smoothing": res.smooth.rows if res.smooth else []}
+        if bres is not None:
+            rep["budget"] = bres.to_json()
         write_text(a.report, json.dumps(rep, indent=2) + "\n")
+
+
+def _quantize_budget(a: argparse.Namespace, cfg, data):
+    """--max-kl / --max-ppl-increase: graphpass.budget (held-out measure, layers back to float)."""
+    import sys
+
+    from .budget import Budget, quantize_within_budget
+    from .data import load_data
+
+    if data is None:
+        raise GraphpassError("an accuracy budget needs --data (calibration samples, and held-out "
+                             "ones unless --holdout is given)")
+    budget = Budget(a.max_kl, a.max_ppl_increase)
+    holdout = load_data(a.holdout) if a.holdout else None
+    res, bres = quantize_within_budget(a.model, a.output, data, cfg, budget, holdout,
+                                       order_by=a.fallback_order, bench_seconds=a.bench_seconds)
+    print(res.format())
+    print(bres.format())
+    if not bres.met:
+        r = bres.reached
+        print(f"graphpass quantize: warning: budget {budget.describe()} not reached even with "
+              f"{len(bres.kept_float)} layers in float (KL {r.get('kl', float('nan')):.5f}); wrote the "
+              "graph closest to it", file=sys.stderr)
+    return res, bres
 
 
 def add_parsers(sub, positive) -> None:
@@ -61,6 +93,17 @@ def add_parsers(sub, positive) -> None:
                    help="keep the exported softmax NaN guards (dropped by default where provably inert)")
     q.add_argument("--batch-size", type=positive(int), default=1)
     q.add_argument("--threads", type=positive(int), default=2)
+    q.add_argument("--max-kl", type=float, metavar="X",
+                   help="accuracy budget: KL(FP32 || int8) on held-out data; over it, the most "
+                        "sensitive layers go back to float")
+    q.add_argument("--max-ppl-increase", type=float, metavar="P",
+                   help="accuracy budget for causal LMs: perplexity increase as a fraction (0.01 = +1%%)")
+    q.add_argument("--holdout", metavar="HELD.npz",
+                   help="held-out inputs for the budget (default: the last quarter of --data)")
+    q.add_argument("--fallback-order", choices=["sqnr", "layer"], default="sqnr",
+                   help="budget: layers go to float by SQNR at their output (default) or of the layer alone")
+    q.add_argument("--bench-seconds", type=float, default=2.0,
+                   help="budget: timing at 1x512 of the plain and the written graph (0: skip)")
     q.add_argument("--report", help="write a JSON summary")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=_cmd_quantize)

@@ -18,11 +18,14 @@ def check_output(inp: str, out: str, overwrite: bool, also: tuple = ()) -> None:
 
     if Path(out).resolve() == Path(inp).resolve() and not overwrite:
         raise GraphpassError(f"output {out} is the input model; pass --overwrite to replace it")
-    for p in [out, *also]:
-        if p:
-            fd, tmp = temp_beside(Path(p))   # really creates a file: os.access is no test for root
-            os.close(fd)
-            os.unlink(tmp)
+    made: list[str] = []
+    try:
+        for p in [out, *also]:
+            if p:   # really create a file: os.access is no test for root
+                temp_beside(Path(p), ".probe", made)
+    finally:
+        for t in made:
+            os.unlink(t)
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> None:
@@ -57,6 +60,8 @@ def _site_alpha(items: list[str] | None) -> tuple[tuple[str, float], ...]:
 
 
 def _cmd_smooth(a: argparse.Namespace) -> None:
+    import onnx
+
     from .ir import load_model, save_model, write_text
     from .passes.smooth import SmoothConfig
     from .smoothing import check_alpha, smooth_model
@@ -65,13 +70,15 @@ def _cmd_smooth(a: argparse.Namespace) -> None:
     check_alpha(a.alpha)
     check_output(a.model, a.output, a.overwrite)
     stats = Stats.load(a.stats)
-    model = load_model(a.model)
+    model = load_model(a.model, load_weights=False)   # weights read one at a time (> 2 GB models)
+    base = str(Path(a.model).parent.resolve())
     cfg = SmoothConfig(alpha=a.alpha, site_alpha=_site_alpha(a.site_alpha), allow_mul=a.allow_mul)
-    model, rep = smooth_model(model, stats, cfg)
+    model, rep = smooth_model(model, stats, cfg, base_dir=base)
+    onnx.load_external_data_for_model(model, base)    # what no site touched, e.g. the embedding
     if not rep.rows and not rep.muls_added:
         print(f"warning: {a.model} has no smoothing site; writing the graph unchanged", file=sys.stderr)
     print(rep.format())
-    save_model(model, a.output)
+    save_model(model, a.output, release=True)
     print(f"wrote {a.output}")
     if a.report:
         write_text(a.report, json.dumps({"sites": rep.rows, "uncovered": rep.uncovered,

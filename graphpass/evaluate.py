@@ -1,4 +1,5 @@
-"""Compare a rewritten graph with its FP32 reference, batch by batch (memory does not grow with N).
+"""Compare a rewritten graph with its FP32 reference, batch by batch (memory does not grow with N;
+one session at a time, the reference's outputs kept on disk meanwhile).
 
 Causal LM, with p = softmax(reference logits), q = softmax(candidate logits) at every position:
   perplexity = exp(mean_t -log softmax(logits_t)[x_{t+1}])      (for both graphs)
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -103,21 +105,34 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
         raise GraphpassError(f"{candidate}: outputs {output_names(cand_model)} differ from the reference's {outs}")
     kind = kind or model_kind(reference, ref_model)
     _check_scorable(kind, data)
-    ref_sess, cand_sess = make_session(reference, threads), make_session(candidate, threads)
-    st = _Stats()
-    for b in tqdm(list(batches(data, batch_size)), desc="eval", unit="batch", disable=None if progress else True):
-        r = ref_sess.run(outs, b)
-        c = cand_sess.run(outs, b)
-        for name, rv, cv in zip(outs, r, c):
-            d = np.abs(rv.astype(np.float64) - cv.astype(np.float64))
-            st.max(f"max_abs:{name}", d.max() if d.size else 0.0)
-            st.add(f"sum_abs:{name}", d.sum())
-            st.add(f"count:{name}", d.size)
-        if kind == "causal-lm":
-            _causal(st, b["input_ids"], r[0], c[0])
-        else:
-            _encoder(st, b.get("attention_mask"), r[0], c[0])
+    st, bs = _Stats(), list(batches(data, batch_size))
+    with tempfile.TemporaryDirectory(prefix="graphpass-eval-") as tmp:
+        # One graph at a time: the reference's outputs wait on disk, so peak memory is that of the
+        # larger session, not of both (a 2.4 GB model and its smoothed copy would need 2x).
+        sess = make_session(reference, threads)
+        for k, b in enumerate(tqdm(bs, desc="eval reference", unit="batch", disable=None if progress else True)):
+            for i, v in enumerate(sess.run(outs, b)):
+                np.save(Path(tmp) / f"{k}-{i}.npy", v)
+        sess = None
+        sess = make_session(candidate, threads)
+        for k, b in enumerate(tqdm(bs, desc="eval candidate", unit="batch", disable=None if progress else True)):
+            c = sess.run(outs, b)
+            r = [np.load(Path(tmp) / f"{k}-{i}.npy", mmap_mode="r") for i in range(len(outs))]
+            _compare(st, kind, outs, b, r, c)
+            del r
     return _summary(st.s, kind, n, outs)
+
+
+def _compare(st: _Stats, kind: str, outs: list[str], b: dict, r: list, c: list) -> None:
+    for name, rv, cv in zip(outs, r, c):
+        d = np.abs(rv.astype(np.float64) - cv.astype(np.float64))
+        st.max(f"max_abs:{name}", d.max() if d.size else 0.0)
+        st.add(f"sum_abs:{name}", d.sum())
+        st.add(f"count:{name}", d.size)
+    if kind == "causal-lm":
+        _causal(st, b["input_ids"], r[0], c[0])
+    else:
+        _encoder(st, b.get("attention_mask"), r[0], c[0])
 
 
 def _summary(s: dict, kind: str, n: int, outs: list[str]) -> dict:

@@ -75,12 +75,12 @@ def _check_supported(model: onnx.ModelProto, p: Path) -> None:
         raise GraphpassError(f"{p}: invalid ONNX graph, onnx.checker says: {why}") from None
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def _skeleton(model: onnx.ModelProto, remap: bool = True) -> onnx.ModelProto:
     """The graph without weight data (initializers become typed inputs), for onnx.checker.
 
-    Checking this instead of the model keeps the check cheap and possible past 2 GB. Ops that
-    onnxruntime registers in the ONNX domain but onnx does not know (SimplifiedLayerNormalization,
-    ...) move to a private domain, which the checker does not judge.
+    Checking this instead of the model keeps the check cheap and possible past 2 GB. With remap,
+    ops that onnxruntime registers in the ONNX domain but onnx does not know
+    (SimplifiedLayerNormalization, ...) move to a private domain, which the checker does not judge.
     """
     g, sk = model.graph, onnx.ModelProto()
     sk.ir_version = model.ir_version
@@ -98,7 +98,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             weights.append(onnx.TensorProto(name=n.output[0], data_type=v.data_type, dims=v.dims))
             continue
         sk.graph.node.append(n)
-        if n.domain in ("", "ai.onnx") and n.op_type in _ort_only_ops():
+        if remap and n.domain in ("", "ai.onnx") and n.op_type in _ort_only_ops():
             sk.graph.node[-1].domain = _ORT_DOMAIN
     for t in weights:
         sk.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -160,18 +160,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
     p = Path(path)
     if external is None:
         external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    fd, tmp = temp_beside(p)
-    os.close(fd)
-    data_name = p.name + ".data"
-    tmp_data = Path(tmp + ".data")
-    moved = []
+    data_name, made, moved = p.name + ".data", [], []
     try:
+        tmp = temp_beside(p, made=made)
+        tmp_data = Path(tmp + ".data")
+        made.append(str(tmp_data))
         if external:
             moved = _write_external(model, tmp_data, data_name)
         payload = model.SerializeToString()
-        if check:
+        if check:    # external tensors: the checker would look for their file beside the cwd
             try:
-                onnx.checker.check_model(payload)
+                onnx.checker.check_model(_skeleton(model, remap=False) if moved else payload)
             except onnx.checker.ValidationError as e:
                 raise GraphpassError(f"rewritten graph fails onnx.checker: {_first_line(e)}") from None
         with open(tmp, "wb") as f:
@@ -186,14 +185,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
     except BaseException as e:
         if moved and not release and tmp_data.exists():
             _read_back(moved, tmp_data)
-        for f in (Path(tmp), tmp_data):
-            f.unlink(missing_ok=True)
+        _discard(made)
         _raise_write_error(e, p)
     return p
 
 
-def temp_beside(p: Path, suffix: str = ".tmp") -> tuple[int, str]:
-    """(fd, name) of a new temporary file in p's folder, or a one-line error saying why not.
+def temp_beside(p: Path, suffix: str = ".tmp", made: list | None = None) -> str:
+    """A new, empty temporary file in p's folder (its name is also appended to `made`, with no
+    gap a signal could fall into), or a one-line error saying why it cannot be created there.
 
     The file is really created: permission checks (os.access) say nothing useful for root.
     """
@@ -203,10 +202,28 @@ def temp_beside(p: Path, suffix: str = ".tmp") -> tuple[int, str]:
         raise GraphpassError(f"{p.parent}: output folder does not exist")
     if not p.parent.is_dir():
         raise GraphpassError(f"{p.parent}: is not a folder; cannot write {p.name} there")
-    try:
-        return tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
-    except OSError as e:
-        raise GraphpassError(f"{p.parent}: cannot write there ({e.strerror or e})") from None
+    with _signals_deferred():
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
+        except OSError as e:
+            raise GraphpassError(f"{p.parent}: cannot write there ({e.strerror or e})") from None
+        if made is not None:
+            made.append(name)
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp's 0600 would stick to the renamed output
+        os.close(fd)
+    return name
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _discard(names: list) -> None:
+    for n in names:
+        Path(n).unlink(missing_ok=True)
 
 
 def _raise_write_error(e: BaseException, p: Path):
@@ -218,18 +235,30 @@ def _raise_write_error(e: BaseException, p: Path):
 
 @contextmanager
 def _signals_deferred():
-    """SIGINT / SIGTERM arriving inside the block are delivered when it ends (main thread only)."""
+    """SIGINT / SIGTERM arriving inside the block take effect when it ends.
+
+    Python-level: a signal may reach any thread of the process (onnxruntime starts some), but its
+    Python handler always runs in the main thread, so that handler is what waits here.
+    """
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or \
+            any(signal.getsignal(s) is None for s in sigs):    # a handler Python cannot restore
         yield
         return
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda n, f: got.append(n)) for s in sigs}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(got):
+            if callable(old[s]):
+                old[s](s, None)           # e.g. raise KeyboardInterrupt
+            elif old[s] == signal.SIG_DFL:
+                signal.raise_signal(s)    # the default action, now
 
 
 def _read_back(moved: list, data_path: Path) -> None:
@@ -318,14 +347,14 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
-    p = Path(path)
-    fd, tmp = temp_beside(p)
+    p, made = Path(path), []
     try:
-        with os.fdopen(fd, "wb") as f:
+        tmp = temp_beside(p, made=made)
+        with open(tmp, "wb") as f:
             f.write(payload)
         os.replace(tmp, p)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        _discard(made)
         _raise_write_error(e, p)
     return p
 

@@ -66,13 +66,17 @@ class PipelineResult:
 
 
 def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
-             config: PipelineConfig = PipelineConfig(), progress: bool = True, log=print) -> PipelineResult:
-    """The whole job. `data`: dict of arrays (first axis = samples) or a CalibrationDataReader."""
+             config: PipelineConfig = PipelineConfig(), progress: bool = True, log=print,
+             stats=None) -> PipelineResult:
+    """The whole job. `data`: dict of arrays (first axis = samples) or a CalibrationDataReader.
+
+    `stats`: calibration stats computed earlier for this model (graphpass.budget re-quantizes
+    with them); calibration is then skipped and `data` is not read.
+    """
     from .calibrate import calibrate
 
     src, res = Path(model), PipelineResult(Path(output))
-    needs_stats = config.alpha is not None or config.scheme == "static"
-    stats = None
+    needs_stats = (config.alpha is not None or config.scheme == "static") and stats is None
 
     def step(name: str, t0: float, what: str) -> None:
         res.steps.append((name, time.perf_counter() - t0, what))

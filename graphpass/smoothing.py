@@ -23,12 +23,14 @@ def check_alpha(alpha: float, what: str = "alpha") -> None:
         raise GraphpassError(f"{what} must be within [0, 1], got {alpha}")
 
 
-def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bool = True
-                 ) -> tuple[onnx.ModelProto, SmoothReport]:
+def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bool = True,
+                 base_dir: str | None = None) -> tuple[onnx.ModelProto, SmoothReport]:
+    """`base_dir`: the model's folder when its weights were left in external data (read one at a
+    time; the result holds every weight inline, ready for save_model(release=True))."""
     check_alpha(config.alpha)
     for key, a in config.site_alpha:
         check_alpha(a, f"alpha for site '{key}'")
-    an = analyze(model)
+    an = analyze(model, base_dir)
     acts = {s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}
     if config.allow_mul:
         acts.update({act: r[0].shape(an.consts)[0] for act, r in an.unfoldable})
@@ -40,13 +42,13 @@ def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bo
         return model, SmoothReport(uncovered=list(an.uncovered))
     stats.require(acts, "stats")
     original = onnx.ModelProto()
-    if verify and model.ByteSize() < (1 << 31) - (1 << 20):
+    if verify and _weight_bytes(model) < (1 << 31) - (1 << 24):   # both graphs must serialize
         original.CopyFrom(model)
     else:
         verify = False
     model, rep = smooth(model, {t: stats.absmax(t) for t in acts}, config, an)
     if verify:
-        err = output_change(original, model)
+        err = output_change(original, model, base_dir)
         if err > VERIFY_RTOL:
             raise GraphpassError(f"smoothing changed the graph's outputs (max relative error {err:.2e}); "
                                  "a site was folded wrongly: please report this model")
@@ -54,14 +56,22 @@ def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bo
     return model, rep
 
 
-def output_change(a: onnx.ModelProto, b: onnx.ModelProto, shape=(2, 16)) -> float:
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers, inline or external, from their dims (ByteSize fails past 2 GB)."""
+    return sum(int(np.prod(t.dims, dtype=np.int64)) *
+               np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+               for t in model.graph.initializer)
+
+
+def output_change(a: onnx.ModelProto, b: onnx.ModelProto, base_dir: str | None = None,
+                  shape=(2, 16)) -> float:
     """max |out_a - out_b| / max |out_a| over all outputs, on probe inputs of `shape`."""
     try:
         feeds = synthetic_inputs(input_specs(a), shape)
     except GraphpassError:
         return 0.0  # inputs we cannot synthesize: the caller's own tests must cover this graph
-    ra = make_session(a).run(None, feeds)
-    rb = make_session(b).run(None, feeds)
+    ra = make_session(a, external_dir=base_dir).run(None, feeds)
+    rb = make_session(b, external_dir=base_dir).run(None, feeds)
     worst = 0.0
     for x, y in zip(ra, rb):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
