@@ -27,6 +27,8 @@ import numpy as np
 
 from .errors import GraphpassError
 
+ORDER_NAMES = {"sqnr": "SQNR at the output", "layer": "SQNR of the layer alone"}
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -100,7 +102,7 @@ class BudgetResult:
     budget: Budget
     held_out: int                                           # samples
     met: bool = False
-    order_by: str = "sqnr"
+    order_by: str = "layer"
     order: list[str] = field(default_factory=list)          # quantized layers, worst first
     labels: dict[str, str] = field(default_factory=dict)    # layer -> module path, for display
     attempts: list[Attempt] = field(default_factory=list)
@@ -120,7 +122,7 @@ class BudgetResult:
                          f"{'within' if t.met else 'over'} ({t.seconds:.0f} s)")
         if self.kept_float:
             names = ", ".join(self.labels.get(n, n) for n in self.kept_float)
-            lines.append(f"  kept in float ({len(self.kept_float)}, worst by {self.order_by} SQNR first): {names}")
+            lines.append(f"  kept in float ({len(self.kept_float)}, worst {ORDER_NAMES[self.order_by]} first): {names}")
         if self.latency:
             lt = self.latency
             lines.append(f"  latency 1x512 (vs FP32 {lt['fp32_ms']:.1f} ms): plain {lt['plain_ms']:.1f} ms "
@@ -146,7 +148,7 @@ class _Search:
                  log):
         self.model, self.work, self.stats, self.config = model, work, stats, config
         self.held, self.budget, self.res, self.log = held, budget, res, log
-        self.best: tuple[float, int] = (np.inf, 0)            # (excess, k) closest to the budget
+        self.metrics: dict[int, dict] = {}                    # k -> evaluate() on held-out data
 
     def quantize(self, k: int, path: Path):
         from .pipeline import quantize
@@ -163,11 +165,7 @@ class _Search:
         self.res.attempts.append(t)
         self.log(f"budget: {k} layers in float -> KL {t.kl:.5f}, perplexity {100 * t.ppl_increase:+.2f}%: "
                  f"{'within' if t.met else 'over'} budget ({t.seconds:.0f} s)")
-        ex = self.budget.excess(m)
-        if ex < self.best[0] or (t.met and k < self.best[1]):
-            self.best, self.res.reached = (ex, k), m
-        if k == 0:
-            self.res.plain = m
+        self.metrics[k] = m
         return t.met
 
     def attempt(self, k: int) -> bool:
@@ -187,8 +185,8 @@ class _Search:
             if self.attempt(k):
                 break
             lo = k
-            if k == n:
-                return self.best[1]
+            if k == n:                                   # unreachable: the closest graph measured
+                return min(self.metrics, key=lambda j: (self.budget.excess(self.metrics[j]), j))
             k *= 2
         hi = k
         while hi - lo > 1:
@@ -206,7 +204,7 @@ def _remove(path: Path) -> None:
 
 
 def quantize_within_budget(model: str | os.PathLike, output: str | os.PathLike, data: dict, config,
-                           budget: Budget, holdout: dict | None = None, order_by: str = "sqnr",
+                           budget: Budget, holdout: dict | None = None, order_by: str = "layer",
                            rank_samples: int = 4, bench_seconds: float = 2.0, progress: bool = True,
                            log=print):
     """(PipelineResult of the graph written, BudgetResult). `config`: a PipelineConfig."""
@@ -243,7 +241,7 @@ def quantize_within_budget(model: str | os.PathLike, output: str | os.PathLike, 
             _rank(res, src, work / "plain.onnx", calib, rank_samples, config.threads, log)
             k = s.shortest_prefix()
         res.met = any(t.met and t.floats == k for t in res.attempts)
-        res.kept_float = res.order[:k]
+        res.kept_float, res.plain, res.reached = res.order[:k], s.metrics[0], s.metrics[k]
         if k == 0 and not (work / "plain.onnx.data").exists():
             _costs(res, src, work / "plain.onnx", work / "plain.onnx", bench_seconds, config.threads)
             os.replace(work / "plain.onnx", out)              # checked and saved already
@@ -266,7 +264,7 @@ def _rank(res: BudgetResult, src: Path, plain: Path, calib: dict, samples: int, 
     ranked = d.ranked(res.order_by)
     res.order = [r.name for r in ranked]
     res.labels = {r.name: r.label for r in d.layers}
-    log(f"rank: {len(ranked)} quantized layers by {res.order_by} SQNR on {len(next(iter(few.values())))} "
+    log(f"rank: {len(ranked)} quantized layers by {ORDER_NAMES[res.order_by]} on {len(next(iter(few.values())))} "
         f"calibration samples ({time.perf_counter() - t0:.1f} s); worst: "
         + ", ".join(f"{r.label} {_db(r.sqnr_db if res.order_by == 'sqnr' else r.layer_sqnr_db)}"
                     for r in ranked[:3]))

@@ -9,6 +9,7 @@ head) are dropped. Batches are merged with np.minimum / np.maximum.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from .data import batches, check_data
 from .errors import GraphpassError
-from .ir import _all_inputs, load_model
+from .ir import _all_inputs, load_model, save_model
 from .patterns import analyze
 from .runtime import make_session
 from .stats import Stats
@@ -123,7 +124,11 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
     if isinstance(data, dict):
         check_data(data, check_model, "data")   # before any progress bar is drawn
     outs = add_reductions(graph_only, names, row_step)
-    sess = _session_beside(graph_only, p, threads)
+    with tempfile.TemporaryDirectory(prefix="graphpass-calib-") as tmp:
+        src = _spill(graph_only, Path(tmp))
+        del graph_only   # inline weights now sit in tmp: their protobuf copy goes back to the OS
+        sess = make_session(src, threads, prepack=False, external_dir=str(p.parent.resolve())
+                            if isinstance(src, onnx.ModelProto) else None)
     stats, per = Stats(), 3 if row_step else 2
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rows: dict[str, list[np.ndarray]] = {t: [] for t in names} if row_step else {}
@@ -153,8 +158,13 @@ def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _session_beside(graph_only: onnx.ModelProto, p: Path, threads: int):
-    """A session for the calibration graph, its external data read from beside `p`.
+def _spill(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto | Path:
+    """The calibration graph as onnxruntime should load it. Weights in external data stay beside
+    the model (the proto, small, is returned). Inline weights are written to `folder` as external
+    data (the path is returned): onnxruntime then maps them rather than parse a second copy of a
+    serialized model, and peak memory stays near the model's size instead of several times it."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    Built from memory: nothing is written into the model's folder (which may be read-only)."""
-    return make_session(graph_only, threads, prepack=False, external_dir=str(p.parent.resolve()))
+    if any(uses_external_data(t) for t in _get_all_tensors(model)):
+        return model
+    return save_model(model, folder / "calibration.onnx", external=True, release=True)

@@ -100,8 +100,9 @@ def add_parsers(sub, positive) -> None:
                    help="accuracy budget for causal LMs: perplexity increase as a fraction (0.01 = +1%%)")
     q.add_argument("--holdout", metavar="HELD.npz",
                    help="held-out inputs for the budget (default: the last quarter of --data)")
-    q.add_argument("--fallback-order", choices=["sqnr", "layer"], default="sqnr",
-                   help="budget: layers go to float by SQNR at their output (default) or of the layer alone")
+    q.add_argument("--fallback-order", choices=["layer", "sqnr"], default="layer",
+                   help="budget: layers go to float worst first by the SQNR of the layer alone (default) "
+                        "or at its output (which also counts the error of every layer before it)")
     q.add_argument("--bench-seconds", type=float, default=2.0,
                    help="budget: timing at 1x512 of the plain and the written graph (0: skip)")
     q.add_argument("--report", help="write a JSON summary")

@@ -134,39 +134,50 @@ def debug(reference: str | os.PathLike, candidate: str | os.PathLike, data: dict
     local=False skips the layer-alone comparison (one float MatMul less per layer).
     """
     n = check_data(data, load_model(reference, load_weights=False), "data")
+    _fixed_mmap_threshold()
     mg = build_merged(Path(reference), Path(candidate), local)
     sess = _session(mg, threads)
-    outs, nt = mg.outputs(), len(mg.tensors)
-    gains = {f"gp_dbg_{k}_gain": mg.gains.get(t, np.ones(1, np.float32)) for k, t in enumerate(mg.tensors)}
-    todo = [k for k, t in enumerate(mg.tensors) if t in mg.rescalable and t not in mg.gains]
-    if todo:                       # gains the weights do not give: fitted on the first batch
-        vals = sess.run(outs, {**next(batches(data, batch_size)), **gains})
-        for k in todo:
-            g = _gain(*vals[4 * k:4 * k + 3])
-            if g is not None:
-                gains[f"gp_dbg_{k}_gain"] = g
+    outs = mg.outputs()
+    at = {o: j for j, o in enumerate(outs)}
+    ones = np.ones(1, np.float32)
+    gains = {f"gp_dbg_{k}_gain": g if (g := mg.gains.get(t)) is not None and _rescaled(g) else ones
+             for k, t in enumerate(mg.tensors)}
+    if mg.fit:                     # gains the weights do not give: fitted on the first batch
+        vals = _run(sess, outs, {**next(batches(data, batch_size)), **gains}, 0)
+        for k, t in enumerate(mg.tensors):
+            if t in mg.fit:
+                g = _gain(*(vals[at[f"gp_dbg_{k}_{x}"]] for x in "abc"))
+                if g is not None:
+                    gains[f"gp_dbg_{k}_gain"] = g
     sums = np.zeros(len(outs))
-    for b in tqdm(batches(data, batch_size), total=-(-n // batch_size), desc="debug", unit="batch",
-                  disable=not progress):
-        vals = sess.run(outs, {**b, **gains})
+    for k, b in enumerate(tqdm(batches(data, batch_size), total=-(-n // batch_size), desc="debug",
+                               unit="batch", disable=not progress)):
+        vals = _run(sess, outs, {**b, **gains}, k)
         sums += [float(np.sum(v, dtype=np.float64)) for v in vals]
+    sums = dict(zip(outs, sums))
     return _collect(mg, sums, gains, n)
 
 
-def _collect(mg: Merged, sums: np.ndarray, gains: dict, n: int) -> DebugResult:
+def _run(sess, outs: list[str], feeds: dict, k: int) -> list:
+    try:
+        return sess.run(outs, feeds)
+    except Exception as e:       # onnxruntime's errors: bad token ids, shapes the graphs reject
+        msg = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
+        raise GraphpassError(f"onnxruntime failed on batch {k} ({msg})") from None
+
+
+def _collect(mg: Merged, sums: dict[str, float], gains: dict, n: int) -> DebugResult:
     at = {t: k for k, t in enumerate(mg.tensors)}
-    signal, noise = sums[0:4 * len(at):4], sums[3:4 * len(at):4]
-    loc = {i: (sums[4 * len(at) + 2 * j], sums[4 * len(at) + 2 * j + 1]) for j, i in enumerate(mg.local)}
     layers = []
     for i, p in enumerate(mg.pairs):
         k = at[p.tensor]
-        g = gains[f"gp_dbg_{k}_gain"]
-        r = LayerError(p.name, p.tensor, p.index, p.quantized, float(signal[k]), float(noise[k]),
-                       bool(np.median(np.abs(np.log(np.abs(g) + 1e-30))) > RESCALED), p.module)
+        r = LayerError(p.name, p.tensor, p.index, p.quantized, sums[f"gp_dbg_{k}_s"], sums[f"gp_dbg_{k}_e"],
+                       gains[f"gp_dbg_{k}_gain"].size > 1, p.module)
         if p.act:
-            r.input_sqnr = _db(signal[at[p.act]], noise[at[p.act]])
-        if i in loc:
-            r.local_signal, r.local_noise = map(float, loc[i])
+            j = at[p.act]
+            r.input_sqnr = _db(sums[f"gp_dbg_{j}_s"], sums[f"gp_dbg_{j}_e"])
+        if i in mg.local:
+            r.local_signal, r.local_noise = sums[f"gp_dbg_loc{i}_l"], sums[f"gp_dbg_loc{i}_m"]
         layers.append(r)
     return DebugResult(layers, mg.unmatched, n)
 
@@ -176,10 +187,15 @@ def _gain(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray | None:
     explain leaves it unbiased, unlike the fit of T on T̂), or None when the tensor is not rescaled."""
     a, b, c = (v.astype(np.float64) for v in (a, b, c))
     live = (a > 0) & (b > 0) & (c > 0)
-    g = np.where(live, a / np.where(live, c, 1.0), 1.0)
-    if not live.any() or np.median(np.abs(np.log(g[live]))) <= RESCALED:
+    if not live.any():
         return None
-    return g.astype(np.float32)
+    g = np.where(live, a / np.where(live, c, 1.0), 1.0).astype(np.float32)
+    return g if _rescaled(g) else None
+
+
+def _rescaled(g: np.ndarray) -> bool:
+    """A real per-channel rescale (smoothing), not rounding noise around 1."""
+    return bool(np.median(np.abs(np.log(np.maximum(np.abs(g), 1e-30)))) > RESCALED)
 
 
 def _session(mg: Merged, threads: int):
@@ -188,7 +204,6 @@ def _session(mg: Merged, threads: int):
 
     from .runtime import session_options
 
-    _fixed_mmap_threshold()
     so = session_options(threads, prepack=False)   # no prepacked copies: weights stay mapped once
     so.enable_cpu_mem_arena = False                # freed activations go back at once
     try:

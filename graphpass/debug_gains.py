@@ -72,22 +72,29 @@ def _dq(c: Consts, dq: onnx.NodeProto) -> np.ndarray | None:
 
 def weight_gains(pairs, ref_consts: Consts, cand: onnx.ModelProto, cand_dir: str | None,
                  rescalable: set[str]) -> dict[str, np.ndarray]:
-    """tensor -> g (Y ≈ g·Ŷ per channel) for the rescalable tensors the weights determine."""
+    """tensor -> g (Y ≈ g·Ŷ per channel) for the rescalable tensors the weights determine.
+    Weights are read one layer at a time (inputs first, then the outputs that need them)."""
     c, prod = Consts(cand.graph, cand_dir), producers(cand.graph)
-    wq: dict[str, tuple] = {}
-    for p in pairs:
-        if p.quantized and p.lin is not None and (p.act in rescalable or p.tensor in rescalable):
-            w1 = dequantized_weight(c, prod, p.tensor)
-            if w1 is not None and w1.shape == tuple(p.lin.shape(ref_consts)):
-                wq[p.tensor] = (p, p.lin.weight(ref_consts).astype(np.float64), w1)
+
+    def both(p):
+        if not p.quantized or p.lin is None:
+            return None, None
+        w1 = dequantized_weight(c, prod, p.tensor)
+        if w1 is None or w1.shape != tuple(p.lin.shape(ref_consts)):
+            return None, None
+        return p.lin.weight(ref_consts).astype(np.float64), w1
+
     gains: dict[str, np.ndarray] = {}
-    for p, w, w1 in wq.values():                         # inputs, from readers of plain outputs
+    for p in pairs:                                      # inputs, from readers of plain outputs
         if p.act in rescalable and p.tensor not in rescalable and p.act not in gains:
-            gains[p.act] = (w1 * w).sum(1) / np.maximum((w * w).sum(1), GAIN_EPS)
-    for p, w, w1 in wq.values():                         # outputs that absorbed 1/s
-        if p.tensor in rescalable:
-            if p.act in rescalable and p.act not in gains:
-                continue                                 # input gain unknown: leave it to the data
+            w, w1 = both(p)
+            if w is not None:
+                gains[p.act] = (w1 * w).sum(1) / np.maximum((w * w).sum(1), GAIN_EPS)
+    for p in pairs:                                      # outputs that absorbed 1/s
+        if p.tensor in rescalable and not (p.act in rescalable and p.act not in gains):
+            w, w1 = both(p)
+            if w is None:
+                continue
             ws = w * gains.get(p.act, np.ones(w.shape[0]))[:, None]
             den = (w1 * ws).sum(0)
             gains[p.tensor] = np.where(np.abs(den) > GAIN_EPS, (ws * ws).sum(0) / np.where(den == 0, 1, den), 1.0)

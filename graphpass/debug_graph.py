@@ -2,8 +2,9 @@
 
 The reference keeps its names; every candidate name gets the prefix "q/"; both read the same
 graph inputs. For every compared tensor T ([.., C], flattened to [rows, C]) and a gain input g_T:
-  a = Σ_rows T²,  b = Σ_rows T̂²,  c = Σ_rows T·T̂   (vectors over the channels j)
-  e = Σ (g_T·T̂ − T)²                                 (a scalar)
+  s = Σ T²,  e = Σ (g_T·T̂ − T)²                      (scalars)
+and, where g_T must be fitted on data (graphpass.debug), the channel vectors
+  a = Σ_rows T²,  b = Σ_rows T̂²,  c = Σ_rows T·T̂
 and for every linear layer Y = X·W whose input X is compared, a copy of the reference node run
 on the candidate's own input, Y_loc = (g_X·X̂)·W (same weight tensor, no copy), with
   l = Σ Y_loc²,  m = Σ (g_Y·Ŷ − Y_loc)²              (the error the layer adds by itself)
@@ -12,29 +13,24 @@ WeightFolder): onnxruntime memory-maps it, so each weight sits in memory once.
 """
 from __future__ import annotations
 
+import ast
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ast
-import hashlib
-import os
-import re
-import shutil
-import tempfile
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .calibrate import _prune
 from .debug_gains import weight_gains
+from .debug_weights import WeightFolder, move_initializers, shared_weights
 from .errors import GraphpassError
 from .ir import input_specs, load_model, producers
 from .linears import label
 from .patterns import analyze
 
 PREFIX = "q/"
-INLINE_BYTES = 1024        # initializers below this stay in the merged protobuf
 
 
 @dataclass
@@ -53,7 +49,7 @@ class Pair:
 @dataclass
 class Merged:
     path: Path                                          # merged model inside its weight folder
-    folder: "WeightFolder"
+    folder: WeightFolder
     pairs: list[Pair]
     unmatched: list[str]
     tensors: list[str]                                  # compared tensors, in output order
@@ -61,8 +57,14 @@ class Merged:
     rescalable: set[str] = field(default_factory=set)   # tensors smoothing may rescale
     gains: dict[str, np.ndarray] = field(default_factory=dict)  # of those, read from the weights
 
+    fit: set[str] = field(default_factory=set)          # rescalable, gain not in the weights
+
     def outputs(self) -> list[str]:
-        outs = [f"gp_dbg_{k}_{x}" for k in range(len(self.tensors)) for x in "abce"]
+        """Per tensor: Σ T², Σ (g·T̂ − T)² (+ the three channel vectors when its gain is fitted);
+        then per local copy: Σ Y_loc², Σ (g·Ŷ − Y_loc)²."""
+        outs = []
+        for k, t in enumerate(self.tensors):
+            outs += [f"gp_dbg_{k}_{x}" for x in ("se" + ("abc" if t in self.fit else ""))]
         return outs + [f"gp_dbg_loc{i}_{x}" for i in self.local for x in "lm"]
 
     def gain_input(self, tensor: str) -> str:
@@ -145,129 +147,6 @@ def _prefix_in_place(n: onnx.NodeProto, keep: dict[str, str]) -> None:
                 t.name = _rename(t.name, keep)
 
 
-# ---------------------------------------------------------------------------- weights
-class WeightFolder:
-    """Where the merged model is saved so that onnxruntime can memory-map every large weight.
-
-    onnxruntime only reads external data inside the model's folder (symlinks resolved), and
-    onnx.checker refuses data files with several hard links, so nothing is linked: the merged
-    model goes beside the reference under a hidden temporary name and reads the reference's
-    data files where they are; the candidate's inline weights are written once to a temporary
-    data file there, and data files from elsewhere are copied in. When the reference's folder
-    is not writable, a temporary folder receives copies of everything.
-    """
-
-    def __init__(self, ref_dir: Path):
-        self.created: list[Path] = []
-        self.own_dir = not os.access(ref_dir, os.W_OK)
-        self.dir = Path(tempfile.mkdtemp(prefix="graphpass-debug-")) if self.own_dir else ref_dir
-        fd, name = tempfile.mkstemp(prefix=".graphpass-debug-", suffix=".onnx", dir=self.dir)
-        os.close(fd)
-        self.path = Path(name)
-        self.created.append(self.path)
-        self._copies: dict[Path, str] = {}
-        self._inline = None
-
-    def locate(self, src: Path) -> str:
-        """A location for the data file `src`, relative to the merged model."""
-        src = src.resolve()
-        if self.dir.resolve() in src.parents:
-            return os.path.relpath(src, self.dir.resolve())
-        if src not in self._copies:
-            dst = self.path.with_suffix(f".copy{len(self._copies)}.data")
-            self.created.append(dst)
-            shutil.copyfile(src, dst)
-            self._copies[src] = dst.name
-        return self._copies[src]
-
-    def write(self, t: onnx.TensorProto) -> tuple[str, int, int]:
-        if self._inline is None:
-            dst = self.path.with_suffix(".inline.data")
-            self.created.append(dst)
-            self._inline = open(dst, "wb")
-        f = self._inline
-        f.seek(-f.tell() % 4096, 1)           # page-aligned: mapped, not copied
-        offset = f.tell()
-        f.write(t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes())
-        return Path(f.name).name, offset, f.tell() - offset
-
-    def close(self) -> None:
-        if self._inline is not None:
-            self._inline.close()
-            self._inline = None
-
-    def remove(self) -> None:
-        self.close()
-        for p in self.created:
-            p.unlink(missing_ok=True)
-        if self.own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _digest(t: onnx.TensorProto, base: Path) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    if t.data_location == TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in t.external_data}
-        left = int(info["length"]) if "length" in info else None
-        with open(base / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            while left is None or left > 0:
-                chunk = f.read(1 << 24 if left is None else min(1 << 24, left))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left = None if left is None else left - len(chunk)
-    else:
-        h.update(t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes())
-    return h.digest()
-
-
-def shared_weights(ref: onnx.GraphProto, cand: onnx.GraphProto, ref_base: Path, cand_base: Path
-                   ) -> dict[str, str]:
-    """Candidate initializer -> reference initializer holding the same bytes (an unchanged
-    embedding table, say): the merged graph reads one copy."""
-    def key(t):
-        return (t.data_type, tuple(t.dims))
-    big = [t for t in cand.initializer if t.data_type != TensorProto.STRING and
-           (t.data_location == TensorProto.EXTERNAL or t.ByteSize() >= INLINE_BYTES)]
-    wanted = {key(t) for t in big}
-    by_digest: dict[tuple, str] = {}
-    for t in ref.initializer:
-        if key(t) in wanted and t.data_type != TensorProto.STRING:
-            by_digest.setdefault((key(t), _digest(t, ref_base)), t.name)
-    have = {k for k, _ in by_digest}
-    out = {}
-    for t in big:
-        hit = by_digest.get((key(t), _digest(t, cand_base))) if key(t) in have else None
-        if hit is not None:
-            out[t.name] = hit
-    return out
-
-
-def _move_initializers(src: onnx.GraphProto, dst: onnx.GraphProto, base: Path, rename,
-                       folder: WeightFolder, skip=frozenset()) -> None:
-    """Small tensors stay inline; large ones become external data inside `folder`."""
-    for t in src.initializer:
-        if t.name in skip:
-            continue
-        external = t.data_location == TensorProto.EXTERNAL
-        c = dst.initializer.add()
-        if external:
-            c.CopyFrom(t)
-            info = {e.key: e.value for e in t.external_data}
-            loc = folder.locate(base / info["location"])
-            next(e for e in c.external_data if e.key == "location").value = loc
-        elif t.ByteSize() < INLINE_BYTES or t.data_type == TensorProto.STRING:
-            c.CopyFrom(t)
-        else:
-            loc, offset, length = folder.write(t)
-            c.name, c.data_type, c.data_location = t.name, t.data_type, TensorProto.EXTERNAL
-            c.dims.extend(t.dims)
-            for k, v in (("location", loc), ("offset", str(offset)), ("length", str(length))):
-                c.external_data.add(key=k, value=v)
-        c.name = rename(t.name)
-
-
 # ---------------------------------------------------------------------------- sums
 def _reduce(g: onnx.GraphProto, op: str, x: str, out: str, axes: list[int] | None, opset: int) -> None:
     ins, kw = [x], {}
@@ -288,15 +167,17 @@ def _nodes(g: onnx.GraphProto, p: str, spec) -> None:
         g.node.append(helper.make_node(op, ins, [p + out], name=p + out, **kw))
 
 
-def _tensor_sums(g: onnx.GraphProto, k: int, t: str, opset: int) -> None:
+def _tensor_sums(g: onnx.GraphProto, k: int, t: str, opset: int, fit: bool) -> None:
     p = f"gp_dbg_{k}_"
     g.input.append(helper.make_tensor_value_info(p + "gain", TensorProto.FLOAT, [None]))
     _nodes(g, p, [("Flatten", [t], "fy", {"axis": -1}), ("Flatten", [PREFIX + t], "fq", {"axis": -1}),
-                  ("Mul", [p + "fy", p + "fq"], "yq", {}), ("Mul", [p + "fq", p + "gain"], "gq", {}),
-                  ("Sub", [p + "gq", p + "fy"], "d", {})])
-    for tag, x, op, axes in (("a", "fy", "ReduceSumSquare", [0]), ("b", "fq", "ReduceSumSquare", [0]),
-                             ("c", "yq", "ReduceSum", [0]), ("e", "d", "ReduceSumSquare", None)):
-        _reduce(g, op, p + x, p + tag, axes, opset)
+                  ("Mul", [p + "fq", p + "gain"], "gq", {}), ("Sub", [p + "gq", p + "fy"], "d", {})])
+    _reduce(g, "ReduceSumSquare", p + "fy", p + "s", None, opset)
+    _reduce(g, "ReduceSumSquare", p + "d", p + "e", None, opset)
+    if fit:                                       # per-channel sums for a gain fitted on data
+        _nodes(g, p, [("Mul", [p + "fy", p + "fq"], "yq", {})])
+        for tag, x, op in (("a", "fy", "ReduceSumSquare"), ("b", "fq", "ReduceSumSquare"), ("c", "yq", "ReduceSum")):
+            _reduce(g, op, p + x, p + tag, [0], opset)
 
 
 def _local_sums(g: onnx.GraphProto, i: int, pair: Pair, gx: str, gy: str, opset: int) -> None:
@@ -346,37 +227,39 @@ def build_merged(ref_path: Path, cand_path: Path, local: bool = True) -> Merged:
     g.input.extend(i for i in ref.graph.input if i.name in ref_in)
     g.node.extend(ref.graph.node)
     g.value_info.extend(ref.graph.value_info)
+    scalable = rescalable(an)
+    gains = weight_gains(pairs, an.consts, cand, str(cand_path.parent.resolve()), scalable)
     folder = WeightFolder(ref_path.parent.resolve())
     try:
-        res = _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local)
-        res.rescalable = rescalable(an) & set(res.tensors)
-        res.gains = weight_gains(pairs, an.consts, cand, str(cand_path.parent.resolve()), res.rescalable)
-        return res
+        return _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local,
+                     scalable, gains)
     except BaseException:
         folder.remove()
         raise
 
 
-def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local) -> Merged:
+def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local, scalable, gains) -> Merged:
     ref_base, cand_base = ref_path.parent.resolve(), cand_path.parent.resolve()
     shared = shared_weights(ref.graph, cand.graph, ref_base, cand_base)
     keep = {i.name: i.name for i in g.input} | shared
-    _move_initializers(ref.graph, g, ref_base, lambda n: n, folder)
+    move_initializers(ref.graph, g, ref_base, lambda n: n, folder)
     for n in cand.graph.node:
         g.node.add().CopyFrom(n)
         _prefix_in_place(g.node[-1], keep)
     for vi in cand.graph.value_info:
         g.value_info.add().CopyFrom(vi)
         g.value_info[-1].name = _rename(vi.name, keep)
-    _move_initializers(cand.graph, g, cand_base, lambda n: _rename(n, keep), folder, set(shared))
+    move_initializers(cand.graph, g, cand_base, lambda n: _rename(n, keep), folder, set(shared))
     folder.close()
     depth = {o: k for k, n in enumerate(ref.graph.node) for o in n.output}
     tensors = sorted(dict.fromkeys([p.tensor for p in pairs] + [p.act for p in pairs if p.act]),
                      key=lambda t: depth.get(t, -1))
-    res = Merged(folder.path, folder, pairs, unmatched, tensors)
+    res = Merged(folder.path, folder, pairs, unmatched, tensors, rescalable=scalable & set(tensors),
+                 gains={t: v for t, v in gains.items() if t in tensors})
+    res.fit = res.rescalable - set(res.gains)
     groups = []                                  # (depth, scratch graph holding one group's nodes)
     for k, t in enumerate(tensors):
-        groups.append((depth.get(t, -1), _scratch(g, lambda h: _tensor_sums(h, k, t, opset))))
+        groups.append((depth.get(t, -1), _scratch(g, lambda h: _tensor_sums(h, k, t, opset, t in res.fit))))
     for i, pair in enumerate(pairs):
         if local and pair.act and pair.quantized:
             gx, gy = res.gain_input(pair.act), res.gain_input(pair.tensor)

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import GraphpassError
 
 PLOT_SAMPLES = 4          # samples of --data calibrated for the plots when no --stats is given
@@ -75,16 +77,19 @@ def gather(inp: ReportInputs) -> ReportData:
     from .ir import load_model
 
     ref_m = load_model(inp.reference, load_weights=False)
+    if not Path(inp.candidate).is_file():
+        raise GraphpassError(f"{inp.candidate}: no such file")
     data = load_data(inp.data)
     check_data(data, ref_m, inp.data)
-    qrep = _read_json(inp.quantize_report, "quantize report")
+    given = {k: _read_json(getattr(inp, k), k.replace("_", " ")) for k in
+             ("quantize_report", "eval_json", "bench_json", "debug_json")}     # all read before any work
     rd = ReportData(inp.title or f"{Path(inp.candidate).name} against {Path(inp.reference).name}")
-    _debug(rd, inp, data)
+    _debug(rd, inp, data, given["debug_json"])
     _summary(rd, inp, ref_m)
-    _sites(rd, inp, ref_m, data, qrep)
-    _accuracy(rd, inp, data)
-    _bench(rd, inp)
-    rd.budget = (qrep or {}).get("budget")
+    _sites(rd, inp, ref_m, data, given["quantize_report"])
+    _accuracy(rd, inp, data, given["eval_json"])
+    _bench(rd, inp, given["bench_json"])
+    rd.budget = (given["quantize_report"] or {}).get("budget")
     return rd
 
 
@@ -111,8 +116,7 @@ def _summary(rd: ReportData, inp: ReportInputs, ref_m) -> None:
     rd.notes.append(f"most frequent candidate ops: {top}")
 
 
-def _debug(rd: ReportData, inp: ReportInputs, data) -> None:
-    res = _read_json(inp.debug_json, "debug JSON")
+def _debug(rd: ReportData, inp: ReportInputs, data, res: dict | None) -> None:
     if res is None:
         from .debug import debug
 
@@ -121,8 +125,8 @@ def _debug(rd: ReportData, inp: ReportInputs, data) -> None:
     rd.layers, rd.debug_samples, rd.unmatched = res["layers"], res["samples"], res.get("unmatched", [])
 
 
-def _accuracy(rd: ReportData, inp: ReportInputs, data) -> None:
-    rd.accuracy = _read_json(inp.eval_json, "eval JSON") or {}
+def _accuracy(rd: ReportData, inp: ReportInputs, data, given: dict | None) -> None:
+    rd.accuracy = given or {}
     if not rd.accuracy:
         from .evaluate import evaluate
 
@@ -130,8 +134,8 @@ def _accuracy(rd: ReportData, inp: ReportInputs, data) -> None:
                                progress=inp.progress)
 
 
-def _bench(rd: ReportData, inp: ReportInputs) -> None:
-    rd.bench = _read_json(inp.bench_json, "bench JSON") or {}
+def _bench(rd: ReportData, inp: ReportInputs, given: dict | None) -> None:
+    rd.bench = given or {}
     if not rd.bench and inp.bench_seconds > 0:
         from .bench import bench
 
@@ -150,7 +154,7 @@ def _bench(rd: ReportData, inp: ReportInputs) -> None:
 
 def _sites(rd: ReportData, inp: ReportInputs, ref_m, data, qrep: dict | None) -> None:
     """Site rows (from the quantize report, else recomputed) and plots of the worst sites."""
-    from .passes.smooth import _ratio, site_scales, weight_absmax
+    from .passes.smooth import site_scales, weight_absmax
     from .patterns import analyze
 
     an = analyze(ref_m, str(Path(inp.reference).parent.resolve()))
@@ -190,6 +194,12 @@ def _sites(rd: ReportData, inp: ReportInputs, ref_m, data, qrep: dict | None) ->
         rd.plots.append((f"site_{len(rd.plots) + 1}", caption, png))
 
 
+def _ratio(v) -> float:
+    """max / median of per-channel magnitudes (the outlier ratio of the smoothing report)."""
+    med = float(np.median(v))
+    return float(np.max(v) / med) if med > 0 else float("inf")
+
+
 def _stats(rd: ReportData, inp: ReportInputs, data, an):
     from .stats import Stats
 
@@ -218,6 +228,8 @@ def write_report(inp: ReportInputs, output: str | os.PathLike) -> Path:
     rd.plots += charts(rd)
     files = out.with_name(out.stem + "_files")
     files.mkdir(exist_ok=True)
+    for old in files.glob("site_*.png"):           # plots of an earlier, longer report
+        old.unlink()
     for stem, _, png in rd.plots:
         write_bytes(files / f"{stem}.png", png)
     write_text(out, render(rd))

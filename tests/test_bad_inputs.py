@@ -148,6 +148,26 @@ def test_every_command_refuses_a_bad_model(capsys, tmp_path, work, kind):
         assert str(bad) in msg or bad.name in msg, msg
 
 
+@pytest.mark.parametrize("scheme", ["static", "dynamic", "token"])
+def test_opset_13_the_oldest_accepted_quantizes(capsys, tmp_path, scheme):
+    """The other side of the opset-11 refusal: an opset-13 graph (linear -> linear) goes through."""
+    rng = np.random.default_rng(0)
+    w = {"W1": rng.standard_normal((8, 16)).astype(np.float32), "b": np.ones(16, np.float32),
+         "W2": rng.standard_normal((16, 4)).astype(np.float32)}
+    m = make_model([node("MatMul", ["x", "W1"], "h"), node("Add", ["h", "b"], "hb"),
+                    node("MatMul", ["hb", "W2"], "z"), node("Relu", ["z"], "y")],
+                   [("x", ["n", 8])], [("y", ["n", 4])], w, opset=13)
+    m.ir_version = 7
+    path = write_folder(tmp_path / "m", m, "encoder")
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    np.savez(tmp_path / "m" / "d.npz", x=x)
+    cli_ok(capsys, ["quantize", path, "--data", tmp_path / "m" / "d.npz", "--scheme", scheme,
+                    "-o", tmp_path / "q.onnx"])
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert q.opset_import[0].version == 13
+    assert 0 < max_rel_err(run(m, {"x": x}), run(q, {"x": x})) <= QUANT_REL_MAX
+
+
 # ---------------------------------------------------------------------------- control flow
 def control_flow_model(kind: str, c: int = 8) -> onnx.ModelProto:
     """h = LN(x); y_top = Relu(h·W_top); a node with subgraphs holding MatMuls reads h:

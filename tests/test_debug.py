@@ -11,7 +11,8 @@ from onnx import numpy_helper
 
 from conftest import cli_error, cli_ok, write_folder
 from graphpass.debug import debug
-from graphpass.debug_graph import INLINE_BYTES, PREFIX, build_merged
+from graphpass.debug_graph import PREFIX, build_merged
+from graphpass.debug_weights import INLINE_BYTES
 from graphpass.ir import producers
 from graphpass.synthetic import random_inputs
 
@@ -20,6 +21,7 @@ MID_V = "/model/layers.0/self_attn/v_proj/MatMul"     # absorbs 1/s of the atten
 MID_O = "/model/layers.0/self_attn/o_proj/MatMul"
 MID_GATE = "/model/layers.0/mlp/gate_proj/MatMul"
 SCALE_JITTER = 0.1        # per-channel weight-scale error injected: ~10% (20 dB) in one layer
+SMOOTHED_SQNR_FLOOR = 80.0  # dB: an exact fold, float32 reassociation only
 INT8_SQNR_FLOOR = 15.0    # dB: every honestly quantized tiny-llama layer is above this
 JITTER_SQNR_CEIL = 23.0   # dB: the jittered layer alone is below this (others: 29+)
 
@@ -51,6 +53,19 @@ def test_graph_against_itself_has_no_error(synth, tmp_path):
     assert all(r.signal > 0 for r in res.layers)
     assert res.to_json()["layers"][0]["sqnr_db"] is None               # JSON: null = no error
     assert not list(s.dir.glob(".graphpass-debug-*"))                   # temporary files removed
+
+
+def test_smoothed_float_graph_shows_no_error_once_gains_are_fitted(synth, calibrated, tmp_path):
+    """A smoothed, unquantized graph computes the same function with rescaled intermediates:
+    its gains are fitted on data (no int8 weight to read them from) and the error vanishes."""
+    from graphpass.passes.smooth import SmoothConfig
+    from graphpass.smoothing import smooth_model
+
+    s = synth("llama")
+    m, _ = smooth_model(s.fresh(), calibrated("llama"), SmoothConfig(alpha=0.5))
+    res = debug(s.path, write_folder(tmp_path / "smoothed", m, "causal-lm"), s.data, progress=False)
+    assert sum(r.rescaled for r in res.layers) >= 4                   # v_proj, up_proj outputs
+    assert min(r.sqnr_db for r in res.layers) > SMOOTHED_SQNR_FLOOR
 
 
 def test_merged_graph_shares_equal_weights(synth):

@@ -26,7 +26,8 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     if rc != 0:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        raise RuntimeError(lines[-1][:200] if lines else f"exit status {rc}")
+        last = re.sub(r"^[\w.]+\.(\w+(Error|Exception)): ", r"\1: ", lines[-1]) if lines else ""
+        raise RuntimeError(last[:160] or f"exit status {rc}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report.read_text())
     return wall, (int(m.group(1)) / 1e6 if m else float("nan"))
 

@@ -129,9 +129,10 @@ def fmt(v, spec: str) -> str:
 
 
 def markdown(results: list[dict], a: argparse.Namespace, header: dict, total: float | None) -> str:
-    lines = [f"# W8A8 on {Path(a.model).parent.name}: graphpass vs onnxruntime.quantization", "",
+    lines = [f"# W8A8 on {Path(header['source']).parent.name}: graphpass vs onnxruntime.quantization", "",
              f"- date: {header['date']}", f"- machine: {header['machine']}",
-             f"- model: `{a.model}` (FP32, {header['fp32_mb']:.1f} MB with external data)",
+             f"- model: `{header['source']}` (FP32, {header['fp32_mb']:.1f} MB with external data), "
+             f"run from a private copy `{a.model}`",
              f"- data: {header['data']}", f"- graphpass: {header['code']}", "",
              "| method | perplexity | KL vs FP32 | top-1 | latency 1x512 | latency 1x32 | size | "
              "quantize (s) | peak memory (GB) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -181,6 +182,24 @@ def code_version() -> str:
     return f"commit {head}" + (f", {len(dirty)} uncommitted file(s) under graphpass/ at start" if dirty else "")
 
 
+def private_copy(model: str, work: Path) -> str:
+    """Copy the FP32 model (and its external data, model.json) into the work dir: other processes
+    hard-linking the shared data file make onnx refuse to read it ('potential hardlink attack')."""
+    import shutil
+
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    src, dst = Path(model), work / "fp32"
+    dst.mkdir(parents=True, exist_ok=True)
+    m = onnx.load(str(src), load_external_data=False)
+    locs = {e.value for t in _get_all_tensors(m) for e in t.external_data if e.key == "location"}
+    for name in {src.name, "model.json", *locs}:
+        if (src.parent / name).is_file():
+            shutil.copyfile(src.parent / name, dst / name)
+    return str(dst / src.name)
+
+
 def describe(path: str, data: dict, note: str) -> str:
     shape = " x ".join(map(str, next(iter(data.values())).shape))
     return f"`{Path(path).name}` {shape} tokens{f' ({note})' if note else ''}"
@@ -212,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     check_data(data, ref, a.eval)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    source, a.model = a.model, private_copy(a.model, work)
+    log(f"copied {source} to {a.model}")
     header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "load": os.getloadavg()[0],
               "code": code_version(),
-              "fp32_mb": model_size(a.model) / 1e6,
+              "fp32_mb": model_size(a.model) / 1e6, "source": source,
               "data": f"calibration {describe(a.calib, calib, a.calib_note)}; evaluation "
                       f"{describe(a.eval, data, a.eval_note)}"}
     t0, results = time.perf_counter(), []

@@ -21,3 +21,12 @@ for S in $SCHEMES; do
   graphpass bench "$OUT/smollm2-$S.onnx" --reference "$M/model.onnx" --shape 1x512 --shape 1x32 --json "$OUT/bench-$S.json"
 done
 python tools/summarize.py "$OUT" $SCHEMES
+# The report for the built-in default (token; the first scheme run when token is not among them):
+# one self-contained HTML page, plots also as PNG in report_files/. The stats file makes the
+# per-channel plots use the very scales quantize folded.
+R=token; case " $SCHEMES " in *" token "*) ;; *) R=${SCHEMES%% *} ;; esac
+graphpass calibrate "$M/model.onnx" --data "$OUT/calib.npz" -o "$OUT/stats.npz"
+graphpass report "$M/model.onnx" "$OUT/smollm2-$R.onnx" --data "$OUT/eval.npz" -o "$OUT/report.html" \
+  --stats "$OUT/stats.npz" --quantize-report "$OUT/quantize-$R.json" \
+  --eval-json "$OUT/eval-$R.json" --bench-json "$OUT/bench-$R.json" --title "SmolLM2-135M, W8A8 $R, against FP32"
+echo "report ($R): $OUT/report.html (open it in a browser; plots also in $OUT/report_files/)"

@@ -122,10 +122,10 @@ def run(out: Path, a: argparse.Namespace) -> str:
     ]
     size = model_size(m)
     rows = [f"model: {size / 1e9:.2f} GB ({out / 'model.onnx'} + external data)", "",
-            "| step | time | peak memory | peak / model size | output |", "|---|---:|---:|---:|---|"]
+            "| step | wall time | CPU time | peak memory | peak / model size | output |", "|---|---:|---:|---:|---:|---|"]
     for name, cmd in steps:
         log = out / f"{name.replace(' ', '_')}.log"
-        seconds, peak = timed(cmd, log)
+        seconds, cpu, peak = timed(cmd, log)
         what = ""
         if name in ("smooth", "quantize"):
             dest = out / ("smoothed" if name == "smooth" else "int8") / "model.onnx"
@@ -135,7 +135,7 @@ def run(out: Path, a: argparse.Namespace) -> str:
             r = json.loads((out / f"{name.replace(' ', '_')}.json").read_text())
             what = (f"perplexity {r['perplexity_reference']:.3f} -> {r['perplexity_candidate']:.3f}, "
                     f"KL {r['kl']:.2e}, top-1 {r['top1']:.4f}")
-        rows.append(f"| {name} | {seconds:.0f} s | {peak:.2f} GB | {peak * 1e9 / size:.2f}x | {what} |")
+        rows.append(f"| {name} | {seconds:.0f} s | {cpu:.0f} s | {peak:.2f} GB | {peak * 1e9 / size:.2f}x | {what} |")
         print(rows[-1], flush=True)
     return "\n".join(rows)
 
