@@ -22,7 +22,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from .ir import write_text
     from .pipeline import PipelineConfig, quantize
 
-    check_output(a.model, a.output, a.overwrite)
+    check_output(a.model, a.output, a.overwrite, also=(a.report,) if a.report else ())
     cfg = PipelineConfig(scheme=a.scheme, alpha=None if a.no_smooth else a.alpha,
                          site_alpha=_site_alpha(a.site_alpha), lm_head=a.lm_head,
                          embedding_int8=a.embedding_int8, skip=tuple(a.skip or ()),

@@ -68,7 +68,7 @@ def _cmd_smooth(a: argparse.Namespace) -> None:
     from .stats import Stats
 
     check_alpha(a.alpha)
-    check_output(a.model, a.output, a.overwrite)
+    check_output(a.model, a.output, a.overwrite, also=(a.report,) if a.report else ())
     stats = Stats.load(a.stats)
     model = load_model(a.model, load_weights=False)   # weights read one at a time (> 2 GB models)
     base = str(Path(a.model).parent.resolve())

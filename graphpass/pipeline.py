@@ -125,12 +125,17 @@ def _smooth(m: onnx.ModelProto, base: str, stats, config: PipelineConfig, res: P
     an = analyze(m, base)
     stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "calibration")
     overrides = dict(config.site_alpha)
+    known = {k for st in an.sites for k in (st.name, st.anchor, st.act)}
+    for key in overrides:
+        if key not in known:
+            raise GraphpassError(f"no smoothing site named '{key}' (see graphpass inspect)")
     alpha = 0.5 if config.alpha == "auto" else float(config.alpha)
     if config.alpha == "auto":
         from .alpha import search_alpha
 
         chosen, _ = search_alpha(an, stats, config.scheme, progress=progress)
-        overrides = {**chosen, **overrides}
+        overrides = {**dict(config.site_alpha), **{k: v for k, v in chosen.items()
+                                                     if not _overridden(an.site(k), config.site_alpha)}}
         step("alpha", t0, f"searched {len(chosen)} sites, mean alpha "
                           f"{sum(chosen.values()) / max(len(chosen), 1):.2f}")
         t0 = time.perf_counter()
@@ -139,6 +144,11 @@ def _smooth(m: onnx.ModelProto, base: str, stats, config: PipelineConfig, res: P
     _, res.smooth = smooth_pass(m, {s.act: stats.absmax(s.act) for s in an.sites}, cfg, an, flush=False)
     step("smooth", t0, f"{len(res.smooth.rows)} sites folded, {len(res.smooth.uncovered)} layers not covered")
     return an.consts
+
+
+def _overridden(site, site_alpha) -> bool:
+    """The user named this site (by name, anchor or tensor): their alpha wins over the search."""
+    return any(key in (site.name, site.anchor, site.act) for key, _ in site_alpha)
 
 
 def _ranges(stats, rep: SmoothReport | None) -> dict[str, tuple[float, float]]:

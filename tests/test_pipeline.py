@@ -294,3 +294,22 @@ def test_cli_output_is_input_needs_overwrite(capsys, llama_copy, synth):
     assert op_counts(q)["MatMulIntegerToFloat"] == 14
     assert probe_rms(synth("llama").model, q) <= REL_RMS_MAX
     assert sorted(p.name for p in d.iterdir()) == ["data.npz", "model.json", "model.onnx"]
+
+
+def test_site_alpha_override_wins_over_auto_and_unknown_site_is_refused(synth, tmp_path):
+    """Regression: a user's --site-alpha (by anchor) was shadowed by the searched alpha; an
+    unknown site name was silently ignored."""
+    from graphpass.errors import GraphpassError
+    from graphpass.patterns import analyze
+
+    s = synth("llama")
+    site = analyze(onnx.load(str(s.path))).sites[0]
+    cfg = PipelineConfig(scheme="token", alpha="auto", site_alpha=((site.anchor, 0.25),))
+    res = graphpass.quantize(s.path, tmp_path / "a.onnx", s.data, cfg, progress=False, log=lambda m: None)
+    row = next(r for r in res.smooth.rows if r["site"] == site.name)
+    assert row["alpha"] == 0.25
+    with pytest.raises(GraphpassError, match="no smoothing site named 'nope'"):
+        graphpass.quantize(s.path, tmp_path / "b.onnx", s.data,
+                           PipelineConfig(alpha="auto", site_alpha=(("nope", 0.5),)), progress=False,
+                           log=lambda m: None)
+    assert not (tmp_path / "b.onnx").exists()
