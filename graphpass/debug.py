@@ -65,10 +65,10 @@ class LayerError:
         return None if self.local_noise is None else _db(self.local_signal, self.local_noise)
 
     def row(self) -> dict:
-        return {"name": self.name, "module": self.module, "tensor": self.tensor, "index": self.index, "quantized": self.quantized,
-                "sqnr_db": _finite(self.sqnr_db), "rel_l2": self.rel_l2, "rescaled": self.rescaled,
-                "input_sqnr_db": _finite(self.input_sqnr), "layer_sqnr_db": _finite(self.layer_sqnr_db),
-                "signal": self.signal, "noise": self.noise}
+        return {"name": self.name, "module": self.module, "tensor": self.tensor, "index": self.index,
+                "quantized": self.quantized, "sqnr_db": _finite(self.sqnr_db), "rel_l2": self.rel_l2,
+                "rescaled": self.rescaled, "input_sqnr_db": _finite(self.input_sqnr),
+                "layer_sqnr_db": _finite(self.layer_sqnr_db), "signal": self.signal, "noise": self.noise}
 
 
 @dataclass

@@ -176,7 +176,8 @@ def _tensor_sums(g: onnx.GraphProto, k: int, t: str, opset: int, fit: bool) -> N
     _reduce(g, "ReduceSumSquare", p + "d", p + "e", None, opset)
     if fit:                                       # per-channel sums for a gain fitted on data
         _nodes(g, p, [("Mul", [p + "fy", p + "fq"], "yq", {})])
-        for tag, x, op in (("a", "fy", "ReduceSumSquare"), ("b", "fq", "ReduceSumSquare"), ("c", "yq", "ReduceSum")):
+        for tag, x, op in (("a", "fy", "ReduceSumSquare"), ("b", "fq", "ReduceSumSquare"),
+                           ("c", "yq", "ReduceSum")):
             _reduce(g, op, p + x, p + tag, [0], opset)
 
 

@@ -159,7 +159,8 @@ def _accuracy_html(rd) -> str:
                 ["cosine, min", "1", _num(a["cosine_min"], "{:.6f}"), ""]]
     for name, e in a.get("outputs", {}).items():
         rows.append([f"{name}: max / mean |Δ|", "0", f"{e['max_abs']:.3g} / {e['mean_abs']:.3g}", ""])
-    note = f'<p class="note">{a.get("kind", "")}, {a.get("samples", "?")} samples, {a.get("tokens", "?")} tokens</p>'
+    note = (f'<p class="note">{a.get("kind", "")}, {a.get("samples", "?")} samples, '
+            f'{a.get("tokens", "?")} tokens</p>')
     return note + _table("accuracy", ["metric", "FP32", "candidate", "ratio"], rows)
 
 
@@ -169,7 +170,8 @@ def _speed_html(rd) -> str:
              _num(t["ratio"], "{:.3f}x")] for t in b.get("latency", [])]
     s = b.get("size", {})
     if s:
-        rows.append(["size on disk", f"{s['reference_bytes'] / 1e6:.1f} MB", f"{s['candidate_bytes'] / 1e6:.1f} MB",
+        rows.append(["size on disk", f"{s['reference_bytes'] / 1e6:.1f} MB",
+                     f"{s['candidate_bytes'] / 1e6:.1f} MB",
                      _num(s["ratio"], "{:.3f}x")])
     note = (f'<p class="note">median of interleaved blocks, {b.get("threads", "?")} threads, spinning off</p>'
             if b.get("latency") else '<p class="note">latency not measured</p>')

@@ -14,7 +14,6 @@ from graphpass.debug import debug
 from graphpass.debug_graph import PREFIX, build_merged
 from graphpass.debug_weights import INLINE_BYTES
 from graphpass.ir import producers
-from graphpass.synthetic import random_inputs
 
 LAST_DOWN = "/model/layers.1/mlp/down_proj/MatMul"   # its output feeds only the final norm
 MID_V = "/model/layers.0/self_attn/v_proj/MatMul"     # absorbs 1/s of the attention site

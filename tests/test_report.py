@@ -9,7 +9,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import cli_error, cli_ok
@@ -100,7 +99,8 @@ def test_reuses_given_json_and_recomputes_sites_without_a_report(synth, quantize
 def test_cli_errors(synth, quantized, tmp_path, capsys):
     s = synth("llama")
     qpath, _, _ = quantized("llama", scheme="token")
-    assert "HTML file" in cli_error(capsys, ["report", s.path, qpath, "--data", s.data_path, "-o", tmp_path / "r.pdf"])
+    err = cli_error(capsys, ["report", s.path, qpath, "--data", s.data_path, "-o", tmp_path / "r.pdf"])
+    assert "HTML file" in err
     (tmp_path / "bad.json").write_text("{not json")
     err = cli_error(capsys, ["report", s.path, qpath, "--data", s.data_path, "-o", tmp_path / "r.html",
                              "--eval-json", tmp_path / "bad.json"], [tmp_path / "r.html"])
