@@ -51,6 +51,7 @@ class ReportData:
     sites_note: str = ""
     uncovered: list[tuple[str, str]] = field(default_factory=list)
     kept_float: list[tuple[str, str]] = field(default_factory=list)
+    modules: dict[str, str] = field(default_factory=dict)                 # layer name -> module path
     plots: list[tuple[str, str, bytes]] = field(default_factory=list)     # (file stem, caption, png)
     layers: list[dict] = field(default_factory=list)                      # debug rows, graph order
     debug_samples: int = 0
@@ -157,7 +158,10 @@ def _sites(rd: ReportData, inp: ReportInputs, ref_m, data, qrep: dict | None) ->
     from .passes.smooth import site_scales, weight_absmax
     from .patterns import analyze
 
+    from .debug_graph import module_path
+
     an = analyze(ref_m, str(Path(inp.reference).parent.resolve()))
+    rd.modules = {lin.name: m for lin in an.linears if (m := module_path(lin.node))}
     rd.uncovered = list(an.uncovered)
     alphas = (qrep or {}).get("alphas", {})
     rd.kept_float = [tuple(x) for x in (qrep or {}).get("kept_float", [])]

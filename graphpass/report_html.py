@@ -113,7 +113,8 @@ def _alpha_chart(sites: list[dict]) -> bytes:
 
 # ---------------------------------------------------------------------------- page
 def _sites_html(rd) -> str:
-    rows = [[s["site"], s["kind"], f"{len(s['consumers'])}: " + ", ".join(s["consumers"][:3])
+    m = rd.modules.get
+    rows = [[s["site"], s["kind"], f"{len(s['consumers'])}: " + ", ".join(m(c, c) for c in s["consumers"][:3])
              + (" ..." if len(s["consumers"]) > 3 else ""), _num(float(s["alpha"]), "{:.2f}"),
              f"{_num(s['act_ratio_before'], '{:.1f}')} -> {_num(s['act_ratio_after'], '{:.1f}')}",
              f"{_num(s['w_ratio_before'], '{:.1f}')} -> {_num(s['w_ratio_after'], '{:.1f}')}"]
@@ -124,10 +125,11 @@ def _sites_html(rd) -> str:
                     rows, left=3)]
     if rd.uncovered:
         parts.append("<h3>Linear layers not covered by a site</h3>")
-        parts.append(_table("uncovered", ["layer", "reason"], [list(u) for u in rd.uncovered], left=2))
+        parts.append(_table("uncovered", ["layer", "reason"], [[m(n, n), why] for n, why in rd.uncovered], left=2))
     if rd.kept_float:
         parts.append("<h3>Linear layers kept in float</h3>")
-        parts.append(_table("kept-float", ["layer", "reason"], [list(u) for u in rd.kept_float], left=2))
+        parts.append(_table("kept-float", ["layer", "reason"], [[m(n, n), why] for n, why in rd.kept_float],
+                            left=2))
     return "".join(parts)
 
 
