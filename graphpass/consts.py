@@ -82,7 +82,13 @@ class Consts:
             raise ValueError(f"tensor '{t.name}' is in external data and no folder was given")
         r = onnx.TensorProto()
         r.CopyFrom(t)
-        onnx.external_data_helper.load_external_data_for_tensor(r, self.base_dir)
+        try:
+            onnx.external_data_helper.load_external_data_for_tensor(r, self.base_dir)
+        except Exception as e:   # onnx refuses e.g. a data file with several hard links
+            from .errors import GraphpassError
+
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise GraphpassError(f"cannot read external data of '{t.name}': {msg}") from None
         r.data_location = onnx.TensorProto.DEFAULT
         del r.external_data[:]
         return r
