@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .ir import unique_name
+
 from .ir import _all_inputs
 
 CACHE_BYTES = 1 << 16
@@ -97,12 +99,7 @@ class Consts:
         return self.readers.get(name, 0) > 1 or name in self.graph_outputs
 
     def unique_name(self, base: str) -> str:
-        name, k = base, 0
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     def replace(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> str:
         """Give `node.input[index]` the constant `value`; returns the tensor name it now reads."""

@@ -359,6 +359,16 @@ def write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     return p
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first name not in `taken` (which records it)."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
 def toposort(graph: onnx.GraphProto) -> None:
     """Order nodes so every input is produced before it is read (stable for sorted graphs)."""
     nodes = list(graph.node)

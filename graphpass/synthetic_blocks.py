@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .ir import unique_name
+
 RMS_FORMS = ("reciprocal", "div", "simplified", "rmsnorm23")
 NEG = float(np.finfo(np.float32).min)  # additive mask value, as transformers uses
 INT64_MAX = np.iinfo(np.int64).max
@@ -33,12 +35,7 @@ class GraphBuilder:
         self.batch_seq: str | None = None  # int64 [2] tensor (batch, seq), for Gemm reshapes
 
     def _unique(self, base: str) -> str:
-        name, i = base, 0
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     def op(self, op_type: str, inputs: list[str], scope: str, n_out: int = 1,
            domain: str = "", **attrs) -> str | list[str]:

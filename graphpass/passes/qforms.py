@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..ir import unique_name
+
 MS = "com.microsoft"
 
 
@@ -44,12 +46,7 @@ class Emitter:
         self.shared: dict[tuple, tuple] = {}   # (kind, tensor) -> outputs of the activation quantizer
 
     def name(self, base: str) -> str:
-        n, k = base, 0
-        while n in self.names:
-            k += 1
-            n = f"{base}_{k}"
-        self.names.add(n)
-        return n
+        return unique_name(base, self.names)
 
     def const(self, base: str, value) -> str:
         n = self.name(base)
@@ -97,27 +94,29 @@ def emit_token(e: Emitter, x: str, wq: str, ws: str, y: str, base: str) -> None:
     e.nodes.append(helper.make_node("Mul", [yp, s], [y], name=e.name(f"{base}_rowscale")))
 
 
-def emit_static_fused(e: Emitter, x: str, wq: str, ws: str, y: str, base: str, qparams, bias: str) -> None:
-    """Static with a bias: QuantizeLinear + MatMulIntegerToFloat(bias), the op the QDQ form fuses to."""
-    key = ("static-q", x)
-    if key not in e.shared:
-        scale, zp = qparams
-        sc, zc = e.const(f"{base}_x_scale", scale), e.const(f"{base}_x_zp", zp)
-        (xq,) = e.node("QuantizeLinear", [x, sc, zc], f"{base}_x")
-        e.shared[key] = (xq, sc, zc)
-    xq, sc, zc = e.shared[key]
-    e.nodes.append(helper.make_node("MatMulIntegerToFloat", [xq, wq, sc, ws, zc, "", bias], [y],
-                                    name=e.name(f"{base}_MatMulIntegerToFloat"), domain=MS))
-
-
-def emit_static(e: Emitter, x: str, wq: str, ws: str, y: str, base: str, qparams, n: int) -> None:
+def _static_quantizer(e: Emitter, x: str, base: str, qparams) -> tuple[str, str, str]:
+    """QuantizeLinear of X with its calibrated scale and zero point, once per tensor."""
     key = ("static", x)
     if key not in e.shared:
         scale, zp = qparams
         sc, zc = e.const(f"{base}_x_scale", scale), e.const(f"{base}_x_zp", zp)
         (xq,) = e.node("QuantizeLinear", [x, sc, zc], f"{base}_x")
-        (xd,) = e.node("DequantizeLinear", [xq, sc, zc], f"{base}_x")
-        e.shared[key] = (xd,)
+        e.shared[key] = (xq, sc, zc)
+    return e.shared[key]
+
+
+def emit_static_fused(e: Emitter, x: str, wq: str, ws: str, y: str, base: str, qparams, bias: str) -> None:
+    """Static with a bias: QuantizeLinear + MatMulIntegerToFloat(bias), the op the QDQ form fuses to."""
+    xq, sc, zc = _static_quantizer(e, x, base, qparams)
+    e.nodes.append(helper.make_node("MatMulIntegerToFloat", [xq, wq, sc, ws, zc, "", bias], [y],
+                                    name=e.name(f"{base}_MatMulIntegerToFloat"), domain=MS))
+
+
+def emit_static(e: Emitter, x: str, wq: str, ws: str, y: str, base: str, qparams, n: int) -> None:
+    key = ("static-dq", x)
+    if key not in e.shared:
+        xq, sc, zc = _static_quantizer(e, x, base, qparams)
+        e.shared[key] = tuple(e.node("DequantizeLinear", [xq, sc, zc], f"{base}_x"))
     (xd,) = e.shared[key]
     wz = e.const(f"{base}_w_zp", np.zeros(n, np.int8))
     (wd,) = e.node("DequantizeLinear", [wq, ws, wz], f"{base}_w", axis=1)

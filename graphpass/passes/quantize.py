@@ -68,7 +68,7 @@ def quantize(model: onnx.ModelProto, config: QuantConfig,
     names = {lin.name for lin in an.linears}   # uncovered-by-smoothing layers still get quantized
     c, rep = an.consts, QuantReport(skipped=[u for u in an.uncovered if u[0] not in names])
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    e = Emitter(g, opset, set(c._names))
+    e = Emitter(g, opset, c._names)   # one name table for the constant table and the emitter
     tables = _quantize_tables(g, c, e) if config.embedding_int8 else {}
     rep.tables = sorted(tables)
     remove = []
