@@ -26,7 +26,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     cfg = PipelineConfig(scheme=a.scheme, alpha=None if a.no_smooth else a.alpha,
                          site_alpha=_site_alpha(a.site_alpha), lm_head=a.lm_head,
                          embedding_int8=a.embedding_int8, skip=tuple(a.skip or ()),
-                         simplify_attention=not a.keep_attention,
+                         simplify_attention=not a.keep_attention, attention_chunks=a.attention_chunks,
                          batch_size=a.batch_size, threads=a.threads)
     if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
@@ -90,7 +90,10 @@ def add_parsers(sub, positive) -> None:
                    help="store the token table in int8 (a tied LM head reads it through DequantizeLinear)")
     q.add_argument("--skip", action="append", metavar="PATTERN", help="keep matching layers in float")
     q.add_argument("--keep-attention", action="store_true",
-                   help="keep the exported softmax NaN guards (dropped by default where provably inert)")
+                   help="keep the exported attention as is (by default softmax NaN guards are dropped where "
+                        "provably inert and causal attention skips its masked half)")
+    q.add_argument("--attention-chunks", type=positive(int), default=3, metavar="N",
+                   help="causal attention: N query chunks, each reading only the keys it sees (1: off)")
     q.add_argument("--batch-size", type=positive(int), default=1)
     q.add_argument("--threads", type=positive(int), default=2)
     q.add_argument("--max-kl", type=float, metavar="X",

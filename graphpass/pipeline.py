@@ -15,6 +15,7 @@ import onnx
 from .errors import GraphpassError
 from .ir import load_model, model_size, save_model
 from .passes.attention import drop_softmax_nan_guards
+from .passes.causal import split_causal_attention
 from .passes.quantize import QuantConfig, QuantReport
 from .passes.quantize import quantize as quantize_pass
 from .passes.smooth import SmoothConfig, SmoothReport
@@ -32,6 +33,7 @@ class PipelineConfig:
     embedding_int8: bool = False
     skip: tuple[str, ...] = ()
     simplify_attention: bool = True             # drop softmax NaN guards of causal masks
+    attention_chunks: int = 3                   # causal attention in query chunks (< 2: off)
     batch_size: int = 1
     threads: int = 2
     row_step: int = 64                          # alpha search samples every row_step-th token
@@ -103,7 +105,9 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     if config.simplify_attention:
         t0 = time.perf_counter()
         _, n, why = drop_softmax_nan_guards(m)
-        step("attention", t0, f"{n} softmax NaN guards dropped" + (f"; kept others: {why}" if why else ""))
+        _, k = split_causal_attention(m, config.attention_chunks, consts._names if consts else None)
+        step("attention", t0, f"{n} softmax NaN guards dropped" + (f"; kept others: {why}" if why else "")
+             + (f"; {k} causal attention blocks in {config.attention_chunks} query chunks" if k else ""))
     t0 = time.perf_counter()
     ranges = _ranges(stats, res.smooth) if stats is not None else None
     m, res.quant = quantize_pass(m, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,

@@ -23,6 +23,8 @@ PROBES = ((3, 11, 2), (1, 20, 3))  # (batch, seq, seed): two shapes calibration 
 # between two activations (attention), LM heads kept in float.
 LAYOUT = {"prenorm": (12, 8, 4, 1), "llama": (14, 8, 4, 1), "postln": (12, 8, 4, 0),
           "postln-gemm": (12, 8, 4, 0)}
+# causal builders: each attention MatMul pair is split into query chunks (passes/causal.py)
+CAUSAL = {"prenorm", "llama"}
 QKV = {"prenorm": ("h.0_attn_q_proj_", "h.0_attn_k_proj_", "h.0_attn_v_proj_"),
        "llama": ("layers.0_self_attn_q_proj_", "layers.0_self_attn_k_proj_",
                  "layers.0_self_attn_v_proj_"),
@@ -113,7 +115,11 @@ GEMM_BIAS = 10   # postln-gemm: q, k, v, fc1, fc2 per layer are Gemm with a bias
 
 
 def expected_ops(variant: str, scheme: str) -> dict[str, int]:
+    from graphpass.pipeline import PipelineConfig
+
     L, A, attn, head = LAYOUT[variant]
+    if variant in CAUSAL:
+        attn *= PipelineConfig().attention_chunks
     if (variant, scheme) == ("postln-gemm", "static"):
         # a Gemm with a bias is emitted as QuantizeLinear + MatMulIntegerToFloat(bias) directly;
         # the QDQ form (DQ -> MatMul -> Add) is fused to a float Gemm by onnxruntime (regression)
@@ -220,7 +226,7 @@ def test_onnxruntime_runs_integer_kernels(quantized, tmp_path, variant, scheme):
     else:
         assert c["MatMulIntegerToFloat"] == L, c
         assert c["DequantizeLinear"] == 0 and c["Gemm"] == 0, c
-    assert c["MatMul"] + c["FusedMatMul"] == LAYOUT[variant][2] + head, c
+    assert c["MatMul"] + c["FusedMatMul"] == expected_ops(variant, "dynamic")["MatMul"], c
     for n in opt.graph.node:
         if n.op_type in ("MatMulInteger", "MatMulIntegerToFloat"):
             assert activation_dtype(opt, n.input[0]) == np.uint8, (n.name, n.input[0])
@@ -403,10 +409,10 @@ def test_embedding_int8_with_lm_head_quantizes_the_head(synth, quantized):
     s = synth("llama")
     path, res, _ = quantized("llama", scheme="token", alpha=0.5, embedding_int8=True, lm_head=True)
     q = onnx.load(str(path))
-    L, _, attn, _ = LAYOUT["llama"]
+    L, _, _, head = LAYOUT["llama"]
     assert len(res.quant.quantized) == L + 1 and not res.quant.skipped
     assert op_counts(q)["MatMulIntegerToFloat"] == L + 1
-    assert float_linears(q) == [] and op_counts(q)["MatMul"] == attn
+    assert float_linears(q) == [] and op_counts(q)["MatMul"] == expected_ops("llama", "token")["MatMul"] - head
     prod = producers(q)
     rowscale = prod["logits"]  # Mul(MatMulIntegerToFloat(Xq, Transpose(int8 table)), row scale)
     head = prod[rowscale.input[0]]

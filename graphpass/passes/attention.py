@@ -49,20 +49,23 @@ def _positional_mask(softmax: onnx.NodeProto, prod: dict, inputs: set[str]) -> b
     add = prod.get(softmax.input[0])
     if add is None or add.op_type != "Add":
         return False
-    for mask in add.input:            # one operand holds the scores (from a MatMul), one the mask
-        todo, seen, ok = [mask], set(), True
-        while todo and ok:
-            t = todo.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            if t in inputs:
-                ok = False
-            n = prod.get(t)
-            if n is not None and n.op_type not in ("Shape", "Size"):
-                if n.op_type == "MatMul":
-                    ok = False        # this operand is the scores
-                todo.extend(i for i in n.input if i)
-        if ok:
+    return any(not depends_on_inputs(mask, prod, inputs, stop_at_matmul=True) for mask in add.input)
+
+
+def depends_on_inputs(t: str, prod: dict, inputs: set[str], stop_at_matmul: bool = False) -> bool:
+    """True when `t` reads the values (not only the shapes) of a graph input. With
+    `stop_at_matmul`, reaching a MatMul counts too (it marks the attention scores)."""
+    todo, seen = [t], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in inputs:
             return True
+        n = prod.get(t)
+        if n is not None and n.op_type not in ("Shape", "Size"):
+            if stop_at_matmul and n.op_type == "MatMul":
+                return True
+            todo.extend(i for i in n.input if i)
     return False

@@ -1,0 +1,263 @@
+"""Skip the masked half of causal attention: split the queries into chunks, each reading only
+the keys it can see.
+
+    P = Softmax(Q·Kᵀ + M),  O = P·V,  M[i, j] = 0 if j <= i else -big (plus other conjuncts)
+
+Rows lo..hi-1 of O depend only on keys 0..hi-1: every later key is masked for them, so its
+exp() is exactly 0 in the softmax sum and contributes 0·v to O. With c chunks the two attention
+MatMuls do (c+1)/2c of the work (2/3 for c = 3); the result is the same function up to float
+summation order. The rewrite needs a proof that the mask is causal, read from the graph:
+M = Where(C, 0, -big) with -big <= -1e30, where C is an And-tree with a conjunct
+LessOrEqual(key index, query index) whose two indices are one Range(0, n, 1) unsqueezed onto
+the last and second-to-last axis (self-attention, no past). Every row keeps its diagonal when
+the other conjuncts depend on positions only (no input values), as for the NaN guards; when
+the mask reads an input (padding could mask a whole row, which -big turns into a uniform row)
+the attention is left alone unless -big is -inf.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..consts import Consts
+from ..ir import consumers, producers, prune_dead_nodes, toposort, unique_name
+from .attention import depends_on_inputs
+
+BIG = -1e30
+
+
+def split_causal_attention(model: onnx.ModelProto, chunks: int = 3,
+                           names: set[str] | None = None) -> tuple[onnx.ModelProto, int]:
+    """Returns (model, attention blocks rewritten). `names`: a name table to share with later
+    passes (new names are added to it)."""
+    g = model.graph
+    if chunks < 2 or _opset(model) < 15:     # Shape(start, end) needs opset 15
+        return model, 0
+    prod, cons, c = producers(g), consumers(g), Consts(g)
+    inputs = {i.name for i in g.input} - set(c.inits)
+    names = set() if names is None else names
+    names.update({n for node in g.node for n in (*node.input, *node.output, node.name)} | set(c.inits))
+    b = _Builder(g, names, _dims(g))
+    dead: list[onnx.NodeProto] = []
+    for sm in list(g.node):
+        found = _match(sm, prod, cons, c, inputs)
+        if found is None:
+            continue
+        q, k, v, mask, post, nodes = found
+        q, k = _unscaled(q, prod, cons, c, nodes), _unscaled(k, prod, cons, c, nodes)
+        b.chunked(q, k, v, mask, post, nodes[-1].output[0], chunks, sm.name or sm.output[0])
+        dead.extend(nodes)
+    if not dead:
+        return model, 0
+    ids = {id(n) for n in dead}
+    keep = [n for n in g.node if id(n) not in ids]
+    g.ClearField("node")
+    g.node.extend(keep + b.nodes)
+    toposort(g)
+    prune_dead_nodes(g)                      # the full-size scores MatMul
+    return model, sum(n.op_type == "Softmax" for n in dead)
+
+
+def _unscaled(t: str, prod: dict, cons: dict, c: Consts, dead: list) -> tuple[str, str | None]:
+    """(x, s) when `t` = Mul(x, scalar constant s) read only here: each chunk then slices x and
+    scales its slice, which onnxruntime folds into the MatMul (FusedMatMul alpha)."""
+    n = prod.get(t)
+    x, s = _scalar_mul(n, c)
+    if x is not None and len(cons.get(t, [])) == 1:
+        dead.insert(0, n)
+        return x, s
+    return t, None
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _dims(g: onnx.GraphProto) -> dict[str, list]:
+    out = {}
+    for vi in (*g.value_info, *g.input, *g.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
+    return out
+
+
+def _match(sm: onnx.NodeProto, prod: dict, cons: dict, c: Consts, inputs: set[str]):
+    """Softmax(scores + causal mask) read only by MatMul(P, V); scores = MatMul(q, k), maybe
+    times a scalar. Returns (q, k, v, mask, post-scale, nodes replaced) or None."""
+    if sm.op_type != "Softmax" or _axis(sm) != -1:
+        return None
+    add = prod.get(sm.input[0])
+    readers = cons.get(sm.output[0], [])
+    if add is None or add.op_type != "Add" or len(readers) != 1 or readers[0].op_type != "MatMul":
+        return None
+    pv = readers[0]
+    if pv.input[0] != sm.output[0] or len(cons.get(add.output[0], [])) != 1:
+        return None
+    for s_idx in (0, 1):
+        scores, mask = add.input[s_idx], add.input[1 - s_idx]
+        nodes = [add, sm, pv]
+        mm, post = prod.get(scores), None
+        x, scale = _scalar_mul(mm, c)
+        if x is not None and len(cons.get(scores, [])) == 1:
+            nodes.insert(0, mm)
+            scores, mm, post = x, prod.get(x), scale
+        if mm is None or mm.op_type != "MatMul" or len(cons.get(scores, [])) != 1:
+            continue
+        if _causal(mask, prod, c, inputs):
+            return mm.input[0], mm.input[1], pv.input[1], mask, post, nodes
+    return None
+
+
+def _scalar_mul(n: onnx.NodeProto | None, c: Consts) -> tuple[str | None, str | None]:
+    """(x, s) when n = Mul(x, s) with s a float32 scalar constant."""
+    if n is not None and n.op_type == "Mul":
+        for i in (0, 1):
+            s = c.get(n.input[1 - i])
+            if s is not None and s.size == 1 and s.dtype == np.float32:
+                return n.input[i], n.input[1 - i]
+    return None, None
+
+
+def _axis(n: onnx.NodeProto) -> int:
+    for a in n.attribute:
+        if a.name == "axis":
+            return a.i
+    return -1
+
+
+# a leaf comparison that keeps key j <= query i (And-tree, keep form) or masks j > i (Or-tree)
+_KEEP = {"LessOrEqual": (-1, -2), "GreaterOrEqual": (-2, -1)}
+_MASK = {"Greater": (-1, -2), "Less": (-2, -1)}
+
+
+def _causal(mask: str, prod: dict, c: Consts, inputs: set[str]) -> bool:
+    """Where(keep, 0, -big) with keep an And-tree holding j <= i, or Where(masked, -big, 0)
+    with masked an Or-tree holding j > i; i, j index one Range along axes -2 and -1."""
+    w = prod.get(mask)
+    if w is None or w.op_type != "Where":
+        return False
+    a, b = c.get(w.input[1]), c.get(w.input[2])
+    if a is None or b is None or a.size != 1 or b.size != 1:
+        return False
+    a, b = float(a.reshape(-1)[0]), float(b.reshape(-1)[0])
+    if np.isfinite(a) and b <= BIG:
+        fill, tree, leaves = b, "And", _KEEP
+    elif np.isfinite(b) and a <= BIG:
+        fill, tree, leaves = a, "Or", _MASK
+    else:
+        return False
+    if np.isfinite(fill) and depends_on_inputs(w.input[0], prod, inputs):
+        return False                          # a padded-out row would turn uniform, not stay -big
+    todo = [w.input[0]]
+    while todo:
+        n = prod.get(todo.pop())
+        if n is None:
+            continue
+        if n.op_type == tree:
+            todo.extend(n.input)
+        elif n.op_type in leaves:
+            ax0, ax1 = leaves[n.op_type]
+            r = _index(n.input[0], prod, c, ax0)
+            if r is not None and r == _index(n.input[1], prod, c, ax1):
+                return True
+    return False
+
+
+def _index(t: str, prod: dict, c: Consts, want: int = -1):
+    """The Range node when `t` is Range(0, n, 1) unsqueezed so that it runs along axis `want`."""
+    axes_after = []
+    n = prod.get(t)
+    while n is not None and n.op_type == "Unsqueeze":
+        ax = c.get(n.input[1]) if len(n.input) > 1 else None
+        if ax is None:
+            return None
+        axes_after.append(ax.reshape(-1).astype(int).tolist())
+        n = prod.get(n.input[0])
+    if n is None or n.op_type != "Range":
+        return None
+    start, delta = c.get(n.input[0]), c.get(n.input[2])
+    if start is None or delta is None or start.reshape(-1)[0] != 0 or delta.reshape(-1)[0] != 1:
+        return None
+    rank, pos = 1, 0                       # where the range runs, counted from the front
+    for axes in reversed(axes_after):
+        rank += len(axes)
+        for a in sorted(x % rank for x in axes):
+            if a <= pos:
+                pos += 1
+    return n.output[0] if pos - rank == want else None
+
+
+class _Builder:
+    """Emits the chunked attention; the chunk bounds and mask slices are shared by every block
+    whose queries provably have the mask's length (same symbolic dim in the exported shapes)."""
+
+    def __init__(self, g: onnx.GraphProto, names: set[str], dims: dict[str, list]):
+        self.g, self.names, self.dims = g, names, dims
+        self.nodes: list[onnx.NodeProto] = []
+        self.shared: dict[str, tuple] = {}
+        self.zero = self.ax_q = self.ax_k = self.ax_m = ""
+
+    def name(self, s: str) -> str:
+        return unique_name(s, self.names)
+
+    def const(self, s: str, value) -> str:
+        n = self.name(s)
+        self.g.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.int64), n))
+        return n
+
+    def node(self, op: str, ins: list[str], s: str, **attrs) -> str:
+        o = self.name(s)
+        self.nodes.append(helper.make_node(op, ins, [o], name=self.name(f"{s}_{op}"), **attrs))
+        return o
+
+    def _same_rows(self, q: str, mask: str) -> bool:
+        dq, dm = self.dims.get(q), self.dims.get(mask)
+        return bool(dq and dm and len(dq) >= 2 and len(dm) >= 2 and dq[-2] == dm[-2]
+                    and dq[-2] not in (None, 0, 1, ""))
+
+    def _bounds(self, q: str, mask: str, chunks: int, base: str) -> tuple[list[str], list[str]]:
+        """(row bounds, mask slices); from the mask when it provably has the queries' length."""
+        key = mask if self._same_rows(q, mask) else q
+        if key in self.shared:
+            return self.shared[key]
+        if not self.zero:
+            self.zero = self.const("causal_zero", [0])
+            self.ax_q, self.ax_k = self.const("causal_axis_rows", [-2]), self.const("causal_axis_cols", [-1])
+            self.ax_m = self.const("causal_axes_mask", [-2, -1])
+        seq = self.node("Shape", [key], f"{base}_seq", start=-2, end=-1)
+        bounds = [self.zero]
+        for i in range(1, chunks):
+            scaled = self.node("Mul", [seq, self.const(f"{base}_num{i}", [i])], f"{base}_seq{i}")
+            bounds.append(self.node("Div", [scaled, self.const(f"{base}_den{i}", [chunks])], f"{base}_b{i}"))
+        bounds.append(seq)
+        masks = []
+        for i in range(chunks):
+            lo = self.node("Concat", [bounds[i], self.zero], f"{base}_mlo{i}", axis=0)
+            hi = self.node("Concat", [bounds[i + 1], bounds[i + 1]], f"{base}_mhi{i}", axis=0)
+            masks.append(self.node("Slice", [mask, lo, hi, self.ax_m], f"{base}_mask{i}"))
+        self.shared[key] = bounds, masks
+        return bounds, masks
+
+    def chunked(self, q: tuple[str, str | None], k: tuple[str, str | None], v: str, mask: str,
+                post: str | None, out: str, chunks: int, base: str) -> None:
+        base = base.strip("/").replace("/", "_")
+        (q, q_scale), (k, k_scale) = q, k
+        bounds, masks = self._bounds(q, mask, chunks, base)
+        parts = []
+        for i in range(chunks):
+            lo, hi = bounds[i], bounds[i + 1]
+            qi = self.node("Slice", [q, lo, hi, self.ax_q], f"{base}_q{i}")
+            ki = self.node("Slice", [k, self.zero, hi, self.ax_k], f"{base}_k{i}")
+            if q_scale:
+                qi = self.node("Mul", [qi, q_scale], f"{base}_qs{i}")
+            if k_scale:
+                ki = self.node("Mul", [ki, k_scale], f"{base}_ks{i}")
+            vi = self.node("Slice", [v, self.zero, hi, self.ax_q], f"{base}_v{i}")
+            si = self.node("MatMul", [qi, ki], f"{base}_s{i}")
+            if post:
+                si = self.node("Mul", [si, post], f"{base}_ss{i}")
+            pi = self.node("Softmax", [self.node("Add", [si, masks[i]], f"{base}_a{i}")], f"{base}_p{i}", axis=-1)
+            parts.append(self.node("MatMul", [pi, vi], f"{base}_o{i}"))
+        self.nodes.append(helper.make_node("Concat", parts, [out], name=self.name(f"{base}_Concat"), axis=-2))
