@@ -68,11 +68,15 @@ def _time_block(sess, feeds, runs: int) -> list[float]:
 
 
 def time_pair(ref_sess, cand_sess, feeds, seconds: float = 6.0, rounds: int = 5) -> tuple[float, float, int]:
-    """Median latency (ms) of each session over alternating blocks lasting ~`seconds` in total."""
+    """Median latency (ms) of each session over alternating blocks lasting ~`seconds` in total.
+
+    Blocks are kept short (about 0.5 s each, at least one run) and alternate as often as the
+    budget allows (at least `rounds` times), so drifts in machine speed hit both sessions alike."""
     for s in (ref_sess, cand_sess):  # warm-up: first runs allocate and pick kernels
         _time_block(s, feeds, 2)
-    one = np.median(_time_block(ref_sess, feeds, 3) + _time_block(cand_sess, feeds, 3))
-    per_block = max(1, int(seconds / (2 * rounds * max(one, 1e-4))))
+    one = max(float(np.median(_time_block(ref_sess, feeds, 3) + _time_block(cand_sess, feeds, 3))), 1e-4)
+    per_block = max(1, int(0.5 / one))
+    rounds = max(rounds, int(seconds / (2 * per_block * one)))
     ref_t, cand_t = [], []
     for _ in range(rounds):
         ref_t += _time_block(ref_sess, feeds, per_block)

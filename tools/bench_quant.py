@@ -60,6 +60,8 @@ def rows() -> list[Row]:
     auto = ("--scheme", "token", "--alpha", "auto")
     out += [Row("gp-token-auto-lmhead-emb8", "graphpass token, α auto, --lm-head --embedding-int8",
                 (*auto, "--lm-head", "--embedding-int8")),
+            Row("gp-dynamic-auto-lmhead-emb8", "graphpass dynamic, α auto, --lm-head --embedding-int8",
+                ("--scheme", "dynamic", "--alpha", "auto", "--lm-head", "--embedding-int8")),
             Row("gp-token-auto-emb8", "graphpass token, α auto, --embedding-int8", (*auto, "--embedding-int8")),
             Row("ort-dynamic", "onnxruntime quantize_dynamic (per-channel, MatMul)", None),
             Row("ort-static", "onnxruntime quantize_static (QDQ, MinMax, per-channel, MatMul)", None)]
