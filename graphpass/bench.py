@@ -53,8 +53,8 @@ def synthetic_inputs(specs: list[InputSpec], shape: tuple[int, int], seed: int =
             out[sp.name] = np.zeros((b, s), sp.dtype)
         elif "position" in sp.name:
             out[sp.name] = np.broadcast_to(np.arange(s, dtype=sp.dtype), (b, s)).copy()
-        else:
-            out[sp.name] = rng.integers(0, 100, (b, s)).astype(sp.dtype)
+        else:   # ids below 100, and inside the table they index
+            out[sp.name] = rng.integers(0, min(100, sp.limit or 100), (b, s)).astype(sp.dtype)
     return out
 
 

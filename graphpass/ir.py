@@ -33,6 +33,7 @@ class InputSpec:
     name: str
     dtype: np.dtype
     rank: int
+    limit: int | None = None   # ids index a table of this many rows (Gather on axis 0)
 
 
 def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
@@ -306,14 +307,19 @@ def model_size(path: str | os.PathLike) -> int:
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
+    rows: dict[str, int] = {}     # input -> rows of the smallest table it indexes
+    for n in model.graph.node:
+        if n.op_type == "Gather" and len(n.input) == 2 and n.input[0] in inits and inits[n.input[0]].dims \
+                and not any(a.name == "axis" and a.i != 0 for a in n.attribute):
+            rows[n.input[1]] = min(rows.get(n.input[1], 1 << 62), int(inits[n.input[0]].dims[0]))
     specs = []
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        specs.append(InputSpec(vi.name, dtype, len(tt.shape.dim)))
+        specs.append(InputSpec(vi.name, dtype, len(tt.shape.dim), rows.get(vi.name)))
     return specs
 
 
