@@ -91,11 +91,26 @@ def _bias_add(out: str, width: int, c: Consts, cons: dict) -> tuple[onnx.NodePro
     return add, j
 
 
+def _subgraph_linears(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """MatMul / Gemm nodes in the If / Loop / Scan bodies of `node`, nested ones included."""
+    out = []
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                if n.op_type in ("MatMul", "Gemm"):
+                    out.append(n)
+                out += _subgraph_linears(n)
+    return out
+
+
 def find_linears(graph: onnx.GraphProto, c: Consts, prod: dict, cons: dict
                  ) -> tuple[list[Linear], list[tuple[str, str]]]:
     """Every MatMul/Gemm with a constant weight: as a Linear, or (name, reason) when left alone."""
     found, skipped = [], []
     for n in graph.node:
+        for sub in _subgraph_linears(n):
+            skipped.append((label(sub), f"inside a branch of {n.op_type} '{n.name or n.output[0]}' "
+                                        "(left in float: control flow is not rewritten)"))
         if n.op_type not in ("MatMul", "Gemm"):
             continue
         via, why = _weight_source(n.input[1], c, prod)

@@ -229,6 +229,8 @@ def test_matmuls_inside_control_flow_are_left_alone(capsys, tmp_path, kind):
     cli_ok(capsys, ["calibrate", path, "--data", d / "data.npz", "-o", tmp_path / "s.npz"])
     out, _ = cli_ok(capsys, ["inspect", path, "--stats", tmp_path / "s.npz"])
     assert "1 smoothing sites" in out
+    branch = [ln for ln in out.splitlines() if "inside a branch of" in ln]   # listed, with the reason
+    assert len(branch) == (1 if kind == "loop" else 2), out
     cli_ok(capsys, ["smooth", path, "--stats", tmp_path / "s.npz", "-o", tmp_path / "sm.onnx"])
     for scheme in ("token", "static"):
         cli_ok(capsys, ["quantize", path, "--data", d / "data.npz", "--scheme", scheme,
