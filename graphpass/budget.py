@@ -167,7 +167,7 @@ class _Search:
         from .evaluate import evaluate
 
         m = evaluate(path, self.model, self.held, threads=self.config.threads, kind="causal-lm",
-                     progress=False)
+                     progress=False, ref_cache=self.work / "reference")   # FP32 run once per search
         t = Attempt(k, m["kl"], ppl_increase(m), self.budget.met(m), time.perf_counter() - t0)
         self.res.attempts.append(t)
         self.log(f"budget: {k} layers in float -> KL {t.kl:.5f}, perplexity {100 * t.ppl_increase:+.2f}%: "

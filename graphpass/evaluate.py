@@ -10,6 +10,8 @@ Always, per output: max |ref - cand| and mean |ref - cand|.
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import tempfile
@@ -94,8 +96,12 @@ def _check_scorable(kind: str, data: dict[str, np.ndarray]) -> None:
 
 def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: dict[str, np.ndarray],
              batch_size: int = 2, threads: int = 2, kind: str | None = None,
-             progress: bool = True) -> dict:
-    """Run both graphs over `data` and return the metrics above as a JSON-ready dict."""
+             progress: bool = True, ref_cache: str | os.PathLike | None = None) -> dict:
+    """Run both graphs over `data` and return the metrics above as a JSON-ready dict.
+
+    `ref_cache`: a folder keeping the reference's outputs between calls (the accuracy budget
+    evaluates many candidates against one reference); reused only for the same reference file,
+    data, batch size and outputs."""
     ref_model = load_model(reference, load_weights=False)
     cand_model = load_model(candidate, load_weights=False)
     n = check_data(data, ref_model, "data")
@@ -109,18 +115,33 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
     with tempfile.TemporaryDirectory(prefix="graphpass-eval-") as tmp:
         # One graph at a time: the reference's outputs wait on disk, so peak memory is that of the
         # larger session, not of both (a 2.4 GB model and its smoothed copy would need 2x).
-        sess = make_session(reference, threads)
-        for k, b in enumerate(tqdm(bs, desc="eval reference", unit="batch", disable=None if progress else True)):
-            for i, v in enumerate(sess.run(outs, b)):
-                np.save(Path(tmp) / f"{k}-{i}.npy", v)
-        sess = None
+        tmp = Path(ref_cache) if ref_cache is not None else Path(tmp)
+        key = _reference_key(reference, data, batch_size, outs)
+        if not (tmp / "key.txt").is_file() or (tmp / "key.txt").read_text() != key:
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / "key.txt").unlink(missing_ok=True)
+            sess = make_session(reference, threads)
+            for k, b in enumerate(tqdm(bs, desc="eval reference", unit="batch", disable=None if progress else True)):
+                for i, v in enumerate(sess.run(outs, b)):
+                    np.save(tmp / f"{k}-{i}.npy", v)
+            sess = None
+            (tmp / "key.txt").write_text(key)
         sess = make_session(candidate, threads)
         for k, b in enumerate(tqdm(bs, desc="eval candidate", unit="batch", disable=None if progress else True)):
             c = sess.run(outs, b)
-            r = [np.load(Path(tmp) / f"{k}-{i}.npy", mmap_mode="r") for i in range(len(outs))]
+            r = [np.load(tmp / f"{k}-{i}.npy", mmap_mode="r") for i in range(len(outs))]
             _compare(st, kind, outs, b, r, c)
             del r
     return _summary(st.s, kind, n, outs)
+
+
+def _reference_key(reference, data: dict[str, np.ndarray], batch_size: int, outs: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(data):
+        h.update(name.encode() + str(data[name].shape).encode() + str(data[name].dtype).encode())
+        h.update(np.ascontiguousarray(data[name]).tobytes())
+    st = Path(reference).stat()
+    return f"{Path(reference).resolve()} {st.st_size} {st.st_mtime_ns} {batch_size} {outs} {h.hexdigest()}"
 
 
 def _compare(st: _Stats, kind: str, outs: list[str], b: dict, r: list, c: list) -> None:

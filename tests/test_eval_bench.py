@@ -199,3 +199,23 @@ def test_synthetic_ids_stay_inside_a_small_vocabulary():
     ids = synthetic_inputs(specs, (4, 64))["input_ids"]
     assert ids.max() < 40 and len(np.unique(ids)) > 20
     assert output_change(m, m) == 0.0        # ran both graphs (ids 40..99 made onnxruntime fail)
+
+
+def test_reference_cache_runs_the_reference_once_and_only_for_the_same_data(synth, tmp_path, monkeypatch):
+    import sys
+
+    ev = sys.modules["graphpass.evaluate"]     # the package exports the function under this name
+    s = synth("prenorm")
+    cand = _perturbed(tmp_path, s)
+    opened = []
+    real = ev.make_session
+    monkeypatch.setattr(ev, "make_session", lambda p, *a, **k: opened.append(str(p)) or real(p, *a, **k))
+    cache = tmp_path / "ref"
+    first = evaluate(cand, s.path, s.data, progress=False, ref_cache=cache)
+    again = evaluate(cand, s.path, s.data, progress=False, ref_cache=cache)
+    assert first == again == evaluate(cand, s.path, s.data, progress=False)
+    assert [p == str(s.path) for p in opened] == [True, False, False, True, False]
+    other = {k: v[:2] for k, v in s.data.items()}             # different data: the cache is redone
+    opened.clear()
+    res = evaluate(cand, s.path, other, progress=False, ref_cache=cache)
+    assert [p == str(s.path) for p in opened] == [True, False] and res["samples"] == 2
