@@ -248,6 +248,11 @@ def test_quantize_weight_per_output_channel():
                                (np.abs(w).max(0) / 127)[np.abs(w).max(0) > 0], rtol=1e-6)
     err = np.abs(q.astype(np.float64) * s.astype(np.float64)[None, :] - w)
     assert (err <= s[None, :] / 2 * (1 + 1e-5)).all()
+    for block in (1, 5, 7, 24, 100):    # blockwise (bounded temporaries) = all channels at once
+        qb, sb = quantize_weight(w, block=block)
+        assert np.array_equal(qb, q) and np.array_equal(sb, s)
+    qt, st = quantize_weight(np.ascontiguousarray(w.T).T, block=5)     # a transposed view
+    assert np.array_equal(qt, q) and np.array_equal(st, s)
 
 
 @pytest.mark.parametrize("lo,hi", [(-1.5, 4.0), (0.2, 3.0), (-7.0, -0.5), (-1e-3, 1e-3),

@@ -21,11 +21,19 @@ from ..ir import unique_name
 MS = "com.microsoft"
 
 
-def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel: W ≈ Wq * scale[None, :], Wq in [-127, 127]."""
-    amax = np.abs(w).max(axis=0).astype(np.float64)
-    scale = np.where(amax > 0, amax / 127.0, 1.0)
-    q = np.clip(np.rint(w / scale[None, :]), -127, 127).astype(np.int8)
+def quantize_weight(w: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output channel: W ≈ Wq * scale[None, :], Wq in [-127, 127].
+
+    Works through `block` output channels at a time, so its float64 temporaries stay small
+    (a whole 49152 x 576 token table at once would add ~0.7 GB to the peak)."""
+    q = np.empty(w.shape, np.int8)
+    scale = np.empty(w.shape[1], np.float64)
+    for a in range(0, w.shape[1], block):
+        blk = w[:, a:a + block]
+        amax = np.abs(blk).max(axis=0).astype(np.float64)
+        s = np.where(amax > 0, amax / 127.0, 1.0)
+        q[:, a:a + block] = np.clip(np.rint(blk / s[None, :]), -127, 127)
+        scale[a:a + block] = s
     return q, scale.astype(np.float32)
 
 

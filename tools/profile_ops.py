@@ -1,0 +1,96 @@
+"""Where the time goes: onnxruntime's profiler, kernel time per op type (and per layer kind).
+
+    python tools/profile_ops.py M/model.onnx [OTHER.onnx ...] [--shape 1x512] [--runs 5]
+
+Each model gets one session (2 threads, spinning off, the optimizations onnxruntime applies by
+default), two warm-up runs, then `--runs` profiled runs on the same synthetic inputs `bench`
+uses. Prints per op type the share of summed kernel time and ms per run, and the same grouped
+by what the node is: quantized linear layer, float MatMul reading a constant (e.g. the LM head),
+attention (MatMul between two activations, Softmax), or the rest. The profiler adds a small
+cost per node, so shares of many small ops read a little high; compare graphs, not absolutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+
+from graphpass.bench import parse_shape, synthetic_inputs
+from graphpass.ir import input_specs, load_model
+from graphpass.runtime import Session, session_options
+
+LINEAR = {"MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul",
+          "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}
+ATTENTION = {"Softmax", "MultiHeadAttention", "GroupQueryAttention", "Attention"}
+
+
+def profile(path: str, shape: tuple[int, int], runs: int) -> tuple[dict, dict, float]:
+    model = load_model(path, load_weights=False)
+    consts = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:       # Transpose / DequantizeLinear of constants: constant too
+        if n.input and all(i in consts for i in n.input if i):
+            consts.update(n.output)
+    feeds = synthetic_inputs(input_specs(model), shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(profile=True)
+        so.profile_file_prefix = os.path.join(tmp, "trace")
+        sess = Session(str(path), so, providers=["CPUExecutionProvider"])
+        for _ in range(2):
+            sess.run(None, feeds)
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, feeds)
+        wall = (time.perf_counter() - t0) / runs
+        trace = sess.end_profiling()
+        with open(trace) as f:
+            events = json.load(f)
+    by_op, by_kind = defaultdict(float), defaultdict(float)
+    const_matmuls = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+                     and len(n.input) > 1 and n.input[1] in consts}
+    n_runs = runs + 2
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        op, node = e["args"]["op_name"], e["name"][: -len("_kernel_time")]
+        ms = e["dur"] / 1e3 / n_runs
+        by_op[op] += ms
+        if op in LINEAR:
+            kind = "int8 linear layers (with their activation quantizers)"
+        elif op in ("MatMul", "Gemm", "FusedMatMul") and node.split("/")[0] in const_matmuls:
+            kind = "float MatMul with a constant weight (LM head, float layers)"
+        elif op in ("MatMul", "FusedMatMul") or op in ATTENTION:
+            kind = "attention (activation x activation MatMuls, Softmax)"
+        else:
+            kind = "everything else (norms, RoPE, residuals, reshapes, masks)"
+        by_kind[kind] += ms
+    return by_op, by_kind, wall
+
+
+def table(title: str, rows: dict, top: int) -> str:
+    total = sum(rows.values())
+    lines = [f"| {title} | share | ms/run |", "|---|---:|---:|"]
+    for k, v in sorted(rows.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| {k} | {100 * v / total:.1f}% | {v:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="+")
+    p.add_argument("--shape", default="1x512", type=parse_shape)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--top", type=int, default=12, help="op types listed per model")
+    a = p.parse_args(argv)
+    for path in a.models:
+        by_op, by_kind, wall = profile(path, a.shape, a.runs)
+        print(f"\n### {path} ({a.shape[0]}x{a.shape[1]}, {wall * 1e3:.0f} ms per profiled run)\n")
+        print(table("op type", by_op, a.top) + "\n")
+        print(table("kind", by_kind, 10))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
