@@ -50,6 +50,7 @@ def profile(path: str, shape: tuple[int, int], runs: int) -> tuple[dict, dict, f
     by_op, by_kind = defaultdict(float), defaultdict(float)
     const_matmuls = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
                      and len(n.input) > 1 and n.input[1] in consts}
+    quant = _quantizer_nodes(model)
     n_runs = runs + 2
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
@@ -57,7 +58,7 @@ def profile(path: str, shape: tuple[int, int], runs: int) -> tuple[dict, dict, f
         op, node = e["args"]["op_name"], e["name"][: -len("_kernel_time")]
         ms = e["dur"] / 1e3 / n_runs
         by_op[op] += ms
-        if op in LINEAR:
+        if op in LINEAR or node in quant or node.split("/")[0] in quant:
             kind = "int8 linear layers (with their activation quantizers)"
         elif op in ("MatMul", "Gemm", "FusedMatMul") and node.split("/")[0] in const_matmuls:
             kind = "float MatMul with a constant weight (LM head, float layers)"
@@ -67,6 +68,36 @@ def profile(path: str, shape: tuple[int, int], runs: int) -> tuple[dict, dict, f
             kind = "everything else (norms, RoPE, residuals, reshapes, masks)"
         by_kind[kind] += ms
     return by_op, by_kind, wall
+
+
+def _quantizer_nodes(model) -> set[str]:
+    """Names of the nodes around each integer MatMul: its activation quantizer (Abs, ReduceMax,
+    Div, QuantizeLinear, DynamicQuantizeLinear) and its rescale (Cast, Mul)."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    back = {"QuantizeLinear", "DynamicQuantizeLinear", "Div", "ReduceMax", "Abs"}
+    out = set()
+    for n in model.graph.node:
+        if n.op_type not in ("MatMulInteger", "MatMulIntegerToFloat"):
+            continue
+        out.add(n.name)
+        todo = [n.input[0]]
+        while todo:
+            p = prod.get(todo.pop())
+            if p is not None and p.op_type in back and p.name not in out:
+                out.add(p.name)
+                todo.extend(p.input[:2])
+        y = n.output[0]
+        for _ in range(2):             # Cast, then the Mul by the scales
+            nxt = [r for r in readers.get(y, []) if r.op_type in ("Cast", "Mul")]
+            if len(nxt) != 1:
+                break
+            out.add(nxt[0].name)
+            y = nxt[0].output[0]
+    return out
 
 
 def table(title: str, rows: dict, top: int) -> str:
