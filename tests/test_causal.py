@@ -22,10 +22,14 @@ def _copy(m):
     return c
 
 
-def _attention(form="keep", fill=-np.inf, padding=False, anticausal=False, two_ranges=False):
+def _attention(form="keep", fill=-np.inf, padding=False, anticausal=False, two_ranges=False,
+               extra=None, keep_value=0.0, outputs=(), length_of="q", q_rows="s"):
     """y = Softmax(q·kᵀ·0.5 + mask)·v with q, k, v [b, heads, s, 4] and the mask built from
-    positions as exporters do: Where(keep, 0, fill) or Where(masked, fill, 0)."""
-    nodes = [h.make_node("Shape", ["q"], ["shp"]),
+    positions as exporters do: Where(keep, 0, fill) or Where(masked, fill, 0). `extra`: a
+    further conjunct, "ones" (all-true, from the input's shape, as transformers exports) or
+    "strict" (j < i, which masks row 0 entirely); `outputs`: intermediate tensors also made
+    graph outputs; `length_of`: the tensor whose length the mask's Range takes."""
+    nodes = [h.make_node("Shape", [length_of], ["shp"]),
              h.make_node("Gather", ["shp", "two"], ["s"], axis=0),
              h.make_node("Range", ["zero_i", "s", "one"], ["pos"]),
              h.make_node("Unsqueeze", ["pos", "ax1"], ["rows"]),          # query index i, axis -2
@@ -38,12 +42,19 @@ def _attention(form="keep", fill=-np.inf, padding=False, anticausal=False, two_r
         cols = "pos2"
     a, b = (cols, "rows") if not anticausal else ("rows", cols)
     if form == "keep":
-        nodes.append(h.make_node("LessOrEqual", [a, b], ["cond"]))          # j <= i kept
-        vals = ["zf", "fill"]
+        nodes.append(h.make_node("LessOrEqual", [a, b], ["cond0" if extra else "cond"]))   # j <= i kept
+        if extra == "ones":
+            nodes += [h.make_node("Shape", ["cond0"], ["cshape"]),
+                      h.make_node("Expand", ["one", "cshape"], ["ones"]),
+                      h.make_node("Cast", ["ones"], ["ones_b"], to=T.BOOL),
+                      h.make_node("And", ["cond0", "ones_b"], ["cond"])]
+        elif extra == "strict":
+            nodes += [h.make_node("Less", [cols, "rows"], ["lt"]), h.make_node("And", ["cond0", "lt"], ["cond"])]
+        vals = ["keepv", "fill"]
     else:
         nodes.append(h.make_node("Greater", [a, b], ["cond"]))              # j > i masked
         vals = ["fill", "zf"]
-    inputs = [h.make_tensor_value_info(n, T.FLOAT, ["b", 2, "s", 4]) for n in "qkv"]
+    inputs = [h.make_tensor_value_info(n, T.FLOAT, ["b", 2, q_rows if n == "q" else "s", 4]) for n in "qkv"]
     if padding:
         inputs.append(h.make_tensor_value_info("attention_mask", T.BOOL, ["b", 1, 1, "s"]))
         op = "And" if form == "keep" else "Or"
@@ -60,8 +71,10 @@ def _attention(form="keep", fill=-np.inf, padding=False, anticausal=False, two_r
     inits = [nh.from_array(np.array(2, np.int64), "two"), nh.from_array(np.array(1, np.int64), "one"),
              nh.from_array(np.array(0, np.int64), "zero_i"), nh.from_array(np.array([1], np.int64), "ax1"),
              nh.from_array(np.array(0, np.float32), "zf"), nh.from_array(np.array(fill, np.float32), "fill"),
-             nh.from_array(np.array(0.5, np.float32), "half")]
-    g = h.make_graph(nodes, "attn", inputs, [h.make_tensor_value_info("y", T.FLOAT, ["b", 2, "s", 4])], inits)
+             nh.from_array(np.array(0.5, np.float32), "half"), nh.from_array(np.array(keep_value, np.float32), "keepv")]
+    outs = [h.make_tensor_value_info("y", T.FLOAT, ["b", 2, q_rows, 4])]
+    outs += [h.make_tensor_value_info(t, T.FLOAT, None) for t in outputs]
+    g = h.make_graph(nodes, "attn", inputs, outs, inits)
     return h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
 
 
@@ -146,14 +159,86 @@ def test_one_chunk_or_old_opset_is_a_no_op():
     assert split_causal_attention(m, 3)[1] == 0
 
 
-def test_bounds_come_from_the_mask_when_exported_shapes_prove_the_same_length():
-    m = _attention()
-    m.graph.value_info.append(h.make_tensor_value_info("mask", T.FLOAT, ["s", "s"]))
+def test_finite_fill_needs_the_other_conjuncts_proven_all_true():
+    """Regression (review): with float32 min a row masked everywhere goes uniform over all keys,
+    so a conjunct that can empty a row (here j < i empties row 0) must stop the rewrite."""
+    m = _attention(fill=F32_MIN, extra="strict")
+    assert split_causal_attention(_copy(m), 3)[1] == 0
+    m = _attention(fill=F32_MIN, extra="ones")         # ones expanded to a shape: provably true
     out, n = split_causal_attention(_copy(m), 3)
-    shapes = [x for x in out.graph.node if x.op_type == "Shape" and x.name.endswith("seq_Shape")]
-    assert n == 1 and [x.input[0] for x in shapes] == ["mask"]
+    assert n == 1
     _check_same(m, out, SHAPES)
-    m.graph.value_info[0].type.tensor_type.shape.dim[0].dim_param = "t"     # not provably equal
-    out, _ = split_causal_attention(_copy(m), 3)
-    shapes = [x for x in out.graph.node if x.op_type == "Shape" and x.name.endswith("seq_Shape")]
-    assert [x.input[0] for x in shapes] == ["q"]
+    m = _attention(fill=-np.inf, extra="strict")       # -inf: an empty row is NaN either way
+    out, n = split_causal_attention(_copy(m), 3)
+    assert n == 1
+    _check_same(m, out, SHAPES)
+
+
+def test_kept_value_must_be_zero():
+    """Regression (review): Where(keep, -1e38, -1e30) passed, and there the masked keys win."""
+    m = _attention(fill=-1e30, keep_value=-1e38)
+    assert split_causal_attention(_copy(m), 3)[1] == 0
+
+
+@pytest.mark.parametrize("out", ["p", "masked", "scores", "qk"])
+def test_intermediate_graph_outputs_are_left_alone(out):
+    """Regression (review): a softmax or scores tensor that is also a graph output was deleted."""
+    m = _attention(outputs=(out,))
+    before = m.SerializeToString()
+    res, n = split_causal_attention(m, 3)
+    assert n == 0 and res.SerializeToString() == before
+
+
+def test_mask_length_must_be_the_query_length():
+    """Regression (review): a mask built from the keys' length with one query row broadcasts to
+    one row per key; the split returned one row."""
+    m = _attention(length_of="k", q_rows="t")
+    assert split_causal_attention(_copy(m), 3)[1] == 0
+    m = _attention(length_of="k")                      # same symbolic length: proven, rewritten
+    out, n = split_causal_attention(_copy(m), 3)
+    assert n == 1
+    _check_same(m, out, SHAPES)
+
+
+def _two_blocks():
+    """Two attention blocks reading the same q: one causal, one causal and a window (j > i - 2)."""
+    m = _attention()
+    g = m.graph
+    extra = [h.make_node("Sub", ["rows", "two"], ["rows2"]),
+             h.make_node("Greater", ["pos", "rows2"], ["win"]),
+             h.make_node("And", ["cond", "win"], ["cond_w"]),
+             h.make_node("Where", ["cond_w", "zf", "fill"], ["mask_w"]),
+             h.make_node("Add", ["scores", "mask_w"], ["masked_w"]),
+             h.make_node("Softmax", ["masked_w"], ["p_w"], axis=-1),
+             h.make_node("MatMul", ["p_w", "v"], ["y_w"])]
+    g.node.extend(extra)
+    g.output.append(h.make_tensor_value_info("y_w", T.FLOAT, None))
+    return m
+
+
+def test_blocks_sharing_queries_keep_their_own_masks():
+    """Regression (review): bounds and mask slices were cached by q alone, so the second block
+    reused the first block's mask slices."""
+    m = _two_blocks()                                # scores has two readers: split by neither
+    assert split_causal_attention(_copy(m), 3)[1] == 0
+    m = _two_blocks()
+    g = m.graph                                      # give the window block its own scores
+    g.node.append(h.make_node("MatMul", ["q", "kt"], ["qk_w"]))
+    g.node.append(h.make_node("Mul", ["qk_w", "half"], ["scores_w"]))
+    for n in g.node:
+        if n.output[0] == "masked_w":
+            n.input[0] = "scores_w"
+    out, n = split_causal_attention(_copy(m), 3)
+    assert n == 2
+    assert sum(x.op_type == "Shape" and x.name.endswith("seq_Shape") for x in out.graph.node) == 1
+    _check_same(m, out, SHAPES)
+
+
+def test_new_names_avoid_unused_graph_inputs():
+    """Regression (review): an unread graph input named like a new constant collided with it."""
+    m = _attention()
+    m.graph.input.append(h.make_tensor_value_info("causal_zero", T.FLOAT, [1]))
+    out, n = split_causal_attention(_copy(m), 3)
+    assert n == 1
+    onnx.checker.check_model(out, full_check=True)
+    assert "causal_zero" not in {t.name for t in out.graph.initializer}

@@ -6,13 +6,9 @@ the keys it can see.
 Rows lo..hi-1 of O depend only on keys 0..hi-1: every later key is masked for them, so its
 exp() is exactly 0 in the softmax sum and contributes 0·v to O. With c chunks the two attention
 MatMuls do (c+1)/2c of the work (2/3 for c = 3); the result is the same function up to float
-summation order. The rewrite needs a proof that the mask is causal, read from the graph:
-M = Where(C, 0, -big) with -big <= -1e30, where C is an And-tree with a conjunct
-LessOrEqual(key index, query index) whose two indices are one Range(0, n, 1) unsqueezed onto
-the last and second-to-last axis (self-attention, no past). Every row keeps its diagonal when
-the other conjuncts depend on positions only (no input values), as for the NaN guards; when
-the mask reads an input (padding could mask a whole row, which -big turns into a uniform row)
-the attention is left alone unless -big is -inf.
+summation order. What must be proven from the graph (passes/causal_mask.py): the mask is causal,
+and queries, values and mask share one length. Nothing is rewritten whose intermediate tensors
+(scores, probabilities) are graph outputs.
 """
 from __future__ import annotations
 
@@ -22,9 +18,7 @@ from onnx import helper
 
 from ..consts import Consts
 from ..ir import consumers, producers, prune_dead_nodes, toposort, unique_name
-from .attention import depends_on_inputs
-
-BIG = -1e30
+from .causal_mask import Dims, causal_mask
 
 
 def split_causal_attention(model: onnx.ModelProto, chunks: int = 3,
@@ -35,18 +29,22 @@ def split_causal_attention(model: onnx.ModelProto, chunks: int = 3,
     if chunks < 2 or _opset(model) < 15:     # Shape(start, end) needs opset 15
         return model, 0
     prod, cons, c = producers(g), consumers(g), Consts(g)
-    inputs = {i.name for i in g.input} - set(c.inits)
+    outs = {o.name for o in g.output}
     names = set() if names is None else names
-    names.update({n for node in g.node for n in (*node.input, *node.output, node.name)} | set(c.inits))
-    b = _Builder(g, names, _dims(g))
+    names.update({n for node in g.node for n in (*node.input, *node.output, node.name)} | set(c.inits)
+                 | {v.name for v in (*g.input, *g.output, *g.value_info)})
+    b, dims = _Builder(g, names), Dims(model)
     dead: list[onnx.NodeProto] = []
     for sm in list(g.node):
-        found = _match(sm, prod, cons, c, inputs)
+        found = _match(sm, prod, cons, c, outs)
         if found is None:
             continue
         q, k, v, mask, post, nodes = found
-        q, k = _unscaled(q, prod, cons, c, nodes), _unscaled(k, prod, cons, c, nodes)
-        b.chunked(q, k, v, mask, post, nodes[-1].output[0], chunks, sm.name or sm.output[0])
+        n = dims.length(q, v, mask)
+        if n is None:
+            continue
+        q, k = _unscaled(q, prod, cons, c, nodes, outs), _unscaled(k, prod, cons, c, nodes, outs)
+        b.chunked(q, k, v, mask, post, nodes[-1].output[0], chunks, sm.name or sm.output[0], n)
         dead.extend(nodes)
     if not dead:
         return model, 0
@@ -59,12 +57,13 @@ def split_causal_attention(model: onnx.ModelProto, chunks: int = 3,
     return model, sum(n.op_type == "Softmax" for n in dead)
 
 
-def _unscaled(t: str, prod: dict, cons: dict, c: Consts, dead: list) -> tuple[str, str | None]:
+def _unscaled(t: str, prod: dict, cons: dict, c: Consts, dead: list, outs: set[str]
+              ) -> tuple[str, str | None]:
     """(x, s) when `t` = Mul(x, scalar constant s) read only here: each chunk then slices x and
     scales its slice, which onnxruntime folds into the MatMul (FusedMatMul alpha)."""
     n = prod.get(t)
     x, s = _scalar_mul(n, c)
-    if x is not None and len(cons.get(t, [])) == 1:
+    if x is not None and len(cons.get(t, [])) == 1 and t not in outs:
         dead.insert(0, n)
         return x, s
     return t, None
@@ -74,16 +73,7 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _dims(g: onnx.GraphProto) -> dict[str, list]:
-    out = {}
-    for vi in (*g.value_info, *g.input, *g.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            out[vi.name] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
-    return out
-
-
-def _match(sm: onnx.NodeProto, prod: dict, cons: dict, c: Consts, inputs: set[str]):
+def _match(sm: onnx.NodeProto, prod: dict, cons: dict, c: Consts, outs: set[str]):
     """Softmax(scores + causal mask) read only by MatMul(P, V); scores = MatMul(q, k), maybe
     times a scalar. Returns (q, k, v, mask, post-scale, nodes replaced) or None."""
     if sm.op_type != "Softmax" or _axis(sm) != -1:
@@ -93,19 +83,20 @@ def _match(sm: onnx.NodeProto, prod: dict, cons: dict, c: Consts, inputs: set[st
     if add is None or add.op_type != "Add" or len(readers) != 1 or readers[0].op_type != "MatMul":
         return None
     pv = readers[0]
-    if pv.input[0] != sm.output[0] or len(cons.get(add.output[0], [])) != 1:
+    if pv.input[0] != sm.output[0] or len(cons.get(add.output[0], [])) != 1 \
+            or {add.output[0], sm.output[0]} & outs:
         return None
     for s_idx in (0, 1):
         scores, mask = add.input[s_idx], add.input[1 - s_idx]
         nodes = [add, sm, pv]
         mm, post = prod.get(scores), None
         x, scale = _scalar_mul(mm, c)
-        if x is not None and len(cons.get(scores, [])) == 1:
+        if x is not None and len(cons.get(scores, [])) == 1 and scores not in outs:
             nodes.insert(0, mm)
             scores, mm, post = x, prod.get(x), scale
-        if mm is None or mm.op_type != "MatMul" or len(cons.get(scores, [])) != 1:
+        if mm is None or mm.op_type != "MatMul" or len(cons.get(scores, [])) != 1 or scores in outs:
             continue
-        if _causal(mask, prod, c, inputs):
+        if causal_mask(mask, prod, c):
             return mm.input[0], mm.input[1], pv.input[1], mask, post, nodes
     return None
 
@@ -127,76 +118,15 @@ def _axis(n: onnx.NodeProto) -> int:
     return -1
 
 
-# a leaf comparison that keeps key j <= query i (And-tree, keep form) or masks j > i (Or-tree)
-_KEEP = {"LessOrEqual": (-1, -2), "GreaterOrEqual": (-2, -1)}
-_MASK = {"Greater": (-1, -2), "Less": (-2, -1)}
-
-
-def _causal(mask: str, prod: dict, c: Consts, inputs: set[str]) -> bool:
-    """Where(keep, 0, -big) with keep an And-tree holding j <= i, or Where(masked, -big, 0)
-    with masked an Or-tree holding j > i; i, j index one Range along axes -2 and -1."""
-    w = prod.get(mask)
-    if w is None or w.op_type != "Where":
-        return False
-    a, b = c.get(w.input[1]), c.get(w.input[2])
-    if a is None or b is None or a.size != 1 or b.size != 1:
-        return False
-    a, b = float(a.reshape(-1)[0]), float(b.reshape(-1)[0])
-    if np.isfinite(a) and b <= BIG:
-        fill, tree, leaves = b, "And", _KEEP
-    elif np.isfinite(b) and a <= BIG:
-        fill, tree, leaves = a, "Or", _MASK
-    else:
-        return False
-    if np.isfinite(fill) and depends_on_inputs(w.input[0], prod, inputs):
-        return False                          # a padded-out row would turn uniform, not stay -big
-    todo = [w.input[0]]
-    while todo:
-        n = prod.get(todo.pop())
-        if n is None:
-            continue
-        if n.op_type == tree:
-            todo.extend(n.input)
-        elif n.op_type in leaves:
-            ax0, ax1 = leaves[n.op_type]
-            r = _index(n.input[0], prod, c, ax0)
-            if r is not None and r == _index(n.input[1], prod, c, ax1):
-                return True
-    return False
-
-
-def _index(t: str, prod: dict, c: Consts, want: int = -1):
-    """The Range node when `t` is Range(0, n, 1) unsqueezed so that it runs along axis `want`."""
-    axes_after = []
-    n = prod.get(t)
-    while n is not None and n.op_type == "Unsqueeze":
-        ax = c.get(n.input[1]) if len(n.input) > 1 else None
-        if ax is None:
-            return None
-        axes_after.append(ax.reshape(-1).astype(int).tolist())
-        n = prod.get(n.input[0])
-    if n is None or n.op_type != "Range":
-        return None
-    start, delta = c.get(n.input[0]), c.get(n.input[2])
-    if start is None or delta is None or start.reshape(-1)[0] != 0 or delta.reshape(-1)[0] != 1:
-        return None
-    rank, pos = 1, 0                       # where the range runs, counted from the front
-    for axes in reversed(axes_after):
-        rank += len(axes)
-        for a in sorted(x % rank for x in axes):
-            if a <= pos:
-                pos += 1
-    return n.output[0] if pos - rank == want else None
-
-
 class _Builder:
-    """Emits the chunked attention; the chunk bounds and mask slices are shared by every block
-    whose queries provably have the mask's length (same symbolic dim in the exported shapes)."""
+    """Emits the chunked attention. Blocks whose length is the same symbolic dim share the chunk
+    bounds, and those reading the same mask share its slices too."""
 
-    def __init__(self, g: onnx.GraphProto, names: set[str], dims: dict[str, list]):
-        self.g, self.names, self.dims = g, names, dims
+    def __init__(self, g: onnx.GraphProto, names: set[str]):
+        self.g, self.names = g, names
         self.nodes: list[onnx.NodeProto] = []
-        self.shared: dict[str, tuple] = {}
+        self.bounds: dict = {}
+        self.masks: dict = {}
         self.zero = self.ax_q = self.ax_k = self.ax_m = ""
 
     def name(self, s: str) -> str:
@@ -212,39 +142,34 @@ class _Builder:
         self.nodes.append(helper.make_node(op, ins, [o], name=self.name(f"{s}_{op}"), **attrs))
         return o
 
-    def _same_rows(self, q: str, mask: str) -> bool:
-        dq, dm = self.dims.get(q), self.dims.get(mask)
-        return bool(dq and dm and len(dq) >= 2 and len(dm) >= 2 and dq[-2] == dm[-2]
-                    and dq[-2] not in (None, 0, 1, ""))
-
-    def _bounds(self, q: str, mask: str, chunks: int, base: str) -> tuple[list[str], list[str]]:
-        """(row bounds, mask slices); from the mask when it provably has the queries' length."""
-        key = mask if self._same_rows(q, mask) else q
-        if key in self.shared:
-            return self.shared[key]
+    def _bounds(self, q: str, mask: str, chunks: int, base: str, n) -> tuple[list[str], list[str]]:
+        """(row bounds, mask slices) for length `n` (q's rows, proven equal to the mask's)."""
         if not self.zero:
             self.zero = self.const("causal_zero", [0])
             self.ax_q, self.ax_k = self.const("causal_axis_rows", [-2]), self.const("causal_axis_cols", [-1])
             self.ax_m = self.const("causal_axes_mask", [-2, -1])
-        seq = self.node("Shape", [key], f"{base}_seq", start=-2, end=-1)
-        bounds = [self.zero]
-        for i in range(1, chunks):
-            scaled = self.node("Mul", [seq, self.const(f"{base}_num{i}", [i])], f"{base}_seq{i}")
-            bounds.append(self.node("Div", [scaled, self.const(f"{base}_den{i}", [chunks])], f"{base}_b{i}"))
-        bounds.append(seq)
-        masks = []
-        for i in range(chunks):
-            lo = self.node("Concat", [bounds[i], self.zero], f"{base}_mlo{i}", axis=0)
-            hi = self.node("Concat", [bounds[i + 1], bounds[i + 1]], f"{base}_mhi{i}", axis=0)
-            masks.append(self.node("Slice", [mask, lo, hi, self.ax_m], f"{base}_mask{i}"))
-        self.shared[key] = bounds, masks
-        return bounds, masks
+        if n not in self.bounds:
+            seq = self.node("Shape", [q], f"{base}_seq", start=-2, end=-1)
+            bounds = [self.zero]
+            for i in range(1, chunks):
+                scaled = self.node("Mul", [seq, self.const(f"{base}_num{i}", [i])], f"{base}_seq{i}")
+                bounds.append(self.node("Div", [scaled, self.const(f"{base}_den{i}", [chunks])], f"{base}_b{i}"))
+            self.bounds[n] = bounds + [seq]
+        bounds = self.bounds[n]
+        if (n, mask) not in self.masks:
+            masks = []
+            for i in range(chunks):
+                lo = self.node("Concat", [bounds[i], self.zero], f"{base}_mlo{i}", axis=0)
+                hi = self.node("Concat", [bounds[i + 1], bounds[i + 1]], f"{base}_mhi{i}", axis=0)
+                masks.append(self.node("Slice", [mask, lo, hi, self.ax_m], f"{base}_mask{i}"))
+            self.masks[(n, mask)] = masks
+        return bounds, self.masks[(n, mask)]
 
     def chunked(self, q: tuple[str, str | None], k: tuple[str, str | None], v: str, mask: str,
-                post: str | None, out: str, chunks: int, base: str) -> None:
+                post: str | None, out: str, chunks: int, base: str, n) -> None:
         base = base.strip("/").replace("/", "_")
         (q, q_scale), (k, k_scale) = q, k
-        bounds, masks = self._bounds(q, mask, chunks, base)
+        bounds, masks = self._bounds(q, mask, chunks, base, n)
         parts = []
         for i in range(chunks):
             lo, hi = bounds[i], bounds[i + 1]
