@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .data import batches, check_data
 from .errors import GraphpassError
-from .ir import _all_inputs, load_model, save_model
+from .ir import _all_inputs, load_model, opset_version, save_model
 from .patterns import analyze
 from .runtime import make_session
 from .stats import Stats
@@ -32,10 +32,6 @@ def calibration_targets(model: onnx.ModelProto, base_dir: str | None = None) -> 
     return {lin.act: int(lin.shape(an.consts)[0]) for lin in an.linears}
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-
-
 def add_reductions(model: onnx.ModelProto, targets: list[str], row_step: int = 0) -> list[str]:
     """Replace the graph outputs by per-channel min/max of each target; returns output names.
 
@@ -43,7 +39,7 @@ def add_reductions(model: onnx.ModelProto, targets: list[str], row_step: int = 0
     (samples of X for the per-site alpha search) as a third output; o is the graph input
     `gp_calib_start`.
     """
-    g, new18 = model.graph, _opset(model) >= 18
+    g, new18 = model.graph, opset_version(model) >= 18
     axes = "gp_calib_axes0"
     g.initializer.append(helper.make_tensor(axes, onnx.TensorProto.INT64, [1], [0]))
     if row_step:

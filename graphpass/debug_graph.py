@@ -26,7 +26,7 @@ from .calibrate import _prune
 from .debug_gains import weight_gains
 from .debug_weights import WeightFolder, move_initializers, shared_weights
 from .errors import GraphpassError
-from .ir import input_specs, load_model, producers
+from .ir import input_specs, load_model, opset_version, producers
 from .linears import label
 from .patterns import analyze
 
@@ -207,16 +207,12 @@ def _scratch(g: onnx.GraphProto, build) -> onnx.GraphProto:
     return h
 
 
-def _opset(m: onnx.ModelProto) -> int:
-    return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
-
-
 def build_merged(ref_path: Path, cand_path: Path, local: bool = True) -> Merged:
     ref = load_model(ref_path, load_weights=False)
     cand = load_model(cand_path, load_weights=False)
-    if _opset(ref) != _opset(cand):
-        raise GraphpassError(f"{cand_path}: opset {_opset(cand)} differs from the reference's {_opset(ref)}; "
-                             "debug needs both graphs at one opset")
+    if opset_version(ref) != opset_version(cand):
+        raise GraphpassError(f"{cand_path}: opset {opset_version(cand)} differs from the reference's "
+                             f"{opset_version(ref)}; debug needs both graphs at one opset")
     ref_in = {s.name for s in input_specs(ref)}
     missing = [s.name for s in input_specs(cand) if s.name not in ref_in]
     if missing:
@@ -224,7 +220,7 @@ def build_merged(ref_path: Path, cand_path: Path, local: bool = True) -> Merged:
     pairs, unmatched, an = match_layers(ref, cand, str(ref_path.parent.resolve()))
     if not pairs:
         raise GraphpassError(f"{cand_path}: no linear layer output of the reference is found by name")
-    g, opset = onnx.GraphProto(name="graphpass_debug"), _opset(ref)
+    g, opset = onnx.GraphProto(name="graphpass_debug"), opset_version(ref)
     g.input.extend(i for i in ref.graph.input if i.name in ref_in)
     g.node.extend(ref.graph.node)
     g.value_info.extend(ref.graph.value_info)

@@ -56,9 +56,14 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
     return model
 
 
+def opset_version(model: onnx.ModelProto, default: int | None = 13) -> int | None:
+    """The default-domain opset the model imports (`default` when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default)
+
+
 def _check_supported(model: onnx.ModelProto, p: Path) -> None:
     """Refuse, on one line, what graphpass cannot rewrite: old opsets, float16 graphs, invalid graphs."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = opset_version(model, None)
     if opset is not None and opset < MIN_OPSET:
         raise GraphpassError(f"{p}: opset {opset} is older than {MIN_OPSET}; convert it first "
                              f"(onnx.version_converter.convert_version(model, 17))")

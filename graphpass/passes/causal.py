@@ -17,8 +17,10 @@ import onnx
 from onnx import helper
 
 from ..consts import Consts
-from ..ir import consumers, producers, prune_dead_nodes, toposort, unique_name
+from ..ir import consumers, opset_version, producers, prune_dead_nodes, toposort
+from ..linears import _attr
 from .causal_mask import Dims, causal_mask
+from .qforms import Emitter
 
 
 def split_causal_attention(model: onnx.ModelProto, chunks: int = 3,
@@ -26,14 +28,14 @@ def split_causal_attention(model: onnx.ModelProto, chunks: int = 3,
     """Returns (model, attention blocks rewritten). `names`: a name table to share with later
     passes (new names are added to it)."""
     g = model.graph
-    if chunks < 2 or _opset(model) < 15:     # Shape(start, end) needs opset 15
+    if chunks < 2 or opset_version(model, 0) < 15:     # Shape(start, end) needs opset 15
         return model, 0
     prod, cons, c = producers(g), consumers(g), Consts(g)
     outs = {o.name for o in g.output}
     names = set() if names is None else names
     names.update({n for node in g.node for n in (*node.input, *node.output, node.name)} | set(c.inits)
                  | {v.name for v in (*g.input, *g.output, *g.value_info)})
-    b, dims = _Builder(g, names), Dims(model)
+    b, dims = _Builder(Emitter(g, opset_version(model), names)), Dims(model)
     dead: list[onnx.NodeProto] = []
     for sm in list(g.node):
         found = _match(sm, prod, cons, c, outs)
@@ -51,7 +53,7 @@ def split_causal_attention(model: onnx.ModelProto, chunks: int = 3,
     ids = {id(n) for n in dead}
     keep = [n for n in g.node if id(n) not in ids]
     g.ClearField("node")
-    g.node.extend(keep + b.nodes)
+    g.node.extend(keep + b.e.nodes)
     toposort(g)
     prune_dead_nodes(g)                      # the full-size scores MatMul
     return model, sum(n.op_type == "Softmax" for n in dead)
@@ -69,14 +71,10 @@ def _unscaled(t: str, prod: dict, cons: dict, c: Consts, dead: list, outs: set[s
     return t, None
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _match(sm: onnx.NodeProto, prod: dict, cons: dict, c: Consts, outs: set[str]):
     """Softmax(scores + causal mask) read only by MatMul(P, V); scores = MatMul(q, k), maybe
     times a scalar. Returns (q, k, v, mask, post-scale, nodes replaced) or None."""
-    if sm.op_type != "Softmax" or _axis(sm) != -1:
+    if sm.op_type != "Softmax" or _attr(sm, "axis", -1) != -1:
         return None
     add = prod.get(sm.input[0])
     readers = cons.get(sm.output[0], [])
@@ -111,36 +109,21 @@ def _scalar_mul(n: onnx.NodeProto | None, c: Consts) -> tuple[str | None, str | 
     return None, None
 
 
-def _axis(n: onnx.NodeProto) -> int:
-    for a in n.attribute:
-        if a.name == "axis":
-            return a.i
-    return -1
-
-
 class _Builder:
     """Emits the chunked attention. Blocks whose length is the same symbolic dim share the chunk
     bounds, and those reading the same mask share its slices too."""
 
-    def __init__(self, g: onnx.GraphProto, names: set[str]):
-        self.g, self.names = g, names
-        self.nodes: list[onnx.NodeProto] = []
+    def __init__(self, e: Emitter):
+        self.e = e
         self.bounds: dict = {}
         self.masks: dict = {}
         self.zero = self.ax_q = self.ax_k = self.ax_m = ""
 
-    def name(self, s: str) -> str:
-        return unique_name(s, self.names)
-
     def const(self, s: str, value) -> str:
-        n = self.name(s)
-        self.g.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.int64), n))
-        return n
+        return self.e.const(s, np.array(value, np.int64))
 
     def node(self, op: str, ins: list[str], s: str, **attrs) -> str:
-        o = self.name(s)
-        self.nodes.append(helper.make_node(op, ins, [o], name=self.name(f"{s}_{op}"), **attrs))
-        return o
+        return self.e.node(op, ins, s, **attrs)[0]
 
     def _bounds(self, q: str, mask: str, chunks: int, base: str, n) -> tuple[list[str], list[str]]:
         """(row bounds, mask slices) for length `n` (q's rows, proven equal to the mask's)."""
@@ -185,4 +168,4 @@ class _Builder:
                 si = self.node("Mul", [si, post], f"{base}_ss{i}")
             pi = self.node("Softmax", [self.node("Add", [si, masks[i]], f"{base}_a{i}")], f"{base}_p{i}", axis=-1)
             parts.append(self.node("MatMul", [pi, vi], f"{base}_o{i}"))
-        self.nodes.append(helper.make_node("Concat", parts, [out], name=self.name(f"{base}_Concat"), axis=-2))
+        self.e.nodes.append(helper.make_node("Concat", parts, [out], name=self.e.name(f"{base}_Concat"), axis=-2))

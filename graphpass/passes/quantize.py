@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from ..consts import Consts
 from ..errors import GraphpassError
-from ..ir import consumers, prune_dead_nodes, prune_initializers, toposort
+from ..ir import consumers, opset_version, prune_dead_nodes, prune_initializers, toposort
 from ..linears import Linear, _attr
 from ..patterns import analyze
 from .qforms import (MS, Emitter, emit_dynamic, emit_static, emit_static_fused, emit_token, quantize_weight,
@@ -67,7 +67,7 @@ def quantize(model: onnx.ModelProto, config: QuantConfig,
     an = analyze(model, base_dir, consts)
     names = {lin.name for lin in an.linears}   # uncovered-by-smoothing layers still get quantized
     c, rep = an.consts, QuantReport(skipped=[u for u in an.uncovered if u[0] not in names])
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = opset_version(model)
     e = Emitter(g, opset, c._names)   # one name table for the constant table and the emitter
     tables = _quantize_tables(g, c, e) if config.embedding_int8 else {}
     rep.tables = sorted(tables)
