@@ -11,7 +11,6 @@ Always, per output: max |ref - cand| and mean |ref - cand|.
 from __future__ import annotations
 
 import hashlib
-
 import json
 import os
 import tempfile
@@ -115,21 +114,21 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
     with tempfile.TemporaryDirectory(prefix="graphpass-eval-") as tmp:
         # One graph at a time: the reference's outputs wait on disk, so peak memory is that of the
         # larger session, not of both (a 2.4 GB model and its smoothed copy would need 2x).
-        tmp = Path(ref_cache) if ref_cache is not None else Path(tmp)
+        ref_dir = Path(ref_cache) if ref_cache is not None else Path(tmp)
         key = _reference_key(reference, data, batch_size, outs)
-        if not (tmp / "key.txt").is_file() or (tmp / "key.txt").read_text() != key:
-            tmp.mkdir(parents=True, exist_ok=True)
-            (tmp / "key.txt").unlink(missing_ok=True)
+        if not (ref_dir / "key.txt").is_file() or (ref_dir / "key.txt").read_text() != key:
+            ref_dir.mkdir(parents=True, exist_ok=True)
+            (ref_dir / "key.txt").unlink(missing_ok=True)
             sess = make_session(reference, threads)
             for k, b in enumerate(tqdm(bs, desc="eval reference", unit="batch", disable=None if progress else True)):
                 for i, v in enumerate(sess.run(outs, b)):
-                    np.save(tmp / f"{k}-{i}.npy", v)
+                    np.save(ref_dir / f"{k}-{i}.npy", v)
             sess = None
-            (tmp / "key.txt").write_text(key)
+            (ref_dir / "key.txt").write_text(key)
         sess = make_session(candidate, threads)
         for k, b in enumerate(tqdm(bs, desc="eval candidate", unit="batch", disable=None if progress else True)):
             c = sess.run(outs, b)
-            r = [np.load(tmp / f"{k}-{i}.npy", mmap_mode="r") for i in range(len(outs))]
+            r = [np.load(ref_dir / f"{k}-{i}.npy", mmap_mode="r") for i in range(len(outs))]
             _compare(st, kind, outs, b, r, c)
             del r
     return _summary(st.s, kind, n, outs)

@@ -49,12 +49,12 @@ def _positional_mask(softmax: onnx.NodeProto, prod: dict, inputs: set[str]) -> b
     add = prod.get(softmax.input[0])
     if add is None or add.op_type != "Add":
         return False
-    return any(not depends_on_inputs(mask, prod, inputs, stop_at_matmul=True) for mask in add.input)
+    return any(not _reads_values(mask, prod, inputs) for mask in add.input)
 
 
-def depends_on_inputs(t: str, prod: dict, inputs: set[str], stop_at_matmul: bool = False) -> bool:
-    """True when `t` reads the values (not only the shapes) of a graph input. With
-    `stop_at_matmul`, reaching a MatMul counts too (it marks the attention scores)."""
+def _reads_values(t: str, prod: dict, inputs: set[str]) -> bool:
+    """True when `t` reads the values (not only the shapes) of a graph input, or comes from a
+    MatMul (the operand holding the scores)."""
     todo, seen = [t], set()
     while todo:
         t = todo.pop()
@@ -65,7 +65,7 @@ def depends_on_inputs(t: str, prod: dict, inputs: set[str], stop_at_matmul: bool
             return True
         n = prod.get(t)
         if n is not None and n.op_type not in ("Shape", "Size"):
-            if stop_at_matmul and n.op_type == "MatMul":
+            if n.op_type == "MatMul":
                 return True
             todo.extend(i for i in n.input if i)
     return False
