@@ -500,6 +500,16 @@ def _quiet(argv: list) -> tuple[int, str]:
     return rc, err.getvalue()
 
 
+def _corrupted_copy(tiny, tmp_path, name: str, edits):
+    """(a fresh folder, the file `name` of `tiny` copied into it with `edits` applied)."""
+    d = tmp_path / "c"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    bad = d / name
+    bad.write_bytes(_corrupt((tiny / name).read_bytes(), edits))
+    return d, bad
+
+
 def _exit_0_or_one_line(rc: int, err: str) -> None:
     assert rc in (0, 2), (rc, err)
     if rc == 2:
@@ -511,11 +521,7 @@ def _exit_0_or_one_line(rc: int, err: str) -> None:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edits=EDITS)
 def test_corrupted_model_bytes_never_give_a_traceback(tiny, tmp_path, edits):
-    d = tmp_path / "c"
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
-    bad = d / "model.onnx"
-    bad.write_bytes(_corrupt((tiny / "model.onnx").read_bytes(), edits))
+    d, bad = _corrupted_copy(tiny, tmp_path, "model.onnx", edits)
     for argv in (["inspect", bad, "--stats", tiny / "stats.npz"],
                  ["calibrate", bad, "--data", tiny / "data.npz", "-o", d / "s.npz"],
                  ["quantize", bad, "--no-smooth", "--scheme", "dynamic", "-o", d / "q.onnx"]):
@@ -527,11 +533,7 @@ def test_corrupted_model_bytes_never_give_a_traceback(tiny, tmp_path, edits):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edits=EDITS)
 def test_corrupted_stats_bytes_never_give_a_traceback(tiny, tmp_path, edits):
-    d = tmp_path / "c"
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
-    bad = d / "stats.npz"
-    bad.write_bytes(_corrupt((tiny / "stats.npz").read_bytes(), edits))
+    d, bad = _corrupted_copy(tiny, tmp_path, "stats.npz", edits)
     for argv in (["inspect", tiny / "model.onnx", "--stats", bad],
                  ["smooth", tiny / "model.onnx", "--stats", bad, "-o", d / "m.onnx"],
                  ["calibrate", "--merge", bad, bad, "-o", d / "merged.npz"]):
