@@ -12,16 +12,16 @@ from pathlib import Path
 
 import onnx
 
-from .errors import GraphpassError
-from .ir import load_model, model_size, save_model
-from .passes.attention import drop_softmax_nan_guards
-from .passes.causal import split_causal_attention
-from .passes.quantize import QuantConfig, QuantReport
-from .passes.quantize import quantize as quantize_pass
-from .passes.smooth import SmoothConfig, SmoothReport
-from .passes.smooth import smooth as smooth_pass
-from .patterns import analyze
-from .smoothing import check_alpha
+from graphpass.errors import GraphpassError
+from graphpass.graph.io import load_model, model_size, save_model
+from graphpass.passes.attention import drop_softmax_nan_guards
+from graphpass.passes.causal import split_causal_attention
+from graphpass.passes.quantize import QuantConfig, QuantReport
+from graphpass.passes.quantize import quantize as quantize_pass
+from graphpass.passes.smooth import SmoothConfig, SmoothReport
+from graphpass.passes.smooth import smooth as smooth_pass
+from graphpass.match.sites import analyze
+from graphpass.passes.smooth_checked import check_alpha
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     `stats`: calibration stats computed earlier for this model (graphpass.budget re-quantizes
     with them); calibration is then skipped and `data` is not read.
     """
-    from .calibrate import calibrate
+    from graphpass.calibrate.collect import calibrate
 
     src, res = Path(model), PipelineResult(Path(output))
     needs_stats = (config.alpha is not None or config.scheme == "static") and stats is None
@@ -135,7 +135,7 @@ def _smooth(m: onnx.ModelProto, base: str, stats, config: PipelineConfig, res: P
             raise GraphpassError(f"no smoothing site named '{key}' (see graphpass inspect)")
     alpha = 0.5 if config.alpha == "auto" else float(config.alpha)
     if config.alpha == "auto":
-        from .alpha import search_alpha
+        from graphpass.search.alpha import search_alpha
 
         chosen, _ = search_alpha(an, stats, config.scheme, progress=progress)
         overrides = {**dict(config.site_alpha), **{k: v for k, v in chosen.items()

@@ -1,4 +1,4 @@
-"""Write a tiny synthetic transformer (graphpass.synthetic) with injected activation outliers.
+"""Write a tiny synthetic transformer (graphpass.testing.synthetic) with injected activation outliers.
 
     python models/tiny.py --kind {prenorm,llama,postln} --out DIR [--layers N --hidden H --seed S]
 
@@ -18,8 +18,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from graphpass.ir import save_model
-from graphpass.synthetic import (RMS_FORMS, SyntheticConfig, build_llama, build_postln_encoder,
+from graphpass.graph.io import save_model
+from graphpass.testing.synthetic import (RMS_FORMS, SyntheticConfig, build_llama, build_postln_encoder,
                                  build_prenorm_decoder)
 
 KINDS = {

@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphpass.cli import main
-from graphpass.ir import save_model
-from graphpass.synthetic import (SyntheticConfig, build_llama, build_postln_encoder,
+from graphpass.cli.main import main
+from graphpass.graph.io import save_model
+from graphpass.testing.synthetic import (SyntheticConfig, build_llama, build_postln_encoder,
                                  build_prenorm_decoder, random_inputs)
 
 CFG = SyntheticConfig()  # 2 layers, hidden 64, 4 heads (2 kv heads for Llama), ffn 128, vocab 256
@@ -90,7 +90,7 @@ def ort_runs(m: onnx.ModelProto) -> bool:
 
 # ---------------------------------------------------------------------------- CLI helpers
 def invoke(argv: list[str]) -> int:
-    """graphpass.cli.main, with argparse's SystemExit turned into its status."""
+    """graphpass.cli.main.main, with argparse's SystemExit turned into its status."""
     try:
         return main([str(a) for a in argv])
     except SystemExit as e:
@@ -181,7 +181,7 @@ def synth(tmp_path_factory):
 @pytest.fixture(scope="session")
 def calibrated(synth):
     """calibrated(variant) -> Stats of the variant over its data.npz (cached)."""
-    from graphpass.calibrate import calibrate
+    from graphpass.calibrate.collect import calibrate
 
     cache = {}
 

@@ -1,4 +1,4 @@
-"""Per-site alpha search (graphpass.alpha): the chosen alpha is in the grid and minimizes the
+"""Per-site alpha search (graphpass.search.alpha): the chosen alpha is in the grid and minimizes the
 documented error, recomputed here in plain numpy; fake_quant_act matches numpy and onnxruntime."""
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import make_model, node, run
-from graphpass.alpha import GRID, fake_quant_act, fake_quant_weight, search_alpha
-from graphpass.calibrate import calibrate
-from graphpass.ir import load_model
+from graphpass.search.alpha import GRID, fake_quant_act, fake_quant_weight, search_alpha
+from graphpass.calibrate.collect import calibrate
+from graphpass.graph.io import load_model
 from graphpass.passes.qforms import quantize_weight, static_qparams
 from graphpass.passes.smooth import site_scales
-from graphpass.patterns import analyze
+from graphpass.match.sites import analyze
 
 ROW_STEP = 4  # calibration keeps every 4th token row: 16 rows per llama site
 ERR_RTOL = 1e-2  # search's error vs the numpy recomputation (float32 vs float64: one value

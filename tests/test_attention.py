@@ -6,7 +6,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from graphpass.passes.attention import drop_softmax_nan_guards
-from graphpass.runtime import make_session
+from graphpass.graph.runtime import make_session
 
 EXACT = 0.0   # removing an inert guard changes no bit
 
@@ -73,7 +73,7 @@ def test_guard_kept_when_a_padding_mask_can_empty_a_row():
 
 
 def test_graph_without_guards_is_unchanged():
-    from graphpass.synthetic import SyntheticConfig, build_llama
+    from graphpass.testing.synthetic import SyntheticConfig, build_llama
 
     m = build_llama(SyntheticConfig(layers=1))
     before = m.SerializeToString()

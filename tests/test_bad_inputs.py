@@ -26,8 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import (EXACT_RTOL, cli_ok, invoke, make_model, max_rel_err, node, norm_nodes, run,
                       write_folder)
-from graphpass.patterns import analyze
-from graphpass.synthetic import SyntheticConfig, build_prenorm_decoder, random_inputs
+from graphpass.match.sites import analyze
+from graphpass.testing.synthetic import SyntheticConfig, build_prenorm_decoder, random_inputs
 from test_cli_errors import _bad_model
 
 QUANT_REL_MAX = 0.05   # max |y_q - y| / max |y| of a W8A8 block on these small float graphs
@@ -464,7 +464,7 @@ TINY = SyntheticConfig(layers=1, hidden=16, heads=2, kv_heads=1, ffn=32, vocab=1
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A small model (mostly graph structure, little weight data), its data and its stats."""
-    from graphpass.calibrate import calibrate
+    from graphpass.calibrate.collect import calibrate
 
     d = tmp_path_factory.mktemp("tiny")
     m = build_prenorm_decoder(TINY)

@@ -11,12 +11,12 @@ import onnx
 import pytest
 
 from conftest import cli_error, cli_ok
-from graphpass.budget import Budget, escape, quantize_within_budget, split_holdout
-from graphpass.debug import debug
+from graphpass.search.budget import Budget, escape, quantize_within_budget, split_holdout
+from graphpass.validate.debug import debug
 from graphpass.errors import GraphpassError
-from graphpass.evaluate import evaluate
+from graphpass.validate.evaluate import evaluate
 from graphpass.pipeline import PipelineConfig
-from graphpass.synthetic import random_inputs
+from graphpass.testing.synthetic import random_inputs
 
 TIGHTER = 0.5      # the budget: half the KL plain token quantization reaches on the held-out data
 N_LAYERS = 14      # quantized linear layers of the tiny llama (its tied LM head stays float)

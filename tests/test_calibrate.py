@@ -1,15 +1,15 @@
-"""Streaming calibration (graphpass.calibrate) and stats files (graphpass.stats)."""
+"""Streaming calibration (graphpass.calibrate.collect) and stats files (graphpass.calibrate.stats)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from conftest import cli_error, cli_ok, copy_model, make_model, node, run, write_folder
-from graphpass.calibrate import add_reductions, calibrate, calibration_targets
+from graphpass.calibrate.collect import add_reductions, calibrate, calibration_targets
 from graphpass.errors import GraphpassError
-from graphpass.ir import save_model
-from graphpass.patterns import analyze
-from graphpass.stats import META_KEY, Stats
+from graphpass.graph.io import save_model
+from graphpass.match.sites import analyze
+from graphpass.calibrate.stats import META_KEY, Stats
 
 STATS_RTOL = 1e-6  # |stats - numpy| / max|x| per tensor: onnxruntime may fuse differently per graph
 

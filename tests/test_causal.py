@@ -9,8 +9,8 @@ from onnx import numpy_helper as nh
 
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
-from graphpass.runtime import make_session
-from graphpass.synthetic import SyntheticConfig, build_llama
+from graphpass.graph.runtime import make_session
+from graphpass.testing.synthetic import SyntheticConfig, build_llama
 
 REL = 1e-5      # max |a - b| / max |a|: float summation order only
 F32_MIN = float(np.finfo(np.float32).min)

@@ -1,4 +1,4 @@
-"""Model I/O (graphpass.ir) and the one-line errors of every command: exit 2, one stderr line,
+"""Model I/O (graphpass.graph.io) and the one-line errors of every command: exit 2, one stderr line,
 no output file."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 from conftest import cli_error, cli_ok, inits
 from graphpass.errors import GraphpassError
-from graphpass.ir import load_model, save_model
+from graphpass.graph.io import load_model, save_model
 
 
 def _external_copy(tmp_path, model) -> tuple:

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 from tokenizers import Tokenizer
 
 from conftest import cli_error, cli_ok, make_model, node, write_folder
-from graphpass.data import build_data, check_data, load_data, save_data
+from graphpass.calibrate.data import build_data, check_data, load_data, save_data
 from graphpass.errors import GraphpassError
 
 SEQ, SAMPLES = 16, 5

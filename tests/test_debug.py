@@ -10,10 +10,10 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import cli_error, cli_ok, write_folder
-from graphpass.debug import debug
-from graphpass.debug_graph import PREFIX, build_merged
-from graphpass.debug_weights import INLINE_BYTES
-from graphpass.ir import producers
+from graphpass.validate.debug import debug
+from graphpass.validate.debug_graph import PREFIX, build_merged
+from graphpass.validate.debug_weights import INLINE_BYTES
+from graphpass.graph.io import producers
 
 LAST_DOWN = "/model/layers.1/mlp/down_proj/MatMul"   # its output feeds only the final norm
 MID_V = "/model/layers.0/self_attn/v_proj/MatMul"     # absorbs 1/s of the attention site
@@ -58,7 +58,7 @@ def test_smoothed_float_graph_shows_no_error_once_gains_are_fitted(synth, calibr
     """A smoothed, unquantized graph computes the same function with rescaled intermediates:
     its gains are fitted on data (no int8 weight to read them from) and the error vanishes."""
     from graphpass.passes.smooth import SmoothConfig
-    from graphpass.smoothing import smooth_model
+    from graphpass.passes.smooth_checked import smooth_model
 
     s = synth("llama")
     m, _ = smooth_model(s.fresh(), calibrated("llama"), SmoothConfig(alpha=0.5))

@@ -9,9 +9,9 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import cli_error, cli_ok, run, write_folder
-from graphpass.ir import model_size, save_model
-from graphpass.evaluate import evaluate
-from graphpass.synthetic import random_inputs
+from graphpass.graph.io import model_size, save_model
+from graphpass.validate.evaluate import evaluate
+from graphpass.testing.synthetic import random_inputs
 
 SAME_RTOL = 1e-9  # two float64 reductions of the same float32 numbers, summed in another order
 PERTURB = 1.05  # factor on one weight matrix: a candidate that is measurably different
@@ -188,10 +188,10 @@ def test_bench_bad_numbers(capsys, synth, opt, value):
 
 def test_synthetic_ids_stay_inside_a_small_vocabulary():
     """Regression: bench and the smoothing output check drew ids in [0, 100) whatever the table."""
-    from graphpass.bench import synthetic_inputs
-    from graphpass.ir import input_specs
-    from graphpass.smoothing import output_change
-    from graphpass.synthetic import SyntheticConfig, build_llama
+    from graphpass.validate.bench import synthetic_inputs
+    from graphpass.graph.io import input_specs
+    from graphpass.passes.smooth_checked import output_change
+    from graphpass.testing.synthetic import SyntheticConfig, build_llama
 
     m = build_llama(SyntheticConfig(vocab=40, layers=1))
     specs = input_specs(m)
@@ -204,7 +204,7 @@ def test_synthetic_ids_stay_inside_a_small_vocabulary():
 def test_reference_cache_runs_the_reference_once_and_only_for_the_same_data(synth, tmp_path, monkeypatch):
     import sys
 
-    ev = sys.modules["graphpass.evaluate"]     # the package exports the function under this name
+    ev = sys.modules["graphpass.validate.evaluate"]     # the package exports the function under this name
     s = synth("prenorm")
     cand = _perturbed(tmp_path, s)
     opened = []

@@ -2,9 +2,9 @@
 
 tools/make_large_model.py runs calibrate -> smooth -> quantize -> eval on a 2.4 GB model (minutes,
 not CI). Here the same commands run on the tiny Llama saved with external data, with
-graphpass.ir.EXTERNAL_DATA_THRESHOLD lowered so every output is written with external data too,
+graphpass.graph.io.EXTERNAL_DATA_THRESHOLD lowered so every output is written with external data too,
 exactly as a model over the threshold would be. The tool's builder is checked to give the very
-model graphpass.synthetic.build_llama gives."""
+model graphpass.testing.synthetic.build_llama gives."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,9 +17,9 @@ import onnx
 import pytest
 
 from conftest import EXACT_RTOL, cli_ok, inits, max_rel_err, run, write_folder
-from graphpass.ir import load_model
-from graphpass.stats import Stats
-from graphpass.synthetic import SyntheticConfig, build_llama
+from graphpass.graph.io import load_model
+from graphpass.calibrate.stats import Stats
+from graphpass.testing.synthetic import SyntheticConfig, build_llama
 from test_bad_inputs import snapshot
 
 STATS_RTOL = 1e-6    # calibration of one graph, weights inline or external: same kernels, same data
@@ -33,7 +33,7 @@ def external(synth, tmp_path, monkeypatch):
     """A copy of the tiny Llama folder whose weights sit in model.onnx.data; outputs forced external."""
     s = synth("llama")
     write_folder(tmp_path / "src", s.fresh(), "causal-lm", s.data, external=True)
-    monkeypatch.setattr("graphpass.ir.EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr("graphpass.graph.io.EXTERNAL_DATA_THRESHOLD", 1024)
     return s, tmp_path / "src"
 
 
@@ -121,7 +121,7 @@ def test_large_model_builder_gives_build_llamas_model(tmp_path):
 def test_smooth_without_a_site_writes_a_self_contained_copy(capsys, tmp_path):
     """No site to fold: the weights were never read, yet the output (another folder) has them all."""
     from conftest import make_model, node
-    from graphpass.ir import save_model
+    from graphpass.graph.io import save_model
 
     w = {"W": np.arange(12 * 300, dtype=np.float32).reshape(12, 300)}
     m = make_model([node("Relu", ["x"], "r"), node("MatMul", ["r", "W"], "y")], [("x", ["n", 12])],

@@ -1,4 +1,4 @@
-"""Smoothing sites (graphpass.patterns.analyze): the exact sites of each synthetic architecture,
+"""Smoothing sites (graphpass.match.sites.analyze): the exact sites of each synthetic architecture,
 every linear layer accounted for once, matching by structure only."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import (RMS_VARIANTS, VARIANTS, make_model, node, norm_nodes, ort_runs, run)
-from graphpass.patterns import LinearFold, NormFold, analyze
-from graphpass.synthetic import (SyntheticConfig, build_llama, build_postln_encoder,
+from graphpass.match.sites import LinearFold, NormFold, analyze
+from graphpass.testing.synthetic import (SyntheticConfig, build_llama, build_postln_encoder,
                                  build_prenorm_decoder, random_inputs)
 
 

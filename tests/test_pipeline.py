@@ -17,15 +17,15 @@ from onnxruntime.quantization import CalibrationDataReader
 import graphpass
 from conftest import (CFG, cli_error, cli_ok, copy_model, inits, make_model, node, op_counts, run,
                       write_folder)
-from graphpass.calibrate import calibrate
-from graphpass.consts import Consts
+from graphpass.calibrate.collect import calibrate
+from graphpass.graph.consts import Consts
 from graphpass.errors import GraphpassError
-from graphpass.ir import load_model, save_model
+from graphpass.graph.io import load_model, save_model
 from graphpass.passes.qforms import static_qparams
 from graphpass.passes.smooth import SmoothConfig, smooth
-from graphpass.patterns import analyze
+from graphpass.match.sites import analyze
 from graphpass.pipeline import PipelineConfig, _ranges
-from graphpass.synthetic import build_llama, random_inputs
+from graphpass.testing.synthetic import build_llama, random_inputs
 
 RANGE_RTOL = 1e-5  # derived range vs range recalibrated on the smoothed graph (float32 X / s)
 REL_RMS_MAX = 0.10  # llama, token, alpha 0.5 on probe inputs (measured 0.063)
@@ -215,7 +215,7 @@ def test_external_source_gives_self_contained_output(external_llama, tmp_path, m
         pending.append(name in self.overlay)
 
     monkeypatch.setattr(Consts, "_set", spy)
-    monkeypatch.setattr("graphpass.consts.CACHE_BYTES", 256)
+    monkeypatch.setattr("graphpass.graph.consts.CACHE_BYTES", 256)
     graphpass.quantize(d / "model.onnx", tmp_path / "overlay.onnx", data,
                        PipelineConfig(alpha=0.5, **fields), **QUIET)
     assert sum(pending) >= 14, pending  # every smoothed linear weight waited in the overlay
@@ -300,7 +300,7 @@ def test_site_alpha_override_wins_over_auto_and_unknown_site_is_refused(synth, t
     """Regression: a user's --site-alpha (by anchor) was shadowed by the searched alpha; an
     unknown site name was silently ignored."""
     from graphpass.errors import GraphpassError
-    from graphpass.patterns import analyze
+    from graphpass.match.sites import analyze
 
     s = synth("llama")
     site = analyze(onnx.load(str(s.path))).sites[0]

@@ -13,7 +13,7 @@ import pytest
 from conftest import CFG, copy_model, make_model, node, op_counts, run
 from graphpass.passes.qforms import MS, quantize_weight, static_qparams
 from graphpass.passes.quantize import QuantConfig, quantize
-from graphpass.synthetic import random_inputs
+from graphpass.testing.synthetic import random_inputs
 
 SCHEMES = ("static", "dynamic", "token")
 BUILDERS = ("prenorm", "llama", "postln", "postln-gemm")

@@ -30,7 +30,7 @@ def page(synth, quantized, tmp_path_factory):
     import io
     from contextlib import redirect_stdout
 
-    from graphpass.cli import main
+    from graphpass.cli.main import main
 
     s = synth("llama")
     qpath, res, _ = quantized("llama", scheme="token")
@@ -68,7 +68,7 @@ def test_pngs_beside_the_page_are_the_embedded_ones(page):
 
 
 def test_accuracy_and_speed_tables_hold_the_numbers(page, synth, quantized):
-    from graphpass.evaluate import evaluate
+    from graphpass.validate.evaluate import evaluate
 
     path, _ = page
     html = path.read_text()

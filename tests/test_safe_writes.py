@@ -2,7 +2,7 @@
 intact (or no file) and no temporary file; the command exits 130 / 143 with one line.
 
 Each run is a real `graphpass` process. To land the signal at a known point of the write, a small
-harness wraps two calls in the child: graphpass.ir.temp_beside (pause right after the output's
+harness wraps two calls in the child: graphpass.graph.io.temp_beside (pause right after the output's
 temporary file exists, nothing renamed yet) and os.replace (pause between renaming the external
 data file and the model file, the one moment two files must change together). The harness
 touches a marker file when it pauses; the test then sends the signal. One more run uses
@@ -21,8 +21,8 @@ import onnx
 import pytest
 
 from conftest import inits
-from graphpass.ir import load_model, save_model
-from graphpass.synthetic import SyntheticConfig, build_llama, random_inputs
+from graphpass.graph.io import load_model, save_model
+from graphpass.testing.synthetic import SyntheticConfig, build_llama, random_inputs
 
 WAIT_S = 60  # the child reaches its pause / exits within this, or the test fails
 
@@ -46,8 +46,8 @@ def replace(src, dst):
         hold()
 
 
-import graphpass.data, graphpass.ir
-real_temp = graphpass.ir.temp_beside
+import graphpass.calibrate.data, graphpass.graph.io
+real_temp = graphpass.graph.io.temp_beside
 
 
 def temp_beside(p, *a, **k):
@@ -58,20 +58,20 @@ def temp_beside(p, *a, **k):
 
 
 os.replace = replace
-graphpass.ir.temp_beside = graphpass.data.temp_beside = temp_beside
+graphpass.graph.io.temp_beside = graphpass.calibrate.data.temp_beside = temp_beside
 argv = sys.argv[5:]
-if argv[0] == "save-external":   # graphpass.ir.save_model(load_model(SRC), OUT, external=True)
+if argv[0] == "save-external":   # graphpass.graph.io.save_model(load_model(SRC), OUT, external=True)
     import signal
-    from graphpass.cli import Terminated, _terminate
-    from graphpass.ir import load_model, save_model
+    from graphpass.cli.main import Terminated, _terminate
+    from graphpass.graph.io import load_model, save_model
 
-    signal.signal(signal.SIGTERM, _terminate)      # as graphpass.cli.main does
+    signal.signal(signal.SIGTERM, _terminate)      # as graphpass.cli.main.main does
     try:
         save_model(load_model(argv[1]), argv[2], external=True)
     except KeyboardInterrupt as e:
         sys.exit(143 if isinstance(e, Terminated) else 130)
     sys.exit(0)
-from graphpass.cli import main
+from graphpass.cli.main import main
 sys.exit(main(argv))
 '''
 
@@ -175,7 +175,7 @@ def test_sigterm_during_a_real_save(tmp_path):
     src.mkdir()
     save_model(m, src / "model.onnx")
     np.savez(src / "data.npz", **random_inputs(m, 1, 8, seed=1))
-    from graphpass.calibrate import calibrate
+    from graphpass.calibrate.collect import calibrate
 
     calibrate(src / "model.onnx", random_inputs(m, 1, 8, seed=1), progress=False).save(src / "s.npz")
     out = tmp_path / "out"

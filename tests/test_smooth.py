@@ -1,4 +1,4 @@
-"""SmoothQuant folding (graphpass.passes.smooth, graphpass.smoothing): exact on every synthetic
+"""SmoothQuant folding (graphpass.passes.smooth, graphpass.passes.smooth_checked): exact on every synthetic
 architecture, no runtime op added, outliers flattened, and the edge cases around it."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from conftest import (EXACT_RTOL, VARIANTS, cli_error, cli_ok, copy_model, inits
                       max_rel_err, node, norm_nodes, op_counts, run, write_folder)
 from graphpass.errors import GraphpassError
 from graphpass.passes.smooth import S_MAX, S_MIN, SmoothConfig, site_scales, smooth, smoothing_scales
-from graphpass.patterns import NormFold, analyze
-from graphpass.smoothing import smooth_model
-from graphpass.stats import Stats
-from graphpass.synthetic import SyntheticConfig, build_prenorm_decoder
+from graphpass.match.sites import NormFold, analyze
+from graphpass.passes.smooth_checked import smooth_model
+from graphpass.calibrate.stats import Stats
+from graphpass.testing.synthetic import SyntheticConfig, build_prenorm_decoder
 
 OUTLIER_RATIO = 10.0  # a site whose per-channel max|x| has max/median >= this is an outlier site
 FLATTENING = 5.0  # at alpha 0.5 smoothing divides that max/median by at least this much

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import EXACT_RTOL, copy_model, make_model, max_rel_err, node, norm_nodes, op_counts, run
-from graphpass.calibrate import calibrate
-from graphpass.ir import save_model
+from graphpass.calibrate.collect import calibrate
+from graphpass.graph.io import save_model
 from graphpass.passes.smooth import SmoothConfig, smooth
-from graphpass.patterns import analyze
+from graphpass.match.sites import analyze
 
 NORMS = {"ln": "layernorm", "ln_nobias": "layernorm", "ln_decomposed": "layernorm",
          "rms_div": "rmsnorm", "rms_reciprocal": "rmsnorm"}

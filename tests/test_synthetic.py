@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphpass.synthetic import (SyntheticConfig, build_llama, build_postln_encoder,
+from graphpass.testing.synthetic import (SyntheticConfig, build_llama, build_postln_encoder,
                                  build_prenorm_decoder, random_inputs)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,11 +14,11 @@ import re
 import subprocess
 import sys
 
-from graphpass.ir import model_size
+from graphpass.graph.io import model_size
 
 FP32_SCRIPT = """
 import sys, numpy as np
-from graphpass.runtime import make_session
+from graphpass.graph.runtime import make_session
 s = make_session(sys.argv[1], 2)
 d = dict(np.load(sys.argv[2]))
 n = next(iter(d.values())).shape[0]

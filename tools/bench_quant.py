@@ -9,12 +9,12 @@ Method, per row, in one run of this tool (rows run one after another, never in p
      --data CALIB --scheme S [--alpha A | --no-smooth] ...`, or onnxruntime's quantize_dynamic /
      quantize_static through tools/_measure.py. Quantize time = the child's wall time (Python
      start-up and model I/O included); peak memory = the child's own max RSS.
-  2. accuracy: graphpass.evaluate.evaluate(candidate, FP32, eval data) -> perplexity of the
+  2. accuracy: graphpass.validate.evaluate.evaluate(candidate, FP32, eval data) -> perplexity of the
      candidate, KL(FP32 || candidate) per position, top-1 agreement with FP32.
-  3. latency: fresh FP32 and candidate sessions (graphpass.runtime.make_session, 2 threads,
-     spinning off), graphpass.bench.time_pair over interleaved blocks at 1x512 and 1x32;
+  3. latency: fresh FP32 and candidate sessions (graphpass.graph.runtime.make_session, 2 threads,
+     spinning off), graphpass.validate.bench.time_pair over interleaved blocks at 1x512 and 1x32;
      ratio = median(candidate) / median(FP32).
-  4. size = graphpass.ir.model_size (external data included) / the FP32 size.
+  4. size = graphpass.graph.io.model_size (external data included) / the FP32 size.
 A row that fails at any step keeps what it measured and says `failed: <reason>`; the rest go on.
 The Markdown (and JSON) is rewritten after every row, so an interrupted run still leaves a table.
 """
@@ -34,11 +34,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine, run_measured  # noqa: E402
 
-from graphpass.bench import synthetic_inputs, time_pair  # noqa: E402
-from graphpass.data import check_data, load_data  # noqa: E402
-from graphpass.evaluate import evaluate  # noqa: E402
-from graphpass.ir import input_specs, load_model, model_size  # noqa: E402
-from graphpass.runtime import make_session  # noqa: E402
+from graphpass.validate.bench import synthetic_inputs, time_pair  # noqa: E402
+from graphpass.calibrate.data import check_data, load_data  # noqa: E402
+from graphpass.validate.evaluate import evaluate  # noqa: E402
+from graphpass.graph.io import input_specs, load_model, model_size  # noqa: E402
+from graphpass.graph.runtime import make_session  # noqa: E402
 
 SHAPES = ((1, 512), (1, 32))
 
@@ -152,7 +152,7 @@ def markdown(results: list[dict], a: argparse.Namespace, header: dict, total: fl
     lines += ["", "- Perplexity: next-token perplexity of the candidate on the eval data (the FP32 row is the "
               "reference); KL(FP32 || candidate) and top-1 agreement averaged over every position.",
               f"- Latency: candidate / FP32 median, 2 intra-op threads, spinning off in both sessions, fresh "
-              f"sessions per row, interleaved blocks over ~{a.seconds:g} s per shape (graphpass.bench.time_pair). "
+              f"sessions per row, interleaved blocks over ~{a.seconds:g} s per shape (graphpass.validate.bench.time_pair). "
               f"FP32 absolute latency (median over all rows' reference timings): {abs_ms}. The FP32 row times "
               f"FP32 against a second FP32 session: its distance from 1.000x is the noise floor. Load average "
               f"(1 min) at start {header['load']:.2f}, at the last row {os.getloadavg()[0]:.2f}.",

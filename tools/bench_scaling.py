@@ -4,8 +4,8 @@ Usage:
   python tools/bench_scaling.py [--layers 4 8 16 32] [--hidden 512] [--ffn 1536] [--vocab 8192]
       [--samples 8] [--seq 128] [--threads 2] [--repeat 1] [--work DIR] [--out scaling.md] [--keep]
 
-Per size, one after another: graphpass.synthetic.build_llama(SyntheticConfig(layers=L, ...)),
-seeded, saved with graphpass.ir.save_model; calibration data of `samples` x `seq` random token ids;
+Per size, one after another: graphpass.testing.synthetic.build_llama(SyntheticConfig(layers=L, ...)),
+seeded, saved with graphpass.graph.io.save_model; calibration data of `samples` x `seq` random token ids;
 then a child `python -m graphpass quantize MODEL -o OUT --data DATA --threads T` (token scheme,
 alpha auto: calibrate, per-site alpha search, smooth, W8A8, checker, save) under GNU
 `/usr/bin/time -v`: wall time (Python start-up included), CPU time (user + system: what the work
@@ -48,8 +48,8 @@ def timed(cmd: list[str], log: Path) -> tuple[float, float, float]:
 
 def build(folder: Path, layers: int, a: argparse.Namespace) -> tuple[Path, Path, int]:
     """(model path, data path, weight bytes) of one seeded synthetic Llama."""
-    from graphpass.ir import model_size, save_model
-    from graphpass.synthetic import SyntheticConfig, build_llama
+    from graphpass.graph.io import model_size, save_model
+    from graphpass.testing.synthetic import SyntheticConfig, build_llama
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = SyntheticConfig(layers=layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, ffn=a.ffn,

@@ -4,12 +4,12 @@ Usage:
   python tools/make_large_model.py OUT [--layers 12 --hidden 2048 --ffn 5632 --vocab 32000]
   python tools/make_large_model.py OUT --run [--threads 2]     # then calibrate -> smooth ->
                                                                 # quantize -> eval, each measured
-Build. graphpass.synthetic.build_llama at a larger SyntheticConfig (default 12 layers, hidden
+Build. graphpass.testing.synthetic.build_llama at a larger SyntheticConfig (default 12 layers, hidden
 2048, 16 heads / 4 kv heads, ffn 5632, vocab 32000: 2.43 GB of seeded float32 weights). While the
 builder draws the weights, each one goes straight to a scratch file and the graph only points at
 it, so the builder's own shape inference and onnx.checker run on a small proto. The weights are
 then read into one ModelProto (over 2 GB: protobuf cannot serialize it) and written by
-graphpass.ir.save_model(external=True), whose external path moves every tensor's bytes to
+graphpass.graph.io.save_model(external=True), whose external path moves every tensor's bytes to
 OUT/model.onnx.data before it serializes the graph. Also written: model.json, calib.npz and
 eval.npz (random token ids, seeded, disjoint seeds).
 
@@ -39,11 +39,11 @@ SCRATCH = "weights.scratch"
 
 @contextmanager
 def weights_to_file(folder: Path):
-    """Make graphpass.synthetic's GraphBuilder write each weight >= 1 KB to folder/SCRATCH (64-byte
+    """Make graphpass.testing.synthetic's GraphBuilder write each weight >= 1 KB to folder/SCRATCH (64-byte
     aligned) and keep only an external reference in the graph. The working directory is the folder
     meanwhile, so the builder's onnx.checker finds the file."""
-    import graphpass.synthetic as synthetic
-    from graphpass.synthetic_blocks import GraphBuilder
+    import graphpass.testing.synthetic as synthetic
+    from graphpass.testing.blocks import GraphBuilder
 
     sink = open(folder / SCRATCH, "wb")
 
@@ -76,8 +76,8 @@ def weights_to_file(folder: Path):
 
 
 def build(out: Path, a: argparse.Namespace) -> Path:
-    from graphpass.ir import model_size, save_model
-    from graphpass.synthetic import SyntheticConfig, build_llama
+    from graphpass.graph.io import model_size, save_model
+    from graphpass.testing.synthetic import SyntheticConfig, build_llama
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = SyntheticConfig(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, ffn=a.ffn,
@@ -102,7 +102,7 @@ def build(out: Path, a: argparse.Namespace) -> Path:
 
 
 def run(out: Path, a: argparse.Namespace) -> str:
-    from graphpass.ir import model_size
+    from graphpass.graph.io import model_size
 
     gp = [sys.executable, "-m", "graphpass"]
     th = ["--threads", str(a.threads)]

@@ -18,9 +18,9 @@ import tempfile
 import time
 from collections import defaultdict
 
-from graphpass.bench import parse_shape, synthetic_inputs
-from graphpass.ir import input_specs, load_model
-from graphpass.runtime import Session, session_options
+from graphpass.validate.bench import parse_shape, synthetic_inputs
+from graphpass.graph.io import input_specs, load_model
+from graphpass.graph.runtime import Session, session_options
 
 LINEAR = {"MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul",
           "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import onnx
 
-from ..consts import Consts
-from ..ir import consumers, producers
+from graphpass.graph.consts import Consts
+from graphpass.graph.io import consumers, producers
 
 
 def drop_softmax_nan_guards(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, str]:

