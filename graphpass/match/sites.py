@@ -21,8 +21,10 @@ from graphpass.graph.consts import Consts
 from graphpass.graph.io import consumers, producers
 from graphpass.match.linears import Linear, _attr, find_linears, label
 
-NORM_OPS = {"LayerNormalization": "layernorm", "SimplifiedLayerNormalization": "rmsnorm",
-            "RMSNormalization": "rmsnorm", "SkipSimplifiedLayerNormalization": None}
+# op -> (kind, index of γ, index of β or None). Only output 0 of a norm is normalized:
+# SkipSimplifiedLayerNormalization's output 3 (input + skip, the residual) does not see γ.
+NORM_OPS = {"LayerNormalization": ("layernorm", 1, 2), "SimplifiedLayerNormalization": ("rmsnorm", 1, None),
+            "RMSNormalization": ("rmsnorm", 1, None), "SkipSimplifiedLayerNormalization": ("rmsnorm", 2, None)}
 PASS_THROUGH = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Identity", "Expand"}
 
 
@@ -128,6 +130,10 @@ def _match(gr: _Graph, act: str, group: list[Linear], width: int, by_out: dict):
     if tied:
         return None, (f"{tied[0].name} reads a tied weight (Transpose of a table used elsewhere); "
                       "smoothing would store it twice")
+    table = [lin for lin in group if _table_weight(gr, lin)]
+    if table:      # e.g. the genai builder's LM head, whose weight the embedding reads transposed
+        return None, (f"{table[0].name} shares its weight with an embedding lookup "
+                      f"({_table_weight(gr, table[0])}); smoothing would store the table twice")
     if p.op_type == "Reshape" and not extra and _last_dim(gr, p.input[1]) == width and gr.prod.get(p.input[0]):
         x = p.input[0]                 # [.., C] -> [-1, C] before a Gemm keeps the channels
         others_x = [n for n in gr.readers(x) if n is not p]
@@ -163,19 +169,27 @@ def _linear_site(kind: str, gr: _Graph, act: str, group, prod: Linear, cmap):
     return Site(kind, act, group, LinearFold(prod, cmap), prod.name), ""
 
 
+def _table_weight(gr: _Graph, lin: Linear) -> str:
+    """The op (Gather / Transpose) through which a table-lookup also reads lin's weight, or ''."""
+    n, i = lin._holder()
+    return next((r.op_type for r in gr.readers(n.input[i]) if r.op_type in ("Gather", "Transpose")
+                 and r is not lin.via), "")
+
+
 def _tied(gr: _Graph, lin: Linear) -> bool:
     return lin.via is not None and lin.shared_weight(gr.c)
 
 
 def _norm_fold(gr: _Graph, p: onnx.NodeProto, act: str, width: int):
     """γ (and β) behind X when X is a per-channel affine of a normalized tensor."""
-    if p.op_type in NORM_OPS and NORM_OPS[p.op_type]:
-        if _attr(p, "axis", -1) != -1 or not gr.channel_vector(p.input[1], width):
+    if p.op_type in NORM_OPS:
+        kind, gi, bi = NORM_OPS[p.op_type]
+        if p.output[0] != act or _attr(p, "axis", -1) != -1 or not gr.channel_vector(p.input[gi], width):
             return None, ""
-        has_bias = len(p.input) > 2 and p.input[2] and p.op_type == "LayerNormalization"
-        if has_bias and not gr.channel_vector(p.input[2], width):
+        has_bias = bi is not None and len(p.input) > bi and p.input[bi]
+        if has_bias and not gr.channel_vector(p.input[bi], width):
             return None, ""
-        return NormFold([p], (p, 1), (p, 2) if has_bias else None), NORM_OPS[p.op_type]
+        return NormFold([p], (p, gi), (p, bi) if has_bias else None), kind
     bias = None
     if p.op_type == "Add":
         k = next((i for i, t in enumerate(p.input) if gr.channel_vector(t, width)), None)
@@ -223,9 +237,22 @@ def _last_dim(gr: _Graph, shape: str) -> int | None:
 
 
 def _trace_attention(gr: _Graph, act: str, width: int, by_out: dict):
-    """Follow X back through head reshapes and P·V to the value projection."""
+    """Follow X back through head reshapes and P·V to the value projection.
+
+    With a KV cache, V = Concat(past_v, v_new) on the sequence axis and the Concat is also the
+    `present` output: folding 1/s into the value projection makes the cache hold v·diag(1/s)
+    mapped through the heads, which the next step reads back as past. That is exact for the
+    graph's own generation loop (a cache written by the unsmoothed graph must not be mixed in).
+    """
+    gqa = gr.prod.get(act)
+    if gqa is not None and gqa.op_type == "GroupQueryAttention" and gqa.output[0] == act:
+        return _gqa_value(gr, gqa, width, by_out)
     t, path, seen_pv = act, [], False
     while True:
+        cached = _cache_concat(gr, t) if seen_pv else None
+        if cached is not None:
+            t = cached
+            continue
         if t != act and not gr.single_use(t):
             return None, None, "value path tensor has other readers (a kv-cache output?)" if seen_pv else ""
         if t in by_out and seen_pv:
@@ -250,6 +277,45 @@ def _trace_attention(gr: _Graph, act: str, width: int, by_out: dict):
     d = _last_dim(gr, reshapes[-1].input[1]) if reshapes else None
     if d is None or d <= 0 or cv % d:
         return None, None, "head size of the value projection is not a constant"
-    g = width // cv
-    j = np.arange(width)
-    return lin, (j // (d * g)) * d + j % d, ""
+    return lin, _head_map(width, cv, d), ""
+
+
+def _head_map(width: int, kv_width: int, d: int, offset: int = 0) -> np.ndarray:
+    """Channel j of the attention output (query head j // d) <- value column of kv head
+    (j // d) // g, where g = width / kv_width query heads share one kv head."""
+    g, j = width // kv_width, np.arange(width)
+    return offset + (j // (d * g)) * d + j % d
+
+
+def _cache_concat(gr: _Graph, t: str) -> str | None:
+    """v_new when t = Concat(past, v_new) along the sequence axis, past a graph input, and t read
+    by one node besides the graph output (present) it may be; else None."""
+    n = gr.prod.get(t)
+    if n is None or n.op_type != "Concat" or len(n.input) != 2:
+        return None
+    graph_inputs = {i.name for i in gr.g.input}
+    if n.input[0] not in graph_inputs or n.input[1] in graph_inputs:
+        return None
+    if _attr(n, "axis", None) not in (2, -2) or len(gr.readers(t)) != 1:
+        return None
+    return n.input[1]
+
+
+def _gqa_value(gr: _Graph, n: onnx.NodeProto, width: int, by_out: dict):
+    """com.microsoft GroupQueryAttention: output = heads(softmax(...)·V); V is its input 2, or
+    the last kv_num_heads·d columns of a packed q/k/v input 0 (inputs 1 and 2 empty). Rotary
+    touches only q and k. The present value output holds v·diag(1/s) (see _trace_attention)."""
+    heads, kv = _attr(n, "num_heads", 0), _attr(n, "kv_num_heads", 0)
+    if heads <= 0 or kv <= 0 or width % heads or heads % kv:
+        return None, None, "GroupQueryAttention without a usable num_heads / kv_num_heads"
+    d = width // heads
+    packed = len(n.input) < 3 or not n.input[2]
+    src = n.input[0] if packed else n.input[2]
+    lin = by_out.get(src)
+    if lin is None or not gr.single_use(src):
+        return None, None, "GroupQueryAttention's value input is not a linear layer's own output"
+    cols = lin.shape(gr.c)[1]
+    want = (heads + 2 * kv) * d if packed else kv * d
+    if cols != want:
+        return None, None, f"value projection has {cols} columns, expected {want} for the head layout"
+    return lin, _head_map(width, kv * d, d, offset=(heads + kv) * d if packed else 0), ""

@@ -65,7 +65,16 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 def output_change(a: onnx.ModelProto, b: onnx.ModelProto, base_dir: str | None = None,
                   shape=(2, 16)) -> float:
-    """max |out_a - out_b| / max |out_a| over all outputs, on probe inputs of `shape`."""
+    """max |out_a - out_b| / max |out_a| over all outputs, on probe inputs of `shape`.
+
+    A with-past graph is compared on what its caller sees: logits of a prefill from an empty
+    cache, then of decode steps where each graph reads back its OWN present as past (a folded
+    value projection changes what the cache holds, not what the loop computes)."""
+    from graphpass.graph.decode import past_layout
+
+    layout = past_layout(a)
+    if layout is not None:
+        return _decode_change(a, b, layout, base_dir, shape)
     try:
         feeds = synthetic_inputs(input_specs(a), shape)
     except GraphpassError:
@@ -74,6 +83,23 @@ def output_change(a: onnx.ModelProto, b: onnx.ModelProto, base_dir: str | None =
     rb = make_session(b, external_dir=base_dir).run(None, feeds)
     worst = 0.0
     for x, y in zip(ra, rb):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)))
+    return worst
+
+
+def _decode_change(a, b, layout, base_dir, shape, steps: int = 2) -> float:
+    from graphpass.graph.decode import DecodeRunner
+
+    limit = min([s.limit for s in input_specs(a) if s.limit] or [100])
+    ids = np.random.default_rng(0).integers(0, limit, size=(shape[0], shape[1] + steps))
+    runs = [DecodeRunner(make_session(m, external_dir=base_dir), layout) for m in (a, b)]
+    outs = [[r.prefill(ids[:, :shape[1]])] for r in runs]
+    for k in range(steps):
+        for r, o in zip(runs, outs):
+            o.append(r.step(ids[:, shape[1] + k:shape[1] + k + 1]))
+    worst = 0.0
+    for x, y in zip(*outs):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)))
     return worst
