@@ -89,3 +89,14 @@ def test_output_change_sees_a_wrong_fold():
     arr[:, -1] *= 3.0       # one value column off: the cache carries it into later steps
     w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
     assert output_change(m, sm) > 1e-3
+
+
+def test_save_with_check_accepts_onnxruntime_ops_of_the_onnx_domain(tmp_path):
+    """Regression: quantize of the genai form failed at save with "No Op registered for
+    SimplifiedLayerNormalization with domain_version of 18" (onnx does not know the op)."""
+    from graphpass.graph.io import load_model, save_model
+
+    m = build_genai_past()
+    assert any(n.op_type == "SimplifiedLayerNormalization" and n.domain == "" for n in m.graph.node)
+    save_model(m, tmp_path / "g.onnx", check=True)
+    assert len(load_model(tmp_path / "g.onnx").graph.node) == len(m.graph.node)
