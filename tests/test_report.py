@@ -284,3 +284,25 @@ def test_layer_chart_labels_sit_beside_the_bars_without_overlap(n):
         assert sorted(red) == sorted(x["name"].strip("/").removesuffix("/MatMul") for x in worst)
     finally:
         plt.close(fig)
+
+
+def test_layers_the_budget_put_back_are_named_so(synth, quantized, tmp_path, capsys):
+    """A quantize report with a budget: its layers read 'put back in float by the accuracy budget'
+    (the pipeline records them as --skip matches), and the verdict is in the headline."""
+    s = synth("llama")
+    qpath, res, _ = quantized("llama", scheme="token")
+    back = res.quant.quantized[:2]
+    budget = {"budget": {"max_kl": 0.01, "max_ppl_increase": None}, "held_out_samples": 3, "met": False,
+              "kept_float": back, "kept_float_modules": back, "attempts": [
+                  {"float_layers": k, "kl": 0.1 / (k + 1), "ppl_increase": None, "met": False} for k in range(3)]}
+    rep = {"alphas": res.alphas, "smoothing": res.smooth.rows, "budget": budget,
+           "kept_float": res.quant.skipped + [[n, "matches a --skip pattern"] for n in back]}
+    (tmp_path / "q.json").write_text(json.dumps(rep))
+    out = tmp_path / "r.html"
+    cli_ok(capsys, ["report", s.path, qpath, "--data", s.data_path, "-o", out, "--quantize-report",
+                    tmp_path / "q.json", "--sites", "1", "--bench-seconds", "0"])
+    html = out.read_text()
+    head = html[html.index('<section id="headline">'):html.index('<section id="plots">')]
+    assert "put back in float by the accuracy budget: 2 layers" in head and all(n in head for n in back)
+    assert "--skip" not in head and "KL ≤ 0.01 on 3 held-out samples" in head and "not met" in head
+    assert len(_cells(html, "budget")) == 3 and html.index('id="budget"') > html.index('<section id="tables">')

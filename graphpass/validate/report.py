@@ -164,9 +164,7 @@ def _sites(rd: ReportData, inp: ReportInputs, ref_m, data, qrep: dict | None) ->
     rd.modules = {lin.name: m for lin in an.linears if (m := module_path(lin.node))}
     rd.uncovered = list(an.uncovered)
     alphas = (qrep or {}).get("alphas", {})
-    rd.kept_float = ([tuple(x) for x in qrep.get("kept_float", [])] if qrep else
-                     [(r["name"], "in float in the candidate (the reason is in the quantize report: "
-                                  "give --quantize-report)") for r in rd.layers if not r["quantized"]])
+    rd.kept_float = _kept_float(qrep, rd.layers)
     stats = _stats(rd, inp, data, an) if an.sites else None
     rows = (qrep or {}).get("smoothing") or []
     if rows:
@@ -187,6 +185,16 @@ def _sites(rd: ReportData, inp: ReportInputs, ref_m, data, qrep: dict | None) ->
     rd.sites = rows
     if stats is not None:
         _site_plots(rd, inp, an, stats, source)
+
+
+def _kept_float(qrep: dict | None, layers: list[dict]) -> list[tuple[str, str]]:
+    """(layer, why) of every linear layer left in float; the budget's choices say so."""
+    if not qrep:
+        return [(r["name"], "in float in the candidate (the reason is in the quantize report: "
+                            "give --quantize-report)") for r in layers if not r["quantized"]]
+    by_budget = set((qrep.get("budget") or {}).get("kept_float", []))
+    return [(name, "put back in float by the accuracy budget" if name in by_budget else why)
+            for name, why in qrep.get("kept_float", [])]
 
 
 def _site_plots(rd: ReportData, inp: ReportInputs, an, stats, source: str) -> None:

@@ -136,7 +136,7 @@ def _headline_html(rd) -> str:
 # ---------------------------------------------------------------------------- plots
 def _plots_html(rd) -> str:
     imgs = {stem: (cap, png) for stem, cap, png in rd.plots}
-    order = ["layer_sqnr", "alpha_per_site"] + sorted(s for s in imgs if s.startswith("site_"))
+    order = ["layer_sqnr", "alpha_per_site"] + [s for s, _, _ in rd.plots if s.startswith("site_")]
     figs = "".join(_img(imgs[s][1], imgs[s][0], s) for s in order if s in imgs)
     return figs or '<p class="note">nothing to plot</p>'
 
