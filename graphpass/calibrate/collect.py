@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from tqdm import tqdm
+
+from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
 from graphpass.calibrate.stats import Stats
@@ -116,8 +117,7 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rows: dict[str, list[np.ndarray]] = {t: [] for t in names} if row_step else {}
     rng = np.random.default_rng(0)
-    for b in tqdm(feeds(data, batch_size, check_model), total=total, desc="calibrate", unit="batch",
-                  disable=None if progress else True):
+    for b in bar(feeds(data, batch_size, check_model), "calibrate", "batch", total, enabled=progress):
         if row_step:
             tokens = max(1, next(iter(b.values())).size)      # rows of a [batch, seq, C] tensor
             b = {**b, "gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}

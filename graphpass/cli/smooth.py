@@ -11,8 +11,11 @@ from graphpass.errors import GraphpassError
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> None:
+    from graphpass.calibrate.data import check_npz_dest
     from graphpass.calibrate.stats import Stats
 
+    check_npz_dest(Path(a.output))
+    check_output(a.output, a.output, overwrite=True)     # the output can be written: before any work
     if a.merge:
         stats = Stats.load(a.merge[0])
         for p in a.merge[1:]:

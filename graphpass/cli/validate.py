@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from graphpass.cli.common import load_checked_data, write_json
+from graphpass.cli.common import check_output, load_checked_data, write_json
 from graphpass.errors import GraphpassError
 
 
@@ -26,6 +26,8 @@ def _cmd_data(a: argparse.Namespace) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     from graphpass.validate.evaluate import evaluate, format_report
 
+    if a.json:
+        check_output(a.json, a.json, overwrite=True)      # the JSON can be written: before any work
     data = load_checked_data(a.data, a.reference)
     res = evaluate(a.candidate, a.reference, data, batch_size=a.batch_size, threads=a.threads,
                    kind=a.kind)
