@@ -222,6 +222,25 @@ class DecodeRunner:
         self.cache = cache_from_feeds(self.layout, batch)
         return self._run({**batch, **extra_feeds})
 
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits of one run over a data batch (past included), fetching no cache: the cheap
+        path when every position's logits come from one prefill (evaluation)."""
+        check_past(self.layout, batch, "data")
+        return self.sess.run([self.layout.logits], batch)[0]
+
+    def decode_window(self, batch: dict[str, np.ndarray], start: int) -> np.ndarray:
+        """Logits of positions start..S-1 of a data batch produced as generation does: the batch's
+        own past, a prefill of its first `start` tokens, then one token per step. [b, S-start, V]"""
+        ids = batch[self.layout.ids]
+        if not 1 <= start < ids.shape[1]:
+            raise GraphpassError(f"decode start {start} must lie in [1, {ids.shape[1] - 1}] "
+                                 f"for windows of {ids.shape[1]} tokens")
+        self.cache = cache_from_feeds(self.layout, batch)
+        P, mask = self.cache.length, batch[self.layout.mask]
+        self.step(ids[:, :start], mask[:, P:P + start])
+        return np.concatenate([self.step(ids[:, t:t + 1], mask[:, P + t:P + t + 1])
+                               for t in range(start, ids.shape[1])], 1)
+
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         vals = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
         self.cache = advance(self.layout, feeds, vals)
