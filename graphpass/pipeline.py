@@ -37,9 +37,13 @@ class PipelineConfig:
     batch_size: int = 1
     threads: int = 2
     row_step: int = 64                          # alpha search samples every row_step-th token
+    decode_steps: int = 4                       # with-past graphs: decode steps per calibration window
+
 
     def __post_init__(self):
         QuantConfig(scheme=self.scheme)         # validates the scheme
+        if self.decode_steps < 0:
+            raise GraphpassError(f"--decode-steps must be >= 0, got {self.decode_steps}")
         if self.alpha is not None and self.alpha != "auto":
             if isinstance(self.alpha, str):
                 raise GraphpassError(f"alpha must be a number in [0, 1] or 'auto', got '{self.alpha}'")
@@ -99,7 +103,8 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
             raise GraphpassError(f"scheme '{config.scheme}' with smoothing needs calibration data (--data)")
         t0 = time.perf_counter()
         row_step = config.row_step if config.alpha == "auto" else 0
-        stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step)
+        stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
+                          decode_steps=config.decode_steps)
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples")
     if config.alpha is not None:
         _smooth(an, stats, config, res, step, progress)

@@ -5,6 +5,11 @@ For every tensor X that feeds a linear layer, the calibration graph computes
   min_j = ReduceMin(F, axes=[0]),   max_j = ReduceMax(F, axes=[0])
 and returns only those vectors; the original outputs (and nodes only they need, e.g. the LM
 head) are dropped. Batches are merged with np.minimum / np.maximum.
+
+With-past graphs (graph/decode.py) also keep their present.* outputs, and each window x[0:S]
+(past P, usually 0) runs as the generation loop will: a prefill of x[0:S-K], then K decode steps
+of one token x[S-K+t] each against the cache the previous run returned, so the ranges also
+cover one-token activations at past lengths P+S-K .. P+S-1 (K = decode_steps, at most S-1).
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from graphpass.graph.runtime import make_session
 from graphpass.match.sites import analyze
 
 F32 = np.float32
+from graphpass.graph.decode import PastLayout, advance, cache_from_feeds, past_layout, step_feeds
+
+DECODE_STEPS = 4   # decode steps per calibration window of a with-past graph
 
 
 def calibration_targets(model: onnx.ModelProto | gs.Graph, base_dir: str | None = None) -> dict[str, int]:
@@ -36,12 +44,14 @@ def calibration_targets(model: onnx.ModelProto | gs.Graph, base_dir: str | None 
     return {lin.act: int(lin.shape(an.consts)[0]) for lin in an.linears}
 
 
-def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_step: int = 0) -> list[str]:
+def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_step: int = 0,
+                   keep: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Replace the graph outputs by per-channel min/max of each target; returns output names.
 
     With row_step > 0 every target also returns its rows o, o + row_step, o + 2·row_step, ...
     (samples of X for the per-site alpha search) as a third output; o is the graph input
-    `gp_calib_start`. Nodes no new output needs (the LM head, say) go with cleanup(). A gs.Graph
+    `gp_calib_start`. Nodes no new output needs (the LM head, say) go with cleanup(); the graph
+    outputs named in `keep` (a with-past graph's present.*, fed back by decode steps) stay. A gs.Graph
     is edited in place; a ModelProto is imported, edited and written back into the same object.
     """
     g = model if isinstance(model, gs.Graph) else import_graph(model)
@@ -65,7 +75,11 @@ def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_st
             o = gs.Variable(f"gp_calib_rows_{k}", F32)
             g.nodes.append(gs.Node("Slice", f"gp_calib_Slice_{k}", {}, [flat, start, end, axes, step], [o]))
             outs.append(o)
-    g.outputs = outs
+    kept = [o for o in g.outputs if o.name in set(keep)]
+    if len(kept) != len(keep):
+        lost = sorted(set(keep) - {o.name for o in kept})[0]
+        raise GraphpassError(f"the graph has no output '{lost}' for its cache; calibrate with decode steps 0")
+    g.outputs = outs + kept
     g.cleanup()
     if isinstance(model, onnx.ModelProto):
         export_into(model, g)
@@ -89,15 +103,18 @@ def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, n
 
 
 def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads: int = 2,
-              progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0) -> Stats:
+              progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0,
+              decode_steps: int = DECODE_STEPS) -> Stats:
     """Per-channel min/max of every linear layer's input over `data`, batch by batch.
 
     `data`: dict of arrays (first axis = samples) or a CalibrationDataReader. With row_step > 0,
     `stats.rows[t]` also holds every row_step-th row of each target (kept in memory, not saved).
+    `decode_steps`: for a with-past graph, the K of the module docstring (0: prefill only).
     """
     p = Path(model_path)
     graph_only = load_model(p, load_weights=False)
     check_model = _inputs_only(graph_only)
+    layout = past_layout(graph_only, p.parent) if decode_steps > 0 else None
     g = import_graph(graph_only, str(p.parent.resolve()))
     del graph_only
     if targets is None:
@@ -107,7 +124,7 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
     names = sorted(targets)
     if isinstance(data, dict):
         check_data(data, check_model, "data")   # before any progress bar is drawn
-    outs = add_reductions(g, names, row_step)
+    outs = add_reductions(g, names, row_step, keep=layout.present_names if layout is not None else ())
     with tempfile.TemporaryDirectory(prefix="graphpass-calib-") as tmp:
         src = _spill(g, Path(tmp))
         del g   # inline weights now sit in tmp: their protobuf copy goes back to the OS
@@ -117,20 +134,47 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rows: dict[str, list[np.ndarray]] = {t: [] for t in names} if row_step else {}
     rng = np.random.default_rng(0)
+
+    def start(f: dict) -> dict:     # where this run's row samples begin
+        if not row_step:
+            return {}
+        tokens = max(1, f["input_ids"].size if "input_ids" in f else next(iter(f.values())).size)
+        return {"gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
+
     for b in bar(feeds(data, batch_size, check_model), "calibrate", "batch", total, enabled=progress):
-        if row_step:
-            tokens = max(1, next(iter(b.values())).size)      # rows of a [batch, seq, C] tensor
-            b = {**b, "gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
-        vals = sess.run(outs, b)
-        for k, t in enumerate(names):
-            stats.update(t, vals[per * k], vals[per * k + 1])
-            if row_step:
-                rows[t].append(vals[per * k + 2])
+        for vals in run_window(sess, outs, b, layout, decode_steps, start):
+            for k, t in enumerate(names):
+                stats.update(t, vals[per * k], vals[per * k + 1])
+                if row_step:
+                    rows[t].append(vals[per * k + 2])
         stats.samples += next(iter(b.values())).shape[0]
     stats.require(targets, "calibration")
     for t in list(rows):               # one tensor at a time: never two copies of all rows
         stats.rows[t] = np.concatenate(rows.pop(t))
     return stats
+
+
+def run_window(sess, outs: list[str], b: dict[str, np.ndarray], layout: PastLayout | None,
+               decode_steps: int, extra) -> Iterator[list[np.ndarray]]:
+    """The values of `outs` for each run over one batch: one run for a no-cache graph; for a
+    with-past graph a prefill of all but the last K tokens, then K one-token decode steps, each
+    fed the present.* of the run before (`extra(feeds)`: feeds the calibration graph adds)."""
+    ids = b.get("input_ids") if layout is not None else None
+    K = min(decode_steps, ids.shape[1] - 1) if ids is not None and ids.ndim == 2 else 0
+    if K <= 0:
+        yield sess.run(outs, {**b, **extra(b)})
+        return
+    cache = cache_from_feeds(layout, b)
+    P, S, mask = cache.length, ids.shape[1], b[layout.mask]
+    f = step_feeds(layout, cache, ids[:, :S - K], mask[:, P:P + S - K])
+    for t in range(K + 1):
+        vals = sess.run(outs + layout.present_names, {**f, **extra(f)})
+        yield vals[:len(outs)]
+        if t == K:
+            return
+        cache = advance(layout, f, dict(zip(layout.present_names, vals[len(outs):])))
+        j = S - K + t
+        f = step_feeds(layout, cache, ids[:, j:j + 1], mask[:, P + j:P + j + 1])
 
 
 def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:

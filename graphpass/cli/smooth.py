@@ -26,7 +26,10 @@ def _cmd_calibrate(a: argparse.Namespace) -> None:
         from graphpass.calibrate.collect import calibrate
         from graphpass.calibrate.data import load_data
 
-        stats = calibrate(a.model, load_data(a.data), batch_size=a.batch_size, threads=a.threads)
+        if a.decode_steps < 0:
+            raise GraphpassError(f"--decode-steps must be >= 0, got {a.decode_steps}")
+        stats = calibrate(a.model, load_data(a.data), batch_size=a.batch_size, threads=a.threads,
+                          decode_steps=a.decode_steps)
     stats.save(a.output)
     print(f"wrote {a.output}: {len(stats.min)} tensors, {stats.samples} samples")
 
@@ -106,6 +109,8 @@ def add_parsers(sub, positive) -> None:
     c.add_argument("--data")
     c.add_argument("--merge", nargs="+", metavar="STATS", help="combine stats files (min/max)")
     c.add_argument("--batch-size", type=positive(int), default=1)
+    c.add_argument("--decode-steps", type=int, default=4, metavar="K",
+                   help="with-past graphs: each window is a prefill plus K one-token decode steps")
     c.add_argument("--threads", type=positive(int), default=2)
     c.add_argument("-o", "--output", required=True)
     c.set_defaults(func=_cmd_calibrate)
