@@ -98,7 +98,7 @@ def test_bad_past_inputs_are_one_line_errors():
 def test_graph_shapes_that_cannot_be_run_are_one_line_errors(tmp_path):
     m = build_optimum_past(CFG)
     m.graph.input[3].type.tensor_type.shape.dim[1].dim_param = "heads"
-    with pytest.raises(GraphpassError, match="fixed kv_heads and head_dim, got \\[batch, heads, past, 16\\]"):
+    with pytest.raises(GraphpassError, match="fixed kv_heads and head_dim .or genai_config.json.s., got \\[batch, heads, past, 16\\]"):
         past_layout(m)
     m = build_optimum_past(CFG)
     del m.graph.output[1]
@@ -107,3 +107,28 @@ def test_graph_shapes_that_cannot_be_run_are_one_line_errors(tmp_path):
     onnx.save(build_llama(CFG), tmp_path / "nocache.onnx")
     with pytest.raises(GraphpassError, match="not a with-past graph"):
         open_runner(tmp_path / "nocache.onnx")
+
+
+def test_genai_symbolic_head_size_comes_from_genai_config(tmp_path):
+    """The builder writes past axis 3 as 'kv_cache_dim'; genai_config.json holds head_size."""
+    m = build_genai_past(CFG)
+    for vi in m.graph.input:
+        if vi.name.startswith("past_key_values."):
+            vi.type.tensor_type.shape.dim[3].dim_param = "kv_cache_dim"
+    onnx.save(m, tmp_path / "model.onnx")
+    with pytest.raises(GraphpassError, match="got \\[batch, 2, past, kv_cache_dim\\]"):
+        load_layout(tmp_path / "model.onnx")
+    (tmp_path / "genai_config.json").write_text(json.dumps(genai_config(CFG)))
+    layout = load_layout(tmp_path / "model.onnx")
+    assert {(p.heads, p.head_dim) for p in layout.past} == {(CFG.kv_heads, CFG.head_dim)}
+    run = open_runner(tmp_path / "model.onnx", 1)
+    ids = np.random.default_rng(5).integers(0, CFG.vocab, (1, 5))
+    full = run.prefill(ids)
+    run.prefill(ids[:, :4])
+    np.testing.assert_allclose(run.step(ids[:, 4:])[:, 0], full[:, 4], atol=ATOL)
+
+
+def test_model_json_form_wins(tmp_path):
+    onnx.save(build_optimum_past(CFG), tmp_path / "model.onnx")
+    (tmp_path / "model.json").write_text(json.dumps({"kind": "causal-lm", "form": "genai"}))
+    assert load_layout(tmp_path / "model.onnx").form == "genai"

@@ -5,6 +5,11 @@ For every tensor X that feeds a linear layer, the calibration graph computes
   min_j = ReduceMin(F, axes=[0]),   max_j = ReduceMax(F, axes=[0])
 and returns only those vectors; the original outputs (and nodes only they need, e.g. the LM
 head) are dropped. Batches are merged with np.minimum / np.maximum.
+
+With-past graphs (graph/decode.py) also keep their present.* outputs, and each window x[0:S]
+(past P, usually 0) runs as the generation loop will: a prefill of x[0:S-K], then K decode steps
+of one token x[S-K+t] each against the cache the previous run returned, so the ranges also
+cover one-token activations at past lengths P+S-K .. P+S-1 (K = decode_steps, at most S-1).
 """
 from __future__ import annotations
 
@@ -15,75 +20,70 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
-from tqdm import tqdm
+import onnx_graphsurgeon as gs
+
+from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
-from graphpass.errors import GraphpassError
-from graphpass.graph.io import _all_inputs, load_model, opset_version, save_model
-from graphpass.match.sites import analyze
-from graphpass.graph.runtime import make_session
 from graphpass.calibrate.stats import Stats
+from graphpass.errors import GraphpassError
+from graphpass.graph.gs_io import export_into, import_graph, is_external, opset_version, to_model
+from graphpass.graph.io import load_model, save_graph
+from graphpass.graph.runtime import make_session
+from graphpass.match.sites import analyze
+
+F32 = np.float32
+from graphpass.graph.decode import PastLayout, advance, cache_from_feeds, past_layout, step_feeds
+
+DECODE_STEPS = 4   # decode steps per calibration window of a with-past graph
 
 
-def calibration_targets(model: onnx.ModelProto, base_dir: str | None = None) -> dict[str, int]:
+def calibration_targets(model: onnx.ModelProto | gs.Graph, base_dir: str | None = None) -> dict[str, int]:
     """Tensor -> channel count, for the input of every linear layer (site or not)."""
     an = analyze(model, base_dir)
     return {lin.act: int(lin.shape(an.consts)[0]) for lin in an.linears}
 
 
-def add_reductions(model: onnx.ModelProto, targets: list[str], row_step: int = 0) -> list[str]:
+def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_step: int = 0,
+                   keep: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Replace the graph outputs by per-channel min/max of each target; returns output names.
 
     With row_step > 0 every target also returns its rows o, o + row_step, o + 2·row_step, ...
     (samples of X for the per-site alpha search) as a third output; o is the graph input
-    `gp_calib_start`.
+    `gp_calib_start`. Nodes no new output needs (the LM head, say) go with cleanup(); the graph
+    outputs named in `keep` (a with-past graph's present.*, fed back by decode steps) stay. A gs.Graph
+    is edited in place; a ModelProto is imported, edited and written back into the same object.
     """
-    g, new18 = model.graph, opset_version(model) >= 18
-    axes = "gp_calib_axes0"
-    g.initializer.append(helper.make_tensor(axes, onnx.TensorProto.INT64, [1], [0]))
+    g = model if isinstance(model, gs.Graph) else import_graph(model)
+    tensors, new18 = g.tensors(), opset_version(g) >= 18
+    axes = gs.Constant("gp_calib_axes0", np.array([0], np.int64))
     if row_step:
-        for nm, v in (("end", 2**62), ("step", row_step)):
-            g.initializer.append(helper.make_tensor(f"gp_calib_{nm}", onnx.TensorProto.INT64, [1], [v]))
+        end, step = (gs.Constant(f"gp_calib_{k}", np.array([v], np.int64)) for k, v in (("end", 2**62), ("step", row_step)))
         # the first sampled row varies batch by batch (fed at run time), so every position is seen
-        g.input.append(helper.make_tensor_value_info("gp_calib_start", onnx.TensorProto.INT64, [1]))
+        start = gs.Variable("gp_calib_start", np.int64, [1])
+        g.inputs.append(start)
     outs = []
-    del g.output[:]
     for k, t in enumerate(targets):
-        flat = f"gp_calib_flat_{k}"
-        g.node.append(helper.make_node("Flatten", [t], [flat], axis=-1, name=f"gp_calib_Flatten_{k}"))
+        flat = gs.Variable(f"gp_calib_flat_{k}")
+        g.nodes.append(gs.Node("Flatten", f"gp_calib_Flatten_{k}", {"axis": -1}, [tensors[t]], [flat]))
         for red in ("Min", "Max"):
-            o = f"gp_calib_{red.lower()}_{k}"
-            ins = [flat, axes] if new18 else [flat]
-            kw = {} if new18 else {"axes": [0]}
-            g.node.append(helper.make_node(f"Reduce{red}", ins, [o], keepdims=0,
-                                           name=f"gp_calib_Reduce{red}_{k}", **kw))
-            g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
+            o = gs.Variable(f"gp_calib_{red.lower()}_{k}", F32)
+            ins, kw = ([flat, axes], {}) if new18 else ([flat], {"axes": [0]})
+            g.nodes.append(gs.Node(f"Reduce{red}", f"gp_calib_Reduce{red}_{k}", {"keepdims": 0, **kw}, ins, [o]))
             outs.append(o)
         if row_step:
-            o = f"gp_calib_rows_{k}"
-            g.node.append(helper.make_node("Slice", [flat, "gp_calib_start", "gp_calib_end", axes, "gp_calib_step"],
-                                           [o], name=f"gp_calib_Slice_{k}"))
-            g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
+            o = gs.Variable(f"gp_calib_rows_{k}", F32)
+            g.nodes.append(gs.Node("Slice", f"gp_calib_Slice_{k}", {}, [flat, start, end, axes, step], [o]))
             outs.append(o)
-    _prune(g)
-    return outs
-
-
-def _prune(g: onnx.GraphProto) -> None:
-    """Drop nodes no graph output depends on (the LM head, say) and initializers nobody reads."""
-    need = {o.name for o in g.output}
-    keep = []
-    for n in reversed(g.node):
-        if any(o in need for o in n.output):
-            keep.append(n)
-            need.update(i for i in _all_inputs(n) if i)   # an If / Loop reads what its branches read
-    kept = list(reversed(keep))
-    del g.node[:]
-    g.node.extend(kept)
-    used = [t for t in g.initializer if t.name in need]
-    del g.initializer[:]
-    g.initializer.extend(used)
+    kept = [o for o in g.outputs if o.name in set(keep)]
+    if len(kept) != len(keep):
+        lost = sorted(set(keep) - {o.name for o in kept})[0]
+        raise GraphpassError(f"the graph has no output '{lost}' for its cache; calibrate with decode steps 0")
+    g.outputs = outs + kept
+    g.cleanup()
+    if isinstance(model, onnx.ModelProto):
+        export_into(model, g)
+    return [o.name for o in outs]
 
 
 def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, np.ndarray]]:
@@ -103,47 +103,78 @@ def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, n
 
 
 def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads: int = 2,
-              progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0) -> Stats:
+              progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0,
+              decode_steps: int = DECODE_STEPS) -> Stats:
     """Per-channel min/max of every linear layer's input over `data`, batch by batch.
 
     `data`: dict of arrays (first axis = samples) or a CalibrationDataReader. With row_step > 0,
     `stats.rows[t]` also holds every row_step-th row of each target (kept in memory, not saved).
+    `decode_steps`: for a with-past graph, the K of the module docstring (0: prefill only).
     """
     p = Path(model_path)
     graph_only = load_model(p, load_weights=False)
+    check_model = _inputs_only(graph_only)
+    layout = past_layout(graph_only, p.parent) if decode_steps > 0 else None
+    g = import_graph(graph_only, str(p.parent.resolve()))
+    del graph_only
     if targets is None:
-        targets = calibration_targets(graph_only, str(p.parent))
+        targets = calibration_targets(g)
     if not targets:
         raise GraphpassError(f"{p}: no linear layer with a constant weight; nothing to calibrate")
     names = sorted(targets)
-    check_model = _inputs_only(graph_only)
     if isinstance(data, dict):
         check_data(data, check_model, "data")   # before any progress bar is drawn
-    outs = add_reductions(graph_only, names, row_step)
+    outs = add_reductions(g, names, row_step, keep=layout.present_names if layout is not None else ())
     with tempfile.TemporaryDirectory(prefix="graphpass-calib-") as tmp:
-        src = _spill(graph_only, Path(tmp))
-        del graph_only   # inline weights now sit in tmp: their protobuf copy goes back to the OS
+        src = _spill(g, Path(tmp))
+        del g   # inline weights now sit in tmp: their protobuf copy goes back to the OS
         sess = make_session(src, threads, prepack=False, external_dir=str(p.parent.resolve())
                             if isinstance(src, onnx.ModelProto) else None)
     stats, per = Stats(), 3 if row_step else 2
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rows: dict[str, list[np.ndarray]] = {t: [] for t in names} if row_step else {}
     rng = np.random.default_rng(0)
-    for b in tqdm(feeds(data, batch_size, check_model), total=total, desc="calibrate", unit="batch",
-                  disable=None if progress else True):
-        if row_step:
-            tokens = max(1, next(iter(b.values())).size)      # rows of a [batch, seq, C] tensor
-            b = {**b, "gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
-        vals = sess.run(outs, b)
-        for k, t in enumerate(names):
-            stats.update(t, vals[per * k], vals[per * k + 1])
-            if row_step:
-                rows[t].append(vals[per * k + 2])
+
+    def start(f: dict) -> dict:     # where this run's row samples begin
+        if not row_step:
+            return {}
+        tokens = max(1, f["input_ids"].size if "input_ids" in f else next(iter(f.values())).size)
+        return {"gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
+
+    for b in bar(feeds(data, batch_size, check_model), "calibrate", "batch", total, enabled=progress):
+        for vals in run_window(sess, outs, b, layout, decode_steps, start):
+            for k, t in enumerate(names):
+                stats.update(t, vals[per * k], vals[per * k + 1])
+                if row_step:
+                    rows[t].append(vals[per * k + 2])
         stats.samples += next(iter(b.values())).shape[0]
     stats.require(targets, "calibration")
     for t in list(rows):               # one tensor at a time: never two copies of all rows
         stats.rows[t] = np.concatenate(rows.pop(t))
     return stats
+
+
+def run_window(sess, outs: list[str], b: dict[str, np.ndarray], layout: PastLayout | None,
+               decode_steps: int, extra) -> Iterator[list[np.ndarray]]:
+    """The values of `outs` for each run over one batch: one run for a no-cache graph; for a
+    with-past graph a prefill of all but the last K tokens, then K one-token decode steps, each
+    fed the present.* of the run before (`extra(feeds)`: feeds the calibration graph adds)."""
+    ids = b.get("input_ids") if layout is not None else None
+    K = min(decode_steps, ids.shape[1] - 1) if ids is not None and ids.ndim == 2 else 0
+    if K <= 0:
+        yield sess.run(outs, {**b, **extra(b)})
+        return
+    cache = cache_from_feeds(layout, b)
+    P, S, mask = cache.length, ids.shape[1], b[layout.mask]
+    f = step_feeds(layout, cache, ids[:, :S - K], mask[:, P:P + S - K])
+    for t in range(K + 1):
+        vals = sess.run(outs + layout.present_names, {**f, **extra(f)})
+        yield vals[:len(outs)]
+        if t == K:
+            return
+        cache = advance(layout, f, dict(zip(layout.present_names, vals[len(outs):])))
+        j = S - K + t
+        f = step_feeds(layout, cache, ids[:, j:j + 1], mask[:, P + j:P + j + 1])
 
 
 def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -154,13 +185,12 @@ def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _spill(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto | Path:
+def _spill(g: gs.Graph, folder: Path) -> onnx.ModelProto | Path:
     """The calibration graph as onnxruntime should load it. Weights in external data stay beside
-    the model (the proto, small, is returned). Inline weights are written to `folder` as external
-    data (the path is returned): onnxruntime then maps them rather than parse a second copy of a
-    serialized model, and peak memory stays near the model's size instead of several times it."""
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    if any(uses_external_data(t) for t in _get_all_tensors(model)):
-        return model
-    return save_model(model, folder / "calibration.onnx", external=True, release=True)
+    the model (the exported proto, small, is returned). Inline weights are written to `folder` as
+    external data, one at a time (the path is returned): onnxruntime then maps them rather than
+    parse a second copy of a serialized model, and peak memory stays near the model's size."""
+    consts = [t for t in g.tensors().values() if isinstance(t, gs.Constant)]
+    if any(is_external(c) for c in consts):
+        return to_model(g)
+    return save_graph(g, folder / "calibration.onnx", external=True)

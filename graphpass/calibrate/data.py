@@ -2,7 +2,11 @@
 
 build_data: text -> tokenizer -> non-overlapping windows of seq_len tokens -> input_ids[N, seq_len]
 (plus attention_mask = 1, token_type_ids = 0, position_ids = arange for graphs that take them).
-load_data / check_data: the file must match the graph inputs by name, dtype and rank.
+A with-past graph (graph/decode.py) also gets an empty past: past_key_values.* of shape
+[N, kv_heads, 0, head_dim], so attention_mask [N, 0 + seq_len] and position_ids 0..seq_len-1
+describe a prefill from nothing.
+load_data / check_data: the file must match the graph inputs by name, dtype and rank; only a
+past input may have an empty axis (its past length, axis 2).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import numpy as np
 import onnx
 
 from graphpass.errors import GraphpassError
+from graphpass.graph.decode import PastLayout, empty_cache, is_past_name, past_layout
 from graphpass.graph.io import input_specs, temp_beside
 
 
@@ -51,8 +56,9 @@ def tokenize(text_path: str | os.PathLike, tokenizer_path: str | os.PathLike) ->
 
 
 def build_data(ids: np.ndarray, seq_len: int, samples: int, model: onnx.ModelProto | None = None,
-               source: str = "text") -> dict[str, np.ndarray]:
-    """Cut a token stream into `samples` windows; fill the other inputs the graph declares."""
+               source: str = "text", layout: PastLayout | None = None) -> dict[str, np.ndarray]:
+    """Cut a token stream into `samples` windows; fill the other inputs the graph declares
+    (`layout`: the graph's with-past layout, default read from `model`)."""
     if seq_len < 2:
         raise GraphpassError(f"--seq-len must be at least 2, got {seq_len}")
     if samples < 1:
@@ -65,9 +71,14 @@ def build_data(ids: np.ndarray, seq_len: int, samples: int, model: onnx.ModelPro
                              f"fewer than the {samples} samples asked for")
     input_ids = ids[: samples * seq_len].reshape(samples, seq_len)
     names = [s.name for s in input_specs(model)] if model is not None else ["input_ids"]
+    if layout is None and model is not None:
+        layout = past_layout(model)
+    past = empty_cache(layout, samples).past if layout is not None else {}
     out: dict[str, np.ndarray] = {}
     for name in names:
-        if name == "input_ids":
+        if name in past:
+            out[name] = past[name]
+        elif name == "input_ids":
             out[name] = input_ids
         elif "mask" in name:
             out[name] = np.ones_like(input_ids)
@@ -83,8 +94,7 @@ def build_data(ids: np.ndarray, seq_len: int, samples: int, model: onnx.ModelPro
 def save_data(data: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     """Atomic .npz write; never replaces a file that is not an .npz (a model given as -o, say)."""
     p = Path(path)
-    if p.is_file() and p.stat().st_size and not _is_zip(p):
-        raise GraphpassError(f"{p}: exists and is not an .npz file; refusing to replace it")
+    check_npz_dest(p)
     made: list[str] = []
     try:
         tmp = temp_beside(p, ".tmp.npz", made)
@@ -97,6 +107,12 @@ def save_data(data: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
             raise GraphpassError(f"{p}: cannot write it ({e.strerror or e})") from None
         raise
     return p
+
+
+def check_npz_dest(p: Path) -> None:
+    """Refuse to replace a file that is not an .npz (a model given as -o, say)."""
+    if p.is_file() and p.stat().st_size and not _is_zip(p):
+        raise GraphpassError(f"{p}: exists and is not an .npz file; refusing to replace it")
 
 
 def _is_zip(p: Path) -> bool:
@@ -130,6 +146,12 @@ def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, source: str 
     specs = {s.name: s for s in input_specs(model)}
     missing = sorted(set(specs) - set(data))
     extra = sorted(set(data) - set(specs))
+    past = [n for n in specs if is_past_name(n)]
+    if [n for n in past if n in missing]:
+        lack = [n for n in past if n in missing]
+        more = f" (and {len(lack) - 2} more)" if len(lack) > 2 else ""
+        raise GraphpassError(f"{source}: lacks the past input(s) {', '.join(lack[:2])}{more} of this "
+                             f"with-past graph; build it with `graphpass data --model MODEL`")
     if missing:
         raise GraphpassError(f"{source}: missing graph input(s) {', '.join(missing)}")
     if extra:
@@ -144,7 +166,7 @@ def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, source: str 
             raise GraphpassError(f"{source}: '{name}' has rank {a.ndim}, graph expects {spec.rank}")
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             raise GraphpassError(f"{source}: '{name}' holds NaN or Inf values")
-        if a.ndim and a.shape[0] and not a.size:
+        if a.ndim and a.shape[0] and not a.size and not (name in past and _only_past_empty(a)):
             raise GraphpassError(f"{source}: '{name}' has shape {list(a.shape)}: an axis is empty")
         counts.add(a.shape[0] if a.ndim else 0)
     if len(counts) != 1:
@@ -152,7 +174,26 @@ def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, source: str 
     n = counts.pop()
     if n == 0:
         raise GraphpassError(f"{source}: zero samples")
+    if past:
+        _check_past_lengths(data, past, source)
     return n
+
+
+def _only_past_empty(a: np.ndarray) -> bool:
+    """A past of length 0: [b, kv_heads, 0, head_dim] with every other axis non-empty."""
+    return a.ndim == 4 and a.shape[2] == 0 and 0 not in (a.shape[1], a.shape[3])
+
+
+def _check_past_lengths(data: dict[str, np.ndarray], past: list[str], source: str) -> None:
+    """One past length P for every past input, and attention_mask [N, P + seq]."""
+    lengths = sorted({data[n].shape[2] for n in past if data[n].ndim == 4})
+    if len(lengths) != 1:
+        raise GraphpassError(f"{source}: past inputs disagree on the past length {lengths}")
+    mask, ids = data.get("attention_mask"), data.get("input_ids")
+    if mask is not None and ids is not None and mask.ndim == 2 and ids.ndim == 2 \
+            and mask.shape[1] != lengths[0] + ids.shape[1]:
+        raise GraphpassError(f"{source}: attention_mask has {mask.shape[1]} columns, expected past "
+                             f"{lengths[0]} + seq {ids.shape[1]} = {lengths[0] + ids.shape[1]}")
 
 
 def batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

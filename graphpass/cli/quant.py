@@ -27,7 +27,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          site_alpha=site_alpha(a.site_alpha), lm_head=a.lm_head,
                          embedding_int8=a.embedding_int8, skip=tuple(a.skip or ()),
                          simplify_attention=not a.keep_attention, attention_chunks=a.attention_chunks,
-                         batch_size=a.batch_size, threads=a.threads)
+                         batch_size=a.batch_size, threads=a.threads, decode_steps=a.decode_steps)
     if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
                              "a dynamic scheme)")
@@ -95,6 +95,9 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--attention-chunks", type=positive(int), default=3, metavar="N",
                    help="causal attention: N query chunks, each reading only the keys it sees (1: off)")
     q.add_argument("--batch-size", type=positive(int), default=1)
+    q.add_argument("--decode-steps", type=int, default=4, metavar="K",
+                   help="with-past graphs: calibrate each window as a prefill plus K one-token decode "
+                        "steps against the cache (0: prefill only)")
     q.add_argument("--threads", type=positive(int), default=2)
     q.add_argument("--max-kl", type=float, metavar="X",
                    help="accuracy budget: KL(FP32 || int8) on held-out data; over it, the most "

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from graphpass.cli.common import load_checked_data, write_json
+from graphpass.cli.common import check_output, load_checked_data, write_json
 from graphpass.errors import GraphpassError
 
 
 def _cmd_data(a: argparse.Namespace) -> None:
     from graphpass.calibrate.data import build_data, play_path, save_data, tokenize
+    from graphpass.graph.decode import load_layout
     from graphpass.graph.io import load_model
 
     if bool(a.text) == bool(a.play):
@@ -17,7 +18,8 @@ def _cmd_data(a: argparse.Namespace) -> None:
     text = Path(a.text) if a.text else play_path(a.play)
     model = load_model(a.model, load_weights=False) if a.model else None
     ids = tokenize(text, a.tokenizer)
-    data = build_data(ids, a.seq_len, a.samples, model, source=str(text.name))
+    layout = load_layout(a.model, model) if model is not None else None
+    data = build_data(ids, a.seq_len, a.samples, model, source=str(text.name), layout=layout)
     save_data(data, a.output)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in data.items())
     print(f"wrote {a.output}: {shapes} from {len(ids)} tokens of {text.name}")
@@ -26,9 +28,11 @@ def _cmd_data(a: argparse.Namespace) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     from graphpass.validate.evaluate import evaluate, format_report
 
+    if a.json:
+        check_output(a.json, a.json, overwrite=True)      # the JSON can be written: before any work
     data = load_checked_data(a.data, a.reference)
     res = evaluate(a.candidate, a.reference, data, batch_size=a.batch_size, threads=a.threads,
-                   kind=a.kind)
+                   kind=a.kind, decode_from=a.decode_from or 0)
     print(format_report(res))
     write_json(a.json, res)
 
@@ -49,7 +53,7 @@ def add_parsers(sub, positive) -> None:
     d.add_argument("--tokenizer", required=True, help="tokenizer.json")
     d.add_argument("--seq-len", type=int, default=512)
     d.add_argument("--samples", type=int, default=16)
-    d.add_argument("--model", help="fill every input this graph declares (masks, token types)")
+    d.add_argument("--model", help="fill every input this graph declares (masks, token types, an empty past)")
     d.add_argument("-o", "--output", required=True)
     d.set_defaults(func=_cmd_data)
 
@@ -60,6 +64,9 @@ def add_parsers(sub, positive) -> None:
     e.add_argument("--kind", choices=["causal-lm", "encoder"], help="default: model.json or inferred")
     e.add_argument("--batch-size", type=positive(int), default=2)
     e.add_argument("--threads", type=positive(int), default=2)
+    e.add_argument("--decode-from", type=positive(int), metavar="P",
+                   help="with-past graphs: prefill P tokens, then decode one token per step to the "
+                        "window's end; score the decoded positions only (default: one prefill)")
     e.add_argument("--json", help="also write the metrics as JSON")
     e.set_defaults(func=_cmd_eval)
 

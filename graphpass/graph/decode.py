@@ -67,14 +67,29 @@ def past_layout(model: onnx.ModelProto, folder: str | os.PathLike | None = None)
     if not past_names:
         return None
     outputs = [o.name for o in model.graph.output]
-    past = tuple(_past_input(inputs[n], key_pat, present_pat, outputs) for n in past_names)
+    dec = (cfg or {}).get("model", {}).get("decoder", {})
+    sizes = (dec.get("num_key_value_heads"), dec.get("head_size"))   # for symbolic axes 1 and 3
+    past = tuple(_past_input(inputs[n], present_pat, outputs, sizes) for n in past_names)
     for need in ("input_ids", "attention_mask"):
         if need not in inputs:
             raise GraphpassError(f"with-past graph has no '{need}' input (inputs: {', '.join(inputs)})")
     logits = "logits" if "logits" in outputs else next(o for o in outputs if o not in
                                                        {p.present for p in past})
-    genai = cfg is not None or any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
-    return PastLayout("genai" if genai else "optimum", past, logits, "position_ids" in inputs)
+    form = _declared_form(folder)
+    if form is None:
+        genai = cfg is not None or any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+        form = "genai" if genai else "optimum"
+    return PastLayout(form, past, logits, "position_ids" in inputs)
+
+
+def _declared_form(folder) -> str | None:
+    """model.json's "form" ("optimum" / "genai"), as the exports in models/ write it."""
+    p = Path(folder) / "model.json" if folder is not None else None
+    try:
+        form = json.loads(p.read_text()).get("form") if p is not None and p.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return form if form in ("optimum", "genai") else None
 
 
 def _genai_config(folder) -> dict | None:
@@ -99,7 +114,7 @@ def _patterns(cfg: dict | None) -> tuple[re.Pattern, tuple[str, str]]:
     return re.compile(rx), ((pk, ok), (pv, ov))
 
 
-def _past_input(vi: onnx.ValueInfoProto, key_pat, templates, outputs: list[str]) -> PastInput:
+def _past_input(vi: onnx.ValueInfoProto, templates, outputs: list[str], sizes: tuple) -> PastInput:
     present = None
     for past_t, present_t in templates:
         m = re.fullmatch(re.escape(past_t).replace("%d", r"(\d+)"), vi.name)
@@ -109,9 +124,11 @@ def _past_input(vi: onnx.ValueInfoProto, key_pat, templates, outputs: list[str])
         raise GraphpassError(f"past input '{vi.name}' has no matching output '{present}'")
     tt = vi.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    if len(dims) == 4:   # genai writes axis 3 as "kv_cache_dim": genai_config.json has the size
+        dims[1], dims[3] = dims[1] or sizes[0], dims[3] or sizes[1]
     if len(dims) != 4 or dims[1] is None or dims[3] is None:
         raise GraphpassError(f"past input '{vi.name}' must be [batch, kv_heads, past, head_dim] with "
-                             f"fixed kv_heads and head_dim, got {_dims_text(tt)}")
+                             f"fixed kv_heads and head_dim (or genai_config.json's), got {_dims_text(tt)}")
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
     return PastInput(vi.name, present, dtype, dims[1], dims[3])
 
@@ -221,6 +238,25 @@ class DecodeRunner:
         """One step from a data batch that names every graph input (past included)."""
         self.cache = cache_from_feeds(self.layout, batch)
         return self._run({**batch, **extra_feeds})
+
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits of one run over a data batch (past included), fetching no cache: the cheap
+        path when every position's logits come from one prefill (evaluation)."""
+        check_past(self.layout, batch, "data")
+        return self.sess.run([self.layout.logits], batch)[0]
+
+    def decode_window(self, batch: dict[str, np.ndarray], start: int) -> np.ndarray:
+        """Logits of positions start..S-1 of a data batch produced as generation does: the batch's
+        own past, a prefill of its first `start` tokens, then one token per step. [b, S-start, V]"""
+        ids = batch[self.layout.ids]
+        if not 1 <= start < ids.shape[1]:
+            raise GraphpassError(f"decode start {start} must lie in [1, {ids.shape[1] - 1}] "
+                                 f"for windows of {ids.shape[1]} tokens")
+        self.cache = cache_from_feeds(self.layout, batch)
+        P, mask = self.cache.length, batch[self.layout.mask]
+        self.step(ids[:, :start], mask[:, P:P + start])
+        return np.concatenate([self.step(ids[:, t:t + 1], mask[:, P + t:P + t + 1])
+                               for t in range(start, ids.shape[1])], 1)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         vals = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from graphpass.validate.bench import synthetic_inputs
 from graphpass.errors import GraphpassError
+from graphpass.graph.gs_io import constants, nbytes, to_model
 from graphpass.graph.io import input_specs
 from graphpass.passes.smooth import SmoothConfig, SmoothReport, smooth
 from graphpass.match.sites import analyze
@@ -23,10 +25,10 @@ def check_alpha(alpha: float, what: str = "alpha") -> None:
         raise GraphpassError(f"{what} must be within [0, 1], got {alpha}")
 
 
-def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bool = True,
-                 base_dir: str | None = None) -> tuple[onnx.ModelProto, SmoothReport]:
+def smooth_model(model: onnx.ModelProto | gs.Graph, stats, config: SmoothConfig, verify: bool = True,
+                 base_dir: str | None = None) -> tuple[onnx.ModelProto | gs.Graph, SmoothReport]:
     """`base_dir`: the model's folder when its weights were left in external data (read one at a
-    time; the result holds every weight inline, ready for save_model(release=True))."""
+    time). A gs.Graph is smoothed in place (ready for io.save_graph); a ModelProto is written back."""
     check_alpha(config.alpha)
     for key, a in config.site_alpha:
         check_alpha(a, f"alpha for site '{key}'")
@@ -41,14 +43,11 @@ def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bo
     if not acts:
         return model, SmoothReport(uncovered=list(an.uncovered))
     stats.require(acts, "stats")
-    original = onnx.ModelProto()
-    if verify and _weight_bytes(model) < (1 << 31) - (1 << 24):   # both graphs must serialize
-        original.CopyFrom(model)
-    else:
-        verify = False
+    verify = verify and _weight_bytes(an.graph) < (1 << 31) - (1 << 24)   # both graphs must serialize
+    original = to_model(an.graph) if verify else None    # weights still lazy: small
     model, rep = smooth(model, {t: stats.absmax(t) for t in acts}, config, an)
     if verify:
-        err = output_change(original, model, base_dir)
+        err = output_change(original, to_model(an.graph), base_dir)
         if err > VERIFY_RTOL:
             raise GraphpassError(f"smoothing changed the graph's outputs (max relative error {err:.2e}); "
                                  "a site was folded wrongly: please report this model")
@@ -56,11 +55,9 @@ def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bo
     return model, rep
 
 
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers, inline or external, from their dims (ByteSize fails past 2 GB)."""
-    return sum(int(np.prod(t.dims, dtype=np.int64)) *
-               np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-               for t in model.graph.initializer)
+def _weight_bytes(g: gs.Graph) -> int:
+    """Bytes of the constants, inline or external, from their shapes (ByteSize fails past 2 GB)."""
+    return sum(nbytes(c) for c in constants(g))
 
 
 def output_change(a: onnx.ModelProto, b: onnx.ModelProto, base_dir: str | None = None,

@@ -231,7 +231,8 @@ def quantize_within_budget(model: str | os.PathLike, output: str | os.PathLike, 
     stats = None
     if config.alpha is not None or config.scheme == "static":
         stats = calibrate(src, calib, config.batch_size, config.threads, progress,
-                          row_step=config.row_step if config.alpha == "auto" else 0)
+                          row_step=config.row_step if config.alpha == "auto" else 0,
+                          decode_steps=config.decode_steps)
         log(f"calibrate: {len(stats.min)} tensors over {stats.samples} samples "
             f"({time.perf_counter() - t0:.1f} s; {res.held_out} samples held out)")
     work = Path(tempfile.mkdtemp(prefix=".graphpass-budget-", dir=out.parent))

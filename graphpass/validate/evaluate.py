@@ -7,6 +7,11 @@ Causal LM, with p = softmax(reference logits), q = softmax(candidate logits) at 
   top-1      = mean_t [argmax p == argmax q]
 Encoder: cosine similarity of the output vectors per (unmasked) token, mean and min.
 Always, per output: max |ref - cand| and mean |ref - cand|.
+
+With-past graphs (graph/decode.py) are compared on their logits only (never present.*): by
+default from one prefill over the data's (empty) past, which gives every position's logits;
+with decode_from = P, from a prefill of P tokens then one token per step to the window's end,
+and every metric is taken over the decoded positions P..S-1 only.
 """
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
 from graphpass.errors import GraphpassError
+from graphpass.graph.decode import DecodeRunner, PastLayout, load_layout
 from graphpass.graph.io import load_model, output_names
 from graphpass.graph.runtime import make_session
 
@@ -95,7 +101,8 @@ def _check_scorable(kind: str, data: dict[str, np.ndarray]) -> None:
 
 def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: dict[str, np.ndarray],
              batch_size: int = 2, threads: int = 2, kind: str | None = None,
-             progress: bool = True, ref_cache: str | os.PathLike | None = None) -> dict:
+             progress: bool = True, ref_cache: str | os.PathLike | None = None,
+             decode_from: int = 0) -> dict:
     """Run both graphs over `data` and return the metrics above as a JSON-ready dict.
 
     `ref_cache`: a folder keeping the reference's outputs between calls (the accuracy budget
@@ -108,6 +115,10 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
     outs = output_names(ref_model)
     if output_names(cand_model) != outs:
         raise GraphpassError(f"{candidate}: outputs {output_names(cand_model)} differ from the reference's {outs}")
+    layout = load_layout(reference, ref_model)
+    outs = [layout.logits] if layout is not None else outs
+    if decode_from and layout is None:
+        raise GraphpassError(f"{reference}: decode-mode evaluation needs a with-past graph")
     kind = kind or model_kind(reference, ref_model)
     _check_scorable(kind, data)
     st, bs = _Stats(), list(batches(data, batch_size))
@@ -115,23 +126,39 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
         # One graph at a time: the reference's outputs wait on disk, so peak memory is that of the
         # larger session, not of both (a 2.4 GB model and its smoothed copy would need 2x).
         ref_dir = Path(ref_cache) if ref_cache is not None else Path(tmp)
-        key = _reference_key(reference, data, batch_size, outs)
+        key = _reference_key(reference, data, batch_size, outs) + f" decode_from={decode_from}"
         if not (ref_dir / "key.txt").is_file() or (ref_dir / "key.txt").read_text() != key:
             ref_dir.mkdir(parents=True, exist_ok=True)
             (ref_dir / "key.txt").unlink(missing_ok=True)
             sess = make_session(reference, threads)
-            for k, b in enumerate(tqdm(bs, desc="eval reference", unit="batch", disable=None if progress else True)):
-                for i, v in enumerate(sess.run(outs, b)):
+            for k, b in enumerate(bar(bs, "eval reference", "batch", enabled=progress)):
+                for i, v in enumerate(_forward(sess, outs, b, layout, decode_from)):
                     np.save(ref_dir / f"{k}-{i}.npy", v)
             sess = None
             (ref_dir / "key.txt").write_text(key)
         sess = make_session(candidate, threads)
-        for k, b in enumerate(tqdm(bs, desc="eval candidate", unit="batch", disable=None if progress else True)):
-            c = sess.run(outs, b)
+        for k, b in enumerate(bar(bs, "eval candidate", "batch", enabled=progress)):
+            c = _forward(sess, outs, b, layout, decode_from)
             r = [np.load(ref_dir / f"{k}-{i}.npy", mmap_mode="r") for i in range(len(outs))]
-            _compare(st, kind, outs, b, r, c)
+            _compare(st, kind, outs, _scored(b, decode_from), r, c)
             del r
-    return _summary(st.s, kind, n, outs)
+    res = _summary(st.s, kind, n, outs)
+    if decode_from:
+        res["decode_from"] = decode_from
+    return res
+
+
+def _forward(sess, outs: list[str], b: dict, layout: PastLayout | None, decode_from: int) -> list:
+    """The outputs compared for one batch (see the module docstring for with-past graphs)."""
+    if layout is None:
+        return sess.run(outs, b)
+    run = DecodeRunner(sess, layout)
+    return [run.decode_window(b, decode_from) if decode_from else run.logits(b)]
+
+
+def _scored(b: dict, decode_from: int) -> dict:
+    """The batch as the metrics see it: in decode mode, the decoded positions only."""
+    return {**b, "input_ids": b["input_ids"][:, decode_from:]} if decode_from else b
 
 
 def _reference_key(reference, data: dict[str, np.ndarray], batch_size: int, outs: list[str]) -> str:
