@@ -67,7 +67,9 @@ def past_layout(model: onnx.ModelProto, folder: str | os.PathLike | None = None)
     if not past_names:
         return None
     outputs = [o.name for o in model.graph.output]
-    past = tuple(_past_input(inputs[n], key_pat, present_pat, outputs) for n in past_names)
+    dec = (cfg or {}).get("model", {}).get("decoder", {})   # the builder leaves head_dim symbolic
+    fixed = (dec.get("num_key_value_heads"), dec.get("head_size"))
+    past = tuple(_past_input(inputs[n], key_pat, present_pat, outputs, fixed) for n in past_names)
     for need in ("input_ids", "attention_mask"):
         if need not in inputs:
             raise GraphpassError(f"with-past graph has no '{need}' input (inputs: {', '.join(inputs)})")
@@ -99,7 +101,8 @@ def _patterns(cfg: dict | None) -> tuple[re.Pattern, tuple[str, str]]:
     return re.compile(rx), ((pk, ok), (pv, ov))
 
 
-def _past_input(vi: onnx.ValueInfoProto, key_pat, templates, outputs: list[str]) -> PastInput:
+def _past_input(vi: onnx.ValueInfoProto, key_pat, templates, outputs: list[str],
+                fixed: tuple = (None, None)) -> PastInput:
     present = None
     for past_t, present_t in templates:
         m = re.fullmatch(re.escape(past_t).replace("%d", r"(\d+)"), vi.name)
@@ -109,6 +112,8 @@ def _past_input(vi: onnx.ValueInfoProto, key_pat, templates, outputs: list[str])
         raise GraphpassError(f"past input '{vi.name}' has no matching output '{present}'")
     tt = vi.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    if len(dims) == 4:   # a symbolic kv_heads / head_dim as genai_config.json states it
+        dims[1], dims[3] = (dims[i] if dims[i] is not None else f for i, f in zip((1, 3), fixed))
     if len(dims) != 4 or dims[1] is None or dims[3] is None:
         raise GraphpassError(f"past input '{vi.name}' must be [batch, kv_heads, past, head_dim] with "
                              f"fixed kv_heads and head_dim, got {_dims_text(tt)}")
