@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from graphpass.errors import GraphpassError
-from graphpass.graph.decode import DecodeRunner, load_layout
+from graphpass.graph.decode import DecodeRunner, PastLayout, load_layout
 from graphpass.graph.io import input_specs, load_model
 from graphpass.graph.runtime import make_session
 
@@ -30,14 +30,21 @@ PAUSE_S = 0.05       # between two generations: lets the other session's threads
 MIN_ROUNDS = 2       # timed generations per graph, whatever the budget
 
 
-def open_decoder(path: str | os.PathLike, threads: int = 2, command: str = "this command") -> DecodeRunner:
-    """A DecodeRunner over the with-past graph at `path`; one line if it takes no past."""
+def inspect_decoder(path: str | os.PathLike, command: str = "this command") -> tuple[PastLayout, int | None]:
+    """(with-past layout, rows of the table input_ids index or None), reading the graph once;
+    one line if it takes no past."""
     model = load_model(path, load_weights=False)
     layout = load_layout(path, model)
     if layout is None:
         raise GraphpassError(f"{command} needs a with-past graph (past_key_values.* inputs, present.* "
                              f"outputs); {Path(path).name} takes no past input")
-    return DecodeRunner(make_session(path, threads), layout)
+    spec = next((s for s in input_specs(model) if s.name == layout.ids), None)
+    return layout, spec.limit if spec is not None else None
+
+
+def open_decoder(path: str | os.PathLike, threads: int = 2, command: str = "this command") -> DecodeRunner:
+    """A DecodeRunner over the with-past graph at `path`; one line if it takes no past."""
+    return DecodeRunner(make_session(path, threads), inspect_decoder(path, command)[0])
 
 
 def check_feedback(runner: DecodeRunner, name: str) -> None:
@@ -53,15 +60,11 @@ def check_feedback(runner: DecodeRunner, name: str) -> None:
                                  f"'{p.name}' takes [batch, {p.heads}, past, {p.head_dim}]")
 
 
-def table_rows(path: str | os.PathLike) -> int | None:
-    """Rows of the smallest table the graph's input_ids index (the id range), if known."""
-    spec = next((s for s in input_specs(load_model(path, load_weights=False)) if s.name == "input_ids"), None)
-    return spec.limit if spec is not None else None
-
-
 def prompt_ids(prompt_len: int, data: dict[str, np.ndarray] | None, rows: int | None,
                seed: int = 0) -> tuple[np.ndarray, str]:
-    """(ids [P], where they came from): --data's first window, else seeded ids in [0, rows)."""
+    """(ids [P], where they came from): the first window of `data` (its input_ids, without
+    masked-out pads; any past arrays in it are not used: each graph starts from its own empty
+    cache), else seeded ids in [0, rows)."""
     if data is None:
         hi = rows or 100
         return np.random.default_rng(seed).integers(0, hi, prompt_len).astype(np.int64), f"synthetic ids < {hi}"
@@ -109,12 +112,15 @@ def bench_decode(candidate: str | os.PathLike, reference: str | os.PathLike, pro
     """TTFT, ms/token, tokens/s of both graphs from one prompt, timed in alternating generations."""
     if prompt_len < 1 or steps < 1:
         raise GraphpassError(f"prompt length and steps must be >= 1, got {prompt_len} and {steps}")
-    runners = {"reference": open_decoder(reference, threads, "bench --decode"),
-               "candidate": open_decoder(candidate, threads, "bench --decode")}
-    rows = [r for r in (table_rows(reference), table_rows(candidate)) if r]
+    seen = {k: inspect_decoder(p, "bench --decode") for k, p in (("reference", reference),
+                                                                 ("candidate", candidate))}
+    rows = [r for _, r in seen.values() if r]
     prompt, source = prompt_ids(prompt_len, data, min(rows) if rows else None)
+    runners = {k: DecodeRunner(make_session(p, threads), seen[k][0])
+               for k, p in (("reference", reference), ("candidate", candidate))}
     tokens = {k: greedy_generation(r, prompt, steps, k)[0] for k, r in runners.items()}   # warm-up
     ttft, step = {k: [] for k in runners}, {k: [] for k in runners}
+    load = [os.getloadavg()[0]]      # 1-minute load average, before and after: how busy the machine was
     start, rounds = time.perf_counter(), 0
     while rounds < MIN_ROUNDS or time.perf_counter() - start < seconds:
         order = list(runners) if rounds % 2 == 0 else list(runners)[::-1]
@@ -124,12 +130,14 @@ def bench_decode(candidate: str | os.PathLike, reference: str | os.PathLike, pro
             step[k] += ts
             time.sleep(PAUSE_S)
         rounds += 1
+    load.append(os.getloadavg()[0])
     ref, cand = _summary(ttft["reference"], step["reference"]), _summary(ttft["candidate"], step["candidate"])
     return {"prompt_len": prompt_len, "steps": steps, "threads": threads, "prompt": source,
             "forms": {k: r.layout.form for k, r in runners.items()},
             "reference": ref, "candidate": cand,
             "ratio": {"ttft": cand["ttft_ms"] / ref["ttft_ms"], "decode": cand["decode_ms"] / ref["decode_ms"]},
-            "agree": _agreement(tokens["candidate"], tokens["reference"]), "tokens": tokens}
+            "agree": _agreement(tokens["candidate"], tokens["reference"]), "tokens": tokens,
+            "load_average": load}
 
 
 def format_bench_decode(res: dict) -> str:
@@ -143,4 +151,5 @@ def format_bench_decode(res: dict) -> str:
     lines.append(f"  {'ratio':>10} {res['ratio']['ttft']:>10.3f}x {res['ratio']['decode']:>9.3f}x")
     lines.append(f"greedy tokens: the first {a['prefix']} of {a['tokens']} agree "
                  f"({a['same']} equal positions)")
+    lines.append("load average (1 min) {:.2f} at start, {:.2f} at end".format(*res["load_average"]))
     return "\n".join(lines)
