@@ -21,8 +21,12 @@ def _cmd_data(a: argparse.Namespace) -> None:
     layout = load_layout(a.model, model) if model is not None else None
     data = build_data(ids, a.seq_len, a.samples, model, source=str(text.name), layout=layout)
     save_data(data, a.output)
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in data.items())
-    print(f"wrote {a.output}: {shapes} from {len(ids)} tokens of {text.name}")
+    past = set(layout.past_names) if layout is not None else set()
+    shapes = [f"{k} {list(v.shape)}" for k, v in data.items() if k not in past]
+    if past:     # one line for the cache, not one entry per layer
+        first = data[layout.past_names[0]]
+        shapes.append(f"{len(past)} past inputs {list(first.shape)} (empty cache)")
+    print(f"wrote {a.output}: {', '.join(shapes)} from {len(ids)} tokens of {text.name}")
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
