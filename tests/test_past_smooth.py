@@ -100,3 +100,15 @@ def test_save_with_check_accepts_onnxruntime_ops_of_the_onnx_domain(tmp_path):
     assert any(n.op_type == "SimplifiedLayerNormalization" and n.domain == "" for n in m.graph.node)
     save_model(m, tmp_path / "g.onnx", check=True)
     assert len(load_model(tmp_path / "g.onnx").graph.node) == len(m.graph.node)
+
+
+def test_shape_readers_of_the_cache_do_not_block_the_value_fold():
+    """The TorchScript export reads present.{i}.value with four Shape nodes besides the head
+    repeat; a Shape sees no values, so v -> o still folds (real SmolLM2: 30 attn sites)."""
+    m = build_optimum_past()
+    concat = next(n for n in m.graph.node if n.op_type == "Concat" and n.input[0].endswith(".value"))
+    m.graph.node.append(onnx.helper.make_node("Shape", [concat.output[0]], ["gp_test_shape"]))
+    kinds = [s.kind for s in analyze(m).sites]
+    assert kinds.count("attn") == 2, kinds
+    sm, _ = _smoothed(m)
+    assert output_change(m, sm) < RTOL

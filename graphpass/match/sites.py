@@ -272,7 +272,7 @@ def _trace_attention(gr: _Graph, x: gs.Tensor, width: int, by_out: dict):
         if cached is not None:
             t = cached
             continue
-        if t is not x and not gr.single_use(t):
+        if t is not x and (len(_value_readers(t)) != 1 or gr.is_output(t)):
             return None, None, "value path tensor has other readers (a kv-cache output?)" if seen_pv else ""
         if t.name in by_out and seen_pv:
             break
@@ -315,9 +315,14 @@ def _cache_concat(gr: _Graph, t: gs.Tensor) -> gs.Tensor | None:
     inputs = {i.name for i in gr.g.inputs}
     if n.inputs[0].name not in inputs or n.inputs[1].name in inputs:
         return None
-    if attr(n, "axis", None) not in (2, -2) or len(gr.readers(t)) != 1:
+    if attr(n, "axis", None) not in (2, -2) or len(_value_readers(t)) != 1:
         return None
     return n.inputs[1]
+
+
+def _value_readers(t: gs.Tensor) -> list[gs.Node]:
+    """Readers that see t's values (a Shape reader sees only its shape, which scaling keeps)."""
+    return [r for r in t.outputs if r.op != "Shape"]
 
 
 def _gqa_value(gr: _Graph, n: gs.Node, width: int, by_out: dict):
