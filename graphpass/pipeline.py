@@ -13,7 +13,7 @@ from pathlib import Path
 
 from graphpass.errors import GraphpassError
 from graphpass.graph.gs_io import import_graph
-from graphpass.graph.io import load_model, model_size, save_graph
+from graphpass.graph.io import externalized, load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.quantize import QuantConfig, QuantReport
@@ -79,9 +79,16 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     `stats`: calibration stats computed earlier for this model (graphpass.budget re-quantizes
     with them); calibration is then skipped and `data` is not read.
     """
+    with externalized(model) as src:     # inline weights: read once, then one at a time
+        res = _quantize(src, output, data, config, progress, log, stats)
+    res.size_before = model_size(model)
+    return res
+
+
+def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, log, stats) -> PipelineResult:
     from graphpass.calibrate.collect import calibrate
 
-    src, res = Path(model), PipelineResult(Path(output))
+    res = PipelineResult(Path(output))
     needs_stats = (config.alpha is not None or config.scheme == "static") and stats is None
 
     def step(name: str, t0: float, what: str) -> None:

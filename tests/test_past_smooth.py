@@ -112,3 +112,54 @@ def test_shape_readers_of_the_cache_do_not_block_the_value_fold():
     assert kinds.count("attn") == 2, kinds
     sm, _ = _smoothed(m)
     assert output_change(m, sm) < RTOL
+
+
+def test_quantize_spills_inline_weights_and_leaves_no_trace(tmp_path, monkeypatch):
+    """An inline-weight model (optimum writes SmolLM2 as one 540 MB file) is copied once with
+    external data, so later steps read weights one at a time; the result equals the direct path."""
+    import graphpass.graph.io as gio
+    from graphpass.pipeline import PipelineConfig, quantize
+
+    src = tmp_path / "m"
+    src.mkdir()
+    onnx.save(build_optimum_past(), src / "model.onnx")
+    before = sorted(p.name for p in src.iterdir())
+    cfg = PipelineConfig(scheme="dynamic", alpha=None)
+    quantize(src / "model.onnx", tmp_path / "direct.onnx", None, cfg, progress=False, log=lambda *a: None)
+    monkeypatch.setattr(gio, "INLINE_SPILL_BYTES", 0)
+    res = quantize(src / "model.onnx", tmp_path / "spilled.onnx", None, cfg, progress=False, log=lambda *a: None)
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert res.size_before == (src / "model.onnx").stat().st_size
+    a, b = onnx.load(tmp_path / "direct.onnx"), onnx.load(tmp_path / "spilled.onnx")
+    wa = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+
+
+def test_spill_moves_inline_weights_without_loading_the_model(tmp_path):
+    from graphpass.graph.spill import spill
+
+    m = build_genai_past()
+    onnx.save(m, tmp_path / "in.onnx")
+    (tmp_path / "out").mkdir()
+    moved = spill(tmp_path / "in.onnx", tmp_path / "out" / "model.onnx", threshold=64)
+    big = [t for t in m.graph.initializer if len(t.raw_data) >= 64]
+    assert big and moved == sum(len(t.raw_data) for t in big)
+    back = onnx.load(tmp_path / "out" / "model.onnx")      # external data resolved by onnx
+    assert [n.SerializeToString() for n in back.graph.node] == [n.SerializeToString() for n in m.graph.node]
+    for a, b in zip(m.graph.initializer, back.graph.initializer):
+        assert a.name == b.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    stub = onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False)
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in stub.graph.initializer) == len(big)
+
+
+def test_spill_refuses_a_truncated_file(tmp_path):
+    from graphpass.graph.spill import spill
+
+    onnx.save(build_genai_past(), tmp_path / "in.onnx")
+    raw = (tmp_path / "in.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError):
+        spill(tmp_path / "cut.onnx", tmp_path / "out.onnx")

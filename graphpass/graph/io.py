@@ -355,14 +355,13 @@ def _write_external(model: onnx.ModelProto, data_path: Path, location: str, thre
 
 
 def model_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file plus every external data file it references."""
-    p = Path(path)
-    total = p.stat().st_size
-    m = onnx.load(str(p), load_external_data=False)
-    from onnx.external_data_helper import _get_all_tensors
+    """Bytes on disk of a model file plus every external data file it references (read from the
+    protobuf's wire format: an inline-weight model is not loaded for this)."""
+    from graphpass.graph.spill import external_locations
 
-    locs = {e.value for t in _get_all_tensors(m) for e in t.external_data if e.key == "location"}
-    return total + sum((p.parent / loc).stat().st_size for loc in locs if (p.parent / loc).is_file())
+    p = Path(path)
+    locs = external_locations(p)
+    return p.stat().st_size + sum((p.parent / loc).stat().st_size for loc in locs if (p.parent / loc).is_file())
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -494,3 +493,43 @@ def prune_initializers(graph: onnx.GraphProto) -> int:
     for k in reversed(unused):  # in place: no copy of the weights that stay
         del graph.initializer[k]
     return len(unused)
+
+
+INLINE_SPILL_BYTES = 64 << 20   # inline weights past this are moved to a data file first
+
+
+@contextmanager
+def externalized(path: str | os.PathLike):
+    """The model at `path`, or, when it holds its weights inline (optimum's exports up to 2 GB),
+    a copy in a temporary folder with every large weight in external data.
+
+    An inline weight can only be read with the whole protobuf: every later step (calibration,
+    import, export) would hold another copy of it. After one pass here (peak: the model once)
+    the weights stay on disk and are read one at a time, as for an external-data export.
+    """
+    import tempfile
+
+    p = Path(path)
+    if p.stat().st_size < INLINE_SPILL_BYTES:
+        yield p
+        return
+    from graphpass.graph.spill import spill
+
+    with tempfile.TemporaryDirectory(prefix="graphpass-spill-", dir=_spill_dir(p)) as tmp:
+        out = Path(tmp) / p.name
+        try:
+            moved = spill(p, out)
+        except (ValueError, OSError):
+            moved = 0      # not a protobuf we can walk: load_model says what is wrong with it
+        if not moved:
+            yield p
+            return
+        try:
+            yield out
+        except GraphpassError as e:   # errors name the user's file, not the copy
+            raise GraphpassError(str(e).replace(str(out), str(p))) from None
+
+
+def _spill_dir(p: Path) -> str | None:
+    """Beside the model when that folder is writable (same disk), else the system's temp dir."""
+    return str(p.parent) if os.access(p.parent, os.W_OK) else None
