@@ -16,6 +16,7 @@ from graphpass.errors import GraphpassError
 from graphpass.graph.io import load_model, model_size, save_model
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
+from graphpass.passes.decode import fuse_decode
 from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
 from graphpass.passes.smooth import SmoothConfig, SmoothReport
@@ -37,6 +38,7 @@ class PipelineConfig:
     batch_size: int = 1
     threads: int = 2
     row_step: int = 64                          # alpha search samples every row_step-th token
+    decode_fusions: bool = False                # attention with a KV cache -> GroupQueryAttention
 
     def __post_init__(self):
         QuantConfig(scheme=self.scheme)         # validates the scheme
@@ -115,6 +117,7 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     if not res.quant.quantized and not res.quant.tables:
         log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
     step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
+    m = fuse_decode(m)[0] if config.decode_fusions else m   # passes/decode.py (one-line hook)
     t0 = time.perf_counter()
     save_model(m, output, check=True, release=True)
     step("save", t0, "onnx.checker passed")
