@@ -5,9 +5,10 @@
 
 One generation = a prefill of P prompt tokens with an empty past (time to first token), then
 N greedy steps, each feeding one token and the previous `present.*` back as `past_key_values.*`
-(ms/token = median over steps). Every session runs with 2 intra-op threads and spinning off;
-rounds alternate the sessions (reference, candidate 1, candidate 2, ..., with a pause between),
-so drifts in machine speed hit all of them alike. Ratios are candidate / reference medians.
+(ms/token = median over steps and rounds). Every session runs with 2 intra-op threads and
+spinning off. The sessions run in lockstep (every prefill, then step t of every session before
+step t + 1 of any, the order rotated per step and per round), so drifts in machine speed hit
+all of them alike. Ratios are candidate / reference medians; TTFT is the median over rounds.
 The prompt is the first P tokens of Hamlet through `tokenizer.json` (beside the reference, or
 --tokenizer); without one, seeded random ids. "agree" counts the greedy tokens that match the
 reference's before the first difference.
@@ -118,6 +119,28 @@ def agree(a: list[int], b: list[int]) -> int:
     return n
 
 
+def lockstep(decs: list[Decoder], prompt: np.ndarray, steps: int, shift: int):
+    """One generation per decoder, interleaved: the prefills one after another, then step t of
+    every decoder before step t + 1 of any (order rotated by `shift`), so load drifts on a
+    shared machine hit all of them alike."""
+    order = [(i + shift) % len(decs) for i in range(len(decs))]
+    state = [None] * len(decs)
+    ttft, times, toks = [0.0] * len(decs), [[] for _ in decs], [[] for _ in decs]
+    for i in order:
+        d = decs[i]
+        tok, past, ttft[i] = d.step(prompt[None, :], d.empty_past(1), 0)
+        state[i], toks[i] = (tok, past), [tok]
+        time.sleep(0.05)
+    for t in range(steps):
+        for i in order[t % len(order):] + order[:t % len(order)]:
+            tok, past = state[i]
+            tok, past, dt = decs[i].step(np.array([[tok]], np.int64), past, len(prompt) + t)
+            state[i] = (tok, past)
+            times[i].append(dt)
+            toks[i].append(tok)
+    return ttft, times, toks
+
+
 def bench(paths: list[str], prompt: np.ndarray, steps: int, rounds: int, threads: int) -> list[dict]:
     decs = [Decoder(p, threads) for p in paths]
     for d in decs:                  # warm-up: first runs allocate and pick kernels
@@ -125,12 +148,11 @@ def bench(paths: list[str], prompt: np.ndarray, steps: int, rounds: int, threads
     ttft = [[] for _ in decs]
     step = [[] for _ in decs]
     toks = [None] * len(decs)
-    for _ in range(rounds):
-        for i, d in enumerate(decs):
-            t, s, toks[i] = d.generate(prompt, steps)
-            ttft[i].append(t)
-            step[i] += s
-            time.sleep(0.1)
+    for r in range(rounds):
+        tt, st, toks = lockstep(decs, prompt, steps, r)
+        for i in range(len(decs)):
+            ttft[i].append(tt[i])
+            step[i] += st[i]
     rows = []
     for i, p in enumerate(paths):
         tt, ms = 1e3 * float(np.median(ttft[i])), 1e3 * float(np.median(step[i]))
