@@ -16,6 +16,7 @@ from graphpass.graph.gs_io import import_graph
 from graphpass.graph.io import externalized, load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
+from graphpass.passes.decode import fuse_decode_graph
 from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
 from graphpass.passes.smooth import SmoothConfig, SmoothReport
@@ -38,6 +39,7 @@ class PipelineConfig:
     threads: int = 2
     row_step: int = 64                          # alpha search samples every row_step-th token
     decode_steps: int = 4                       # with-past graphs: decode steps per calibration window
+    decode_fusions: bool = False                # attention with a KV cache -> GroupQueryAttention, ...
 
 
     def __post_init__(self):
@@ -128,6 +130,9 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     if not res.quant.quantized and not res.quant.tables:
         log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
     step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
+    if config.decode_fusions:
+        t0 = time.perf_counter()
+        step("decode", t0, fuse_decode_graph(g).format())
     t0 = time.perf_counter()
     save_graph(g, output, check=True)
     step("save", t0, "onnx.checker passed")

@@ -27,7 +27,8 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          site_alpha=site_alpha(a.site_alpha), lm_head=a.lm_head,
                          embedding_int8=a.embedding_int8, skip=tuple(a.skip or ()),
                          simplify_attention=not a.keep_attention, attention_chunks=a.attention_chunks,
-                         batch_size=a.batch_size, threads=a.threads, decode_steps=a.decode_steps)
+                         batch_size=a.batch_size, threads=a.threads, decode_steps=a.decode_steps,
+                         decode_fusions=a.decode_fusions)
     if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
                              "a dynamic scheme)")
@@ -95,6 +96,11 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--attention-chunks", type=positive(int), default=3, metavar="N",
                    help="causal attention: N query chunks, each reading only the keys it sees (1: off)")
     q.add_argument("--batch-size", type=positive(int), default=1)
+    q.add_argument("--decode-fusions", action="store_true",
+                   help="with-past graphs: attention with its cache -> GroupQueryAttention + RotaryEmbedding, "
+                        "residual + RMSNorm -> SkipSimplifiedLayerNormalization, row rescales folded "
+                        "(exact; onnxruntime's CPU kernel then refuses batch > 1 with both a past and "
+                        "more than one new token)")
     q.add_argument("--decode-steps", type=int, default=4, metavar="K",
                    help="with-past graphs: calibrate each window as a prefill plus K one-token decode "
                         "steps against the cache (0: prefill only)")
