@@ -207,10 +207,14 @@ def write_meta(out: Path, meta: dict) -> None:
     (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def dist_version(dist: str) -> str:
+def dist_version(dist: str, extra: str = "export") -> str:
+    """Installed version of a distribution; a one-line error naming the extra if absent."""
     import importlib.metadata
 
-    return importlib.metadata.version(dist)
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"error: {dist} is not installed; pip install -e '.[{extra}]'") from None
 
 
 def opset_of(path: Path) -> int:

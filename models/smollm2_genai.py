@@ -38,6 +38,7 @@ def build(hf: Path, out: Path, precision: str = "fp32") -> None:
 
 def main(argv=None) -> int:
     args = ex.hf_args(argv, __doc__.splitlines()[0])
+    version = ex.dist_version("onnxruntime-genai", extra="genai")  # the builder and the runtime
     with tempfile.TemporaryDirectory() as tmp:
         hf = ex.smollm2_hf(args.hf or Path(tmp) / "hf")
         _, seconds = _past.timed(build, hf, args.out)
@@ -49,8 +50,7 @@ def main(argv=None) -> int:
         prompt = _past.text_ids(args.out / "tokenizer.json", "macbeth", 1, 32)
         runtime = {"text": "macbeth", **_past.genai_check(args.out, hf, prompt)}
     meta = {"name": "smollm2", "kind": "causal-lm", "form": "genai", **info,
-            "exporter": f"onnxruntime-genai {ex.dist_version('onnxruntime-genai')} builder, "
-                        "-p fp32 -e cpu",
+            "exporter": f"onnxruntime-genai {version} builder, -p fp32 -e cpu",
             "opset": ex.opset_of(path), "export_seconds": seconds,
             "external_data": ex.data_files(args.out), "verify": res, "genai_runtime": runtime}
     ex.write_meta(args.out, meta)

@@ -30,8 +30,7 @@ def export(hf: Path, out: Path) -> None:
 
 def main(argv=None) -> int:
     args = ex.hf_args(argv, __doc__.splitlines()[0])
-    import optimum.version
-
+    version = ex.dist_version("optimum-onnx")
     with tempfile.TemporaryDirectory() as tmp:
         hf = ex.smollm2_hf(args.hf or Path(tmp) / "hf")
         _, seconds = _past.timed(export, hf, args.out)
@@ -41,11 +40,10 @@ def main(argv=None) -> int:
         ids = _past.text_ids(args.out / "tokenizer.json", "macbeth", 2, 37)
         res = {"text": "macbeth", **_past.verify(path, hf, ids, steps=args.steps)}
     meta = {"name": "smollm2", "kind": "causal-lm", "form": "optimum", **info,
-            "exporter": f"optimum-onnx {ex.dist_version('optimum-onnx')} (optimum "
-                        f"{optimum.version.__version__}), text-generation-with-past",
+            "exporter": f"optimum-onnx {version} (optimum {ex.dist_version('optimum')}), "
+                        "text-generation-with-past",
             "opset": ex.opset_of(path), "export_seconds": seconds,
-            "external_data": ex.data_files(args.out),
-            "verify": res}
+            "external_data": ex.data_files(args.out), "verify": res}
     ex.write_meta(args.out, meta)
     return ex.check_tol(res["max_abs_err"])
 

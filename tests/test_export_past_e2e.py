@@ -63,16 +63,33 @@ def hf_folder(tmp_path_factory):
     return tmp_path_factory.mktemp("hf") / "smollm2"
 
 
+@pytest.fixture(scope="session")
+def export_form(hf_folder, tmp_path_factory):
+    """form -> (form, folder, transformers folder); each script runs once per session."""
+    done = {}
+
+    def run(form: str):
+        if form not in done:
+            if importlib.util.find_spec(FORMS[form][0].split(".")[0]) is None:
+                pytest.skip(f"{FORMS[form][0]} not installed")
+            if form == "genai":
+                _genai_runtime()
+            out = tmp_path_factory.mktemp("past") / form
+            try:
+                _run(f"smollm2_{form}.py", "--out", out, "--hf", hf_folder, "--steps", 3)
+                done[form] = (form, out, hf_folder)
+            except AssertionError as e:  # fail every test of this form, export once
+                done[form] = str(e)
+        if isinstance(done[form], str):
+            pytest.fail(done[form])
+        return done[form]
+
+    return run
+
+
 @pytest.fixture(scope="session", params=sorted(FORMS))
-def exported(request, hf_folder, tmp_path_factory):
-    form = request.param
-    if importlib.util.find_spec(FORMS[form][0].split(".")[0]) is None:
-        pytest.skip(f"{FORMS[form][0]} not installed")
-    if form == "genai":
-        _genai_runtime()
-    out = tmp_path_factory.mktemp("past") / form
-    _run(f"smollm2_{form}.py", "--out", out, "--hf", hf_folder, "--steps", 3)
-    return form, out, hf_folder
+def exported(request, export_form):
+    return export_form(request.param)
 
 
 def test_files_and_model_json(exported):
@@ -120,10 +137,8 @@ def test_prefill_and_decode_match_transformers(exported):
     assert res["greedy_agree"] == 4, res
 
 
-def test_genai_runtime_generates_transformers_tokens(exported):
-    form, out, hf = exported
-    if form != "genai":
-        pytest.skip("the onnxruntime-genai runtime reads only the genai form")
+def test_genai_runtime_generates_transformers_tokens(export_form):
+    _, out, hf = export_form("genai")
     past = _past()
     prompt = past.text_ids(out / "tokenizer.json", "julius_caesar", 1, 24)
     res = past.genai_check(out, hf, prompt, new=12)
@@ -163,3 +178,13 @@ def test_tiny_llama_through_genai_builder_and_runtime(tmp_path):
     assert res["max_abs_err"] <= TOL and res["greedy_agree"] == 5, res
     gen = past.genai_check(out, hf, ids[:1], new=12)
     assert gen["compared"] >= 6 and gen["equal"], gen
+
+
+@pytest.mark.parametrize("script", ["smollm2_optimum.py", "smollm2_genai.py"])
+@pytest.mark.parametrize("argv", [[], ["--out", __file__], ["--out", "x", "--hf", __file__],
+                                  ["--out", "x", "--steps", "0"]])
+def test_bad_args_fail_with_one_line_error(script, argv):
+    run = subprocess.run([sys.executable, str(MODELS / script), *argv], cwd=MODELS.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"{script}: error:")
