@@ -10,6 +10,7 @@ import onnx
 
 from graphpass.validate.bench import synthetic_inputs
 from graphpass.errors import GraphpassError
+from graphpass.graph.decode import empty_cache, past_layout
 from graphpass.graph.io import input_specs
 from graphpass.passes.smooth import SmoothConfig, SmoothReport, smooth
 from graphpass.match.sites import analyze
@@ -67,7 +68,9 @@ def output_change(a: onnx.ModelProto, b: onnx.ModelProto, base_dir: str | None =
                   shape=(2, 16)) -> float:
     """max |out_a - out_b| / max |out_a| over all outputs, on probe inputs of `shape`."""
     try:
-        feeds = synthetic_inputs(input_specs(a), shape)
+        layout = past_layout(a, base_dir)   # a with-past graph is probed as a prefill, empty past
+        past = empty_cache(layout, shape[0]).past if layout is not None else {}
+        feeds = {**synthetic_inputs([s for s in input_specs(a) if s.name not in past], shape), **past}
     except GraphpassError:
         return 0.0  # inputs we cannot synthesize: the caller's own tests must cover this graph
     ra = make_session(a, external_dir=base_dir).run(None, feeds)
