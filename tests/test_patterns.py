@@ -143,14 +143,14 @@ def test_matching_ignores_names(synth, variant):
 # ---------------------------------------------------------------------------- Gemm, GQA
 def test_gemm_trans_b_linears_read_weights_as_in_out(synth):
     an = analyze(synth("postln-gemm").model)
-    gemms = [lin for lin in an.linears if lin.node.op_type == "Gemm"]
+    gemms = [lin for lin in an.linears if lin.node.op == "Gemm"]
     assert len(gemms) == 5 * SyntheticConfig().layers
     for lin in gemms:
         stored = lin.stored(an.consts)
         assert lin.in_axis == 1 and lin.weight(an.consts).shape == stored.T.shape
         assert lin.bias_at == (lin.node, 2)
     attn = [s for s in an.sites if s.kind == "attn"]
-    assert [s.fold.producer.node.op_type for s in attn] == ["Gemm"] * SyntheticConfig().layers
+    assert [s.fold.producer.node.op for s in attn] == ["Gemm"] * SyntheticConfig().layers
 
 
 def test_gemm_encoder_has_the_same_norm_sites_as_the_matmul_encoder(synth):

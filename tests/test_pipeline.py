@@ -18,7 +18,7 @@ import graphpass
 from conftest import (CFG, cli_error, cli_ok, copy_model, inits, make_model, node, op_counts, run,
                       write_folder)
 from graphpass.calibrate.collect import calibrate
-from graphpass.graph.consts import Consts
+from graphpass.graph import gs_io
 from graphpass.errors import GraphpassError
 from graphpass.graph.io import load_model, save_model
 from graphpass.passes.qforms import static_qparams
@@ -200,25 +200,25 @@ EXTERNAL_JOBS = {"token": dict(scheme="token"), "static": dict(scheme="static"),
 @pytest.mark.parametrize("job", list(EXTERNAL_JOBS))
 @pytest.mark.parametrize("where", ["beside", "elsewhere"])
 def test_external_source_gives_self_contained_output(external_llama, tmp_path, monkeypatch, job, where):
-    """Weights read lazily from the source's .data, the output holds its own; the pending overlay
-    (every weight routed through it when CACHE_BYTES is tiny) writes the very same model."""
+    """Weights read lazily from the source's .data, the output holds its own; routing every
+    constant through save_graph's one-at-a-time writer (STUB_BYTES 1) writes the very same model."""
     m, d, data = external_llama
     fields = EXTERNAL_JOBS[job]
     before = {p.name: digest(p) for p in d.iterdir()}
     out = (d if where == "beside" else tmp_path) / f"q_{job}.onnx"
     graphpass.quantize(d / "model.onnx", out, data, PipelineConfig(alpha=0.5, **fields), **QUIET)
     pending = []
-    set_ = Consts._set
+    set_ = gs_io.set_values
 
-    def spy(self, name, value):
-        set_(self, name, value)
-        pending.append(name in self.overlay)
+    def spy(c, value):
+        set_(c, value)
+        pending.append(isinstance(c._values, np.ndarray))
 
-    monkeypatch.setattr(Consts, "_set", spy)
-    monkeypatch.setattr("graphpass.graph.consts.CACHE_BYTES", 256)
+    monkeypatch.setattr("graphpass.graph.consts.set_values", spy)
+    monkeypatch.setattr("graphpass.graph.gs_io.STUB_BYTES", 1)   # every constant written one by one
     graphpass.quantize(d / "model.onnx", tmp_path / "overlay.onnx", data,
                        PipelineConfig(alpha=0.5, **fields), **QUIET)
-    assert sum(pending) >= 14, pending  # every smoothed linear weight waited in the overlay
+    assert sum(pending) >= 14, pending  # every smoothed linear weight waited in the graph as numpy
     bare = onnx.load(str(out), load_external_data=False)
     refs = [t.name for t in bare.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
             and any(e.key == "location" and e.value == "model.onnx.data" for e in t.external_data)]

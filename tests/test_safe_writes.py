@@ -31,7 +31,7 @@ import os, sys, time
 from pathlib import Path
 
 marker, where, target, pause = Path(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
-writers = {"save_model", "write_bytes", "save_data"}
+writers = {"save_model", "save_graph", "write_bytes", "save_data"}
 real_replace = os.replace
 
 

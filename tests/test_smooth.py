@@ -36,7 +36,7 @@ def _check(m: onnx.ModelProto, variant: str) -> None:
 
 def _cloned_ops(an) -> Counter:
     """Op types of the norm tails smoothing duplicates (a norm whose output also feeds a residual)."""
-    return Counter(n.op_type for site in an.sites if isinstance(site.fold, NormFold) and site.fold.clone
+    return Counter(n.op for site in an.sites if isinstance(site.fold, NormFold) and site.fold.clone
                    for n in site.fold.nodes)
 
 
@@ -144,14 +144,14 @@ def test_zero_channels_keep_scale_one(synth, calibrated):
     act[site.act][zero] = 0.0
     new, _ = smooth(s.fresh(), act)
     before, after = inits(s.model), inits(new)
-    gamma = site.fold.nodes[0].input[1]
+    gamma = site.fold.nodes[0].inputs[1].name
     np.testing.assert_array_equal(after[gamma][zero], before[gamma][zero])
     assert not np.array_equal(after[gamma], before[gamma])
     producers = {id(x.fold.producer.node) for x in an.sites if not isinstance(x.fold, NormFold)}
     kept = [lin for lin in site.consumers if id(lin.node) not in producers]  # q, k (v feeds o_proj)
     assert len(kept) == 2
     for lin in kept:
-        w = lin.node.input[1]
+        w = lin.node.inputs[1].name
         np.testing.assert_array_equal(after[w][zero], before[w][zero])
         assert not np.array_equal(after[w], before[w])
     assert all(np.isfinite(v).all() for v in after.values() if v.dtype.kind == "f")

@@ -115,5 +115,5 @@ def test_calibrate_then_smooth_is_exact(p):
     onnx.checker.check_model(new, full_check=True)
     feeds = inputs(p, PROBE_ROWS, p["seed"] + 1)
     assert max_rel_err(run(m, feeds), run(new, feeds)) <= EXACT_RTOL
-    tail = Counter(n.op_type for n in site.fold.nodes) if p["residual"] else Counter()
+    tail = Counter(n.op for n in site.fold.nodes) if p["residual"] else Counter()
     assert op_counts(new) - op_counts(m) == tail and not op_counts(m) - op_counts(new)

@@ -1,16 +1,35 @@
 #!/usr/bin/env bash
 # The main job on the built-in default: SmolLM2-135M-Instruct, calibrated on Othello (32 x 512
-# tokens), evaluated on Hamlet (16 x 512): export, quantize with each scheme (SmoothQuant with
-# per-site alpha), evaluate and time against FP32, print the comparison.
-# Usage: bash tools/main_job.sh [OUT_DIR]   (default: out/)     SCHEMES="token" to run fewer.
+# tokens), evaluated on Hamlet (16 x 512).
+#  1. The with-past graph people deploy (optimum-onnx `text-generation-with-past`): quantize
+#     (W8A8 token, SmoothQuant with per-site alpha, calibration over prefill and decode steps),
+#     accuracy against FP32, prefill latency, decode (time to first token, ms/token, tokens/s),
+#     and a `graphpass generate` sample from the quantized graph beside FP32's.
+#  2. The no-cache export: each W8A8 scheme against FP32, the comparison table and the report.
+# Usage: bash tools/main_job.sh [OUT_DIR]   (default: out/)
+#        SCHEMES="token dynamic static" for more no-cache schemes (default: token).
 set -euo pipefail
 OUT=${1:-out}
-SCHEMES=${SCHEMES:-"token dynamic static"}
+SCHEMES=${SCHEMES:-"token"}
+P=$OUT/smollm2_optimum
 M=$OUT/smollm2
-mkdir -p "$M"
-if [ ! -f "$M/model.onnx" ]; then
-  python models/smollm2.py --out "$M"
-fi
+mkdir -p "$OUT"
+
+echo "== with-past SmolLM2 (optimum-onnx form)"
+[ -f "$P/model.onnx" ] || python models/smollm2_optimum.py --out "$P"
+graphpass data --play othello --tokenizer "$P/tokenizer.json" --model "$P/model.onnx" --seq-len 512 --samples 32 -o "$OUT/calib-past.npz"
+graphpass data --play hamlet  --tokenizer "$P/tokenizer.json" --model "$P/model.onnx" --seq-len 512 --samples 16 -o "$OUT/eval-past.npz"
+graphpass quantize "$P/model.onnx" -o "$OUT/past-token.onnx" --data "$OUT/calib-past.npz" --scheme token \
+  --alpha auto --report "$OUT/quantize-past-token.json"
+graphpass eval "$OUT/past-token.onnx" --reference "$P/model.onnx" --data "$OUT/eval-past.npz" --json "$OUT/eval-past-token.json"
+graphpass bench "$OUT/past-token.onnx" --reference "$P/model.onnx" --shape 1x512 --json "$OUT/bench-past-token.json"
+graphpass bench "$OUT/past-token.onnx" --reference "$P/model.onnx" --decode --prompt-len 256 --steps 64 \
+  --data "$OUT/eval-past.npz" --json "$OUT/decode-past-token.json"
+graphpass generate "$OUT/past-token.onnx" --tokenizer "$P/tokenizer.json" --reference "$P/model.onnx" \
+  --max-new-tokens 48 --prompt "HAMLET. To be, or not to be, that is the question:"
+
+echo "== no-cache SmolLM2 (dynamo export)"
+[ -f "$M/model.onnx" ] || python models/smollm2.py --out "$M"
 graphpass data --play othello --tokenizer "$M/tokenizer.json" --seq-len 512 --samples 32 -o "$OUT/calib.npz"
 graphpass data --play hamlet  --tokenizer "$M/tokenizer.json" --seq-len 512 --samples 16 -o "$OUT/eval.npz"
 for S in $SCHEMES; do

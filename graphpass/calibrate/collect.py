@@ -22,78 +22,70 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
-from tqdm import tqdm
+import onnx_graphsurgeon as gs
+
+from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
-from graphpass.errors import GraphpassError
-from graphpass.graph.io import _all_inputs, load_model, opset_version, save_model
-from graphpass.match.sites import analyze
-from graphpass.graph.runtime import make_session
 from graphpass.calibrate.stats import Stats
+from graphpass.errors import GraphpassError
 from graphpass.graph.decode import Cache, PastLayout, advance, past_layout, step_feeds
+from graphpass.graph.gs_io import export_into, import_graph, is_external, opset_version, to_model
+from graphpass.graph.io import load_model, save_graph
+from graphpass.graph.runtime import make_session
+from graphpass.match.sites import analyze
+
+F32 = np.float32
 
 DECODE_STEPS = 4   # decode steps per calibration window of a with-past graph
 
 
-def calibration_targets(model: onnx.ModelProto, base_dir: str | None = None) -> dict[str, int]:
+def calibration_targets(model: onnx.ModelProto | gs.Graph, base_dir: str | None = None) -> dict[str, int]:
     """Tensor -> channel count, for the input of every linear layer (site or not)."""
     an = analyze(model, base_dir)
     return {lin.act: int(lin.shape(an.consts)[0]) for lin in an.linears}
 
 
-def add_reductions(model: onnx.ModelProto, targets: list[str], row_step: int = 0) -> list[str]:
+def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_step: int = 0,
+                   keep: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Replace the graph outputs by per-channel min/max of each target; returns output names.
 
     With row_step > 0 every target also returns its rows o, o + row_step, o + 2·row_step, ...
     (samples of X for the per-site alpha search) as a third output; o is the graph input
-    `gp_calib_start`.
+    `gp_calib_start`. Nodes no new output needs (the LM head, say) go with cleanup(); the graph
+    outputs named in `keep` (a with-past graph's present.*, fed back by decode steps) stay. A gs.Graph
+    is edited in place; a ModelProto is imported, edited and written back into the same object.
     """
-    g, new18 = model.graph, opset_version(model) >= 18
-    axes = "gp_calib_axes0"
-    g.initializer.append(helper.make_tensor(axes, onnx.TensorProto.INT64, [1], [0]))
+    g = model if isinstance(model, gs.Graph) else import_graph(model)
+    tensors, new18 = g.tensors(), opset_version(g) >= 18
+    axes = gs.Constant("gp_calib_axes0", np.array([0], np.int64))
     if row_step:
-        for nm, v in (("end", 2**62), ("step", row_step)):
-            g.initializer.append(helper.make_tensor(f"gp_calib_{nm}", onnx.TensorProto.INT64, [1], [v]))
+        end, step = (gs.Constant(f"gp_calib_{k}", np.array([v], np.int64)) for k, v in (("end", 2**62), ("step", row_step)))
         # the first sampled row varies batch by batch (fed at run time), so every position is seen
-        g.input.append(helper.make_tensor_value_info("gp_calib_start", onnx.TensorProto.INT64, [1]))
+        start = gs.Variable("gp_calib_start", np.int64, [1])
+        g.inputs.append(start)
     outs = []
-    del g.output[:]
     for k, t in enumerate(targets):
-        flat = f"gp_calib_flat_{k}"
-        g.node.append(helper.make_node("Flatten", [t], [flat], axis=-1, name=f"gp_calib_Flatten_{k}"))
+        flat = gs.Variable(f"gp_calib_flat_{k}")
+        g.nodes.append(gs.Node("Flatten", f"gp_calib_Flatten_{k}", {"axis": -1}, [tensors[t]], [flat]))
         for red in ("Min", "Max"):
-            o = f"gp_calib_{red.lower()}_{k}"
-            ins = [flat, axes] if new18 else [flat]
-            kw = {} if new18 else {"axes": [0]}
-            g.node.append(helper.make_node(f"Reduce{red}", ins, [o], keepdims=0,
-                                           name=f"gp_calib_Reduce{red}_{k}", **kw))
-            g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
+            o = gs.Variable(f"gp_calib_{red.lower()}_{k}", F32)
+            ins, kw = ([flat, axes], {}) if new18 else ([flat], {"axes": [0]})
+            g.nodes.append(gs.Node(f"Reduce{red}", f"gp_calib_Reduce{red}_{k}", {"keepdims": 0, **kw}, ins, [o]))
             outs.append(o)
         if row_step:
-            o = f"gp_calib_rows_{k}"
-            g.node.append(helper.make_node("Slice", [flat, "gp_calib_start", "gp_calib_end", axes, "gp_calib_step"],
-                                           [o], name=f"gp_calib_Slice_{k}"))
-            g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
+            o = gs.Variable(f"gp_calib_rows_{k}", F32)
+            g.nodes.append(gs.Node("Slice", f"gp_calib_Slice_{k}", {}, [flat, start, end, axes, step], [o]))
             outs.append(o)
-    _prune(g)
-    return outs
-
-
-def _prune(g: onnx.GraphProto) -> None:
-    """Drop nodes no graph output depends on (the LM head, say) and initializers nobody reads."""
-    need = {o.name for o in g.output}
-    keep = []
-    for n in reversed(g.node):
-        if any(o in need for o in n.output):
-            keep.append(n)
-            need.update(i for i in _all_inputs(n) if i)   # an If / Loop reads what its branches read
-    kept = list(reversed(keep))
-    del g.node[:]
-    g.node.extend(kept)
-    used = [t for t in g.initializer if t.name in need]
-    del g.initializer[:]
-    g.initializer.extend(used)
+    kept = [o for o in g.outputs if o.name in set(keep)]
+    if len(kept) != len(keep):
+        lost = sorted(set(keep) - {o.name for o in kept})[0]
+        raise GraphpassError(f"the graph has no output '{lost}' for its cache; calibrate with decode steps 0")
+    g.outputs = outs + kept
+    g.cleanup()
+    if isinstance(model, onnx.ModelProto):
+        export_into(model, g)
+    return [o.name for o in outs]
 
 
 def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, np.ndarray]]:
@@ -123,21 +115,21 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
     """
     p = Path(model_path)
     graph_only = load_model(p, load_weights=False)
+    check_model = _inputs_only(graph_only)
+    layout = past_layout(graph_only, p.parent) if decode_steps > 0 else None
+    g = import_graph(graph_only, str(p.parent.resolve()))
+    del graph_only
     if targets is None:
-        targets = calibration_targets(graph_only, str(p.parent))
+        targets = calibration_targets(g)
     if not targets:
         raise GraphpassError(f"{p}: no linear layer with a constant weight; nothing to calibrate")
     names = sorted(targets)
-    check_model = _inputs_only(graph_only)
     if isinstance(data, dict):
         check_data(data, check_model, "data")   # before any progress bar is drawn
-    layout = past_layout(graph_only, p.parent) if decode_steps > 0 else None
-    outs = add_reductions(graph_only, names, row_step)
-    if layout is not None:
-        _keep_present(graph_only.graph, layout)
+    outs = add_reductions(g, names, row_step, keep=layout.present_names if layout is not None else ())
     with tempfile.TemporaryDirectory(prefix="graphpass-calib-") as tmp:
-        src = _spill(graph_only, Path(tmp))
-        del graph_only   # inline weights now sit in tmp: their protobuf copy goes back to the OS
+        src = _spill(g, Path(tmp))
+        del g   # inline weights now sit in tmp: their protobuf copy goes back to the OS
         sess = make_session(src, threads, prepack=False, external_dir=str(p.parent.resolve())
                             if isinstance(src, onnx.ModelProto) else None)
     stats, per = Stats(), 3 if row_step else 2
@@ -151,9 +143,8 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
         tokens = max(1, f["input_ids"].size if "input_ids" in f else next(iter(f.values())).size)
         return {"gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
 
-    batches_in = feeds(data, batch_size, check_model)
-    for b, nxt in tqdm(with_next_tokens(batches_in, decode_steps if layout else 0), total=total,
-                       desc="calibrate", unit="batch", disable=None if progress else True):
+    pairs = with_next_tokens(feeds(data, batch_size, check_model), decode_steps if layout else 0)
+    for b, nxt in bar(pairs, "calibrate", "batch", total, enabled=progress):
         for vals in run_window(sess, outs, b, layout, nxt, start):
             for k, t in enumerate(names):
                 stats.update(t, vals[per * k], vals[per * k + 1])
@@ -208,18 +199,6 @@ def run_window(sess, outs: list[str], b: dict[str, np.ndarray], layout: PastLayo
         yield vals[:len(outs)]
 
 
-def _keep_present(g: onnx.GraphProto, layout: PastLayout) -> None:
-    """Put the present.* outputs back on the calibration graph (decode steps feed them back)."""
-    made = {o for n in g.node for o in n.output}
-    lost = [n for n in layout.present_names if n not in made]
-    if lost:
-        raise GraphpassError(f"calibration graph lost the cache output '{lost[0]}'; "
-                             f"calibrate with decode steps 0")
-    have = {o.name for o in g.output}
-    g.output.extend(helper.make_tensor_value_info(p.present, helper.np_dtype_to_tensor_dtype(p.dtype),
-                                                  None) for p in layout.past if p.present not in have)
-
-
 def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:
     """A model holding just the real graph inputs (for data checks), no weights."""
     inits = {t.name for t in model.graph.initializer}
@@ -228,13 +207,12 @@ def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _spill(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto | Path:
+def _spill(g: gs.Graph, folder: Path) -> onnx.ModelProto | Path:
     """The calibration graph as onnxruntime should load it. Weights in external data stay beside
-    the model (the proto, small, is returned). Inline weights are written to `folder` as external
-    data (the path is returned): onnxruntime then maps them rather than parse a second copy of a
-    serialized model, and peak memory stays near the model's size instead of several times it."""
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    if any(uses_external_data(t) for t in _get_all_tensors(model)):
-        return model
-    return save_model(model, folder / "calibration.onnx", external=True, release=True)
+    the model (the exported proto, small, is returned). Inline weights are written to `folder` as
+    external data, one at a time (the path is returned): onnxruntime then maps them rather than
+    parse a second copy of a serialized model, and peak memory stays near the model's size."""
+    consts = [t for t in g.tensors().values() if isinstance(t, gs.Constant)]
+    if any(is_external(c) for c in consts):
+        return to_model(g)
+    return save_graph(g, folder / "calibration.onnx", external=True)

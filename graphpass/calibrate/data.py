@@ -94,8 +94,7 @@ def build_data(ids: np.ndarray, seq_len: int, samples: int, model: onnx.ModelPro
 def save_data(data: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     """Atomic .npz write; never replaces a file that is not an .npz (a model given as -o, say)."""
     p = Path(path)
-    if p.is_file() and p.stat().st_size and not _is_zip(p):
-        raise GraphpassError(f"{p}: exists and is not an .npz file; refusing to replace it")
+    check_npz_dest(p)
     made: list[str] = []
     try:
         tmp = temp_beside(p, ".tmp.npz", made)
@@ -108,6 +107,12 @@ def save_data(data: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
             raise GraphpassError(f"{p}: cannot write it ({e.strerror or e})") from None
         raise
     return p
+
+
+def check_npz_dest(p: Path) -> None:
+    """Refuse to replace a file that is not an .npz (a model given as -o, say)."""
+    if p.is_file() and p.stat().st_size and not _is_zip(p):
+        raise GraphpassError(f"{p}: exists and is not an .npz file; refusing to replace it")
 
 
 def _is_zip(p: Path) -> bool:

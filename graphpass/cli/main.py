@@ -21,9 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphpass", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    from graphpass.cli import quant, report, smooth, validate
+    from graphpass.cli import generate, quant, report, smooth, validate
 
-    for group in (validate, smooth, quant, report):
+    for group in (validate, smooth, quant, report, generate):
         group.add_parsers(sub, positive)
     return p
 

@@ -11,8 +11,11 @@ from graphpass.errors import GraphpassError
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> None:
+    from graphpass.calibrate.data import check_npz_dest
     from graphpass.calibrate.stats import Stats
 
+    check_npz_dest(Path(a.output))
+    check_output(a.output, a.output, overwrite=True)     # the output can be written: before any work
     if a.merge:
         stats = Stats.load(a.merge[0])
         for p in a.merge[1:]:
@@ -32,25 +35,23 @@ def _cmd_calibrate(a: argparse.Namespace) -> None:
 
 
 def _cmd_smooth(a: argparse.Namespace) -> None:
-    import onnx
-
-    from graphpass.graph.io import load_model, save_model, write_text
+    from graphpass.calibrate.stats import Stats
+    from graphpass.graph.gs_io import import_graph
+    from graphpass.graph.io import load_model, save_graph, write_text
     from graphpass.passes.smooth import SmoothConfig
     from graphpass.passes.smooth_checked import check_alpha, smooth_model
-    from graphpass.calibrate.stats import Stats
 
     check_alpha(a.alpha)
     check_output(a.model, a.output, a.overwrite, also=(a.report,) if a.report else ())
     stats = Stats.load(a.stats)
-    model = load_model(a.model, load_weights=False)   # weights read one at a time (> 2 GB models)
     base = str(Path(a.model).parent.resolve())
+    g = import_graph(load_model(a.model, load_weights=False), base)   # weights read one at a time
     cfg = SmoothConfig(alpha=a.alpha, site_alpha=site_alpha(a.site_alpha), allow_mul=a.allow_mul)
-    model, rep = smooth_model(model, stats, cfg, base_dir=base)
-    onnx.load_external_data_for_model(model, base)    # what no site touched, e.g. the embedding
+    g, rep = smooth_model(g, stats, cfg, base_dir=base)
     if not rep.rows and not rep.muls_added:
         print(f"warning: {a.model} has no smoothing site; writing the graph unchanged", file=sys.stderr)
     print(rep.format())
-    save_model(model, a.output, release=True)
+    save_graph(g, a.output)      # what no site touched (the embedding, say) is copied over
     print(f"wrote {a.output}")
     if a.report:
         write_text(a.report, json.dumps({"sites": rep.rows, "uncovered": rep.uncovered,
@@ -65,7 +66,7 @@ def _cmd_inspect(a: argparse.Namespace) -> None:
     from graphpass.calibrate.stats import Stats
 
     check_alpha(a.alpha)
-    an = analyze(load_model(a.model))
+    an = analyze(load_model(a.model, load_weights=False), str(Path(a.model).parent.resolve()))
     stats = Stats.load(a.stats) if a.stats else None
     if stats:
         stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "stats")

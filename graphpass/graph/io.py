@@ -166,37 +166,88 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
     p = Path(path)
     if external is None:
         external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    data_name, made, moved = p.name + ".data", [], []
+    made, moved = [], []
     try:
         tmp = temp_beside(p, made=made)
         tmp_data = Path(tmp + ".data")
         made.append(str(tmp_data))
         if external:
-            moved = _write_external(model, tmp_data, data_name)
-        payload = model.SerializeToString()
-        if check:    # external tensors: the checker would look for their file beside the cwd
-            try:
-                ort_only = any(n.domain in ("", "ai.onnx") and n.op_type in _ort_only_ops()
-                               for n in model.graph.node)   # SimplifiedLayerNormalization (genai)
-                onnx.checker.check_model(_skeleton(model, remap=ort_only) if moved or ort_only
-                                         else payload)
-            except onnx.checker.ValidationError as e:
-                raise GraphpassError(f"rewritten graph fails onnx.checker: {_first_line(e)}") from None
-        with open(tmp, "wb") as f:
-            f.write(payload)
-        del payload
-        if moved and not release:
-            _read_back(moved, tmp_data)
-        with _signals_deferred():    # the model and its data file change together, or neither does
-            if external:
-                os.replace(tmp_data, p.parent / data_name)
-            os.replace(tmp, p)
+            moved = _write_external(model, tmp_data, p.name + ".data")
+        _commit(model, p, tmp, tmp_data if external else None, check, [] if release else moved, moved)
     except BaseException as e:
         if moved and not release and tmp_data.exists():
             _read_back(moved, tmp_data)
         _discard(made)
         _raise_write_error(e, p)
     return p
+
+
+def save_graph(graph, path: str | os.PathLike, external: bool | None = None, check: bool = False) -> Path:
+    """Export a gs.Graph and write it like save_model, one weight at a time.
+
+    gs.export_onnx would copy every rewritten weight into the protobuf while the graph still holds
+    it; here each large constant is exported as a stub and its bytes written on their own (into
+    the protobuf, or into `<name>.data` past 1 GB), the graph's array released as it goes. Weights
+    still lazy in the source's external data are copied over: the output is self-contained.
+    The graph's values are consumed: do not use it afterwards.
+    """
+    from graphpass.graph.gs_io import export_graph, fill, initializers, nbytes, tensor_bytes
+
+    p = Path(path)
+    model, pending = export_graph(graph)
+    if external is None:
+        external = sum(nbytes(c) for c in pending.values()) > EXTERNAL_DATA_THRESHOLD
+    made = []
+    try:
+        tmp = temp_beside(p, made=made)
+        tmp_data = Path(tmp + ".data")
+        made.append(str(tmp_data))
+        stubs = [t for t in initializers(model) if t.name in pending]
+        if external:
+            with open(tmp_data, "wb") as f:
+                for t in stubs:
+                    _append_external(f, t, tensor_bytes(pending.pop(t.name)), p.name + ".data")
+        else:
+            for t in stubs:
+                fill(t, pending.pop(t.name), release=True)
+        _commit(model, p, tmp, tmp_data if external else None, check, False, external)
+    except BaseException as e:
+        _discard(made)
+        _raise_write_error(e, p)
+    return p
+
+
+def _append_external(f, t: onnx.TensorProto, data: bytes, location: str) -> None:
+    f.seek(-f.tell() % 64, 1)
+    offset = f.tell()
+    f.write(data)
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+        t.external_data.add(key=k, value=v)
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _commit(model: onnx.ModelProto, p: Path, tmp: str, tmp_data: Path | None, check: bool,
+            read_back, external_refs) -> None:
+    """Serialize, check the very bytes, write, rename (model and data file together)."""
+    payload = model.SerializeToString()
+    if check:    # external tensors: the checker would look for their file beside the cwd
+        try:
+            ort_only = any(n.domain in ("", "ai.onnx") and n.op_type in _ort_only_ops()
+                           for n in model.graph.node)   # SimplifiedLayerNormalization (genai)
+            onnx.checker.check_model(_skeleton(model, remap=ort_only) if external_refs or ort_only
+                                     else payload)
+        except onnx.checker.ValidationError as e:
+            raise GraphpassError(f"rewritten graph fails onnx.checker: {_first_line(e)}") from None
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    del payload
+    if read_back:
+        _read_back(read_back, tmp_data)
+    with _signals_deferred():    # the model and its data file change together, or neither does
+        if tmp_data is not None:
+            os.replace(tmp_data, p.parent / (p.name + ".data"))
+        os.replace(tmp, p)
 
 
 def temp_beside(p: Path, suffix: str = ".tmp", made: list | None = None) -> str:

@@ -9,63 +9,69 @@ Graphs that take an attention mask (padding can empty a row) keep their guards.
 from __future__ import annotations
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from graphpass.graph.consts import Consts
-from graphpass.graph.io import consumers, producers
+from graphpass.graph.gs_io import export_into, import_graph
 
 
-def drop_softmax_nan_guards(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, str]:
-    """Returns (model, guards removed, why guards were kept)."""
-    g = model.graph
-    prod, cons, c = producers(g), consumers(g), Consts(g)
-    inputs, outputs = {i.name for i in g.input} - set(c.inits), {o.name for o in g.output}
-    dead, kept = [], ""
-    for n in g.node:
-        if n.op_type != "Where" or len(n.input) != 3:
+def drop_softmax_nan_guards(model: onnx.ModelProto | gs.Graph) -> tuple[onnx.ModelProto | gs.Graph, int, str]:
+    """Returns (model, guards removed, why guards were kept). A gs.Graph is edited in place; a
+    ModelProto is imported, edited and written back into the same object."""
+    g = model if isinstance(model, gs.Graph) else import_graph(model)
+    c = Consts(g)
+    inputs = {i.name for i in g.inputs if not isinstance(i, gs.Constant)}
+    removed, kept = 0, ""
+    for n in list(g.nodes):
+        if n.op != "Where" or len(n.inputs) != 3:
             continue
-        cond, zero, p = n.input
-        isnan, sm = prod.get(cond), prod.get(p)
-        if isnan is None or isnan.op_type != "IsNaN" or isnan.input[0] != p or n.output[0] in outputs:
+        cond, zero, p = n.inputs
+        isnan, sm = c.producer(cond), c.producer(p)
+        if isnan is None or isnan.op != "IsNaN" or isnan.inputs[0] is not p or n.outputs[0].name in c.graph_outputs:
             continue
         z = c.get(zero)
-        if sm is None or sm.op_type != "Softmax" or z is None or z.size != 1 or z.reshape(-1)[0] != 0:
+        if sm is None or sm.op != "Softmax" or z is None or z.size != 1 or z.reshape(-1)[0] != 0:
             continue
-        if not _positional_mask(sm, prod, inputs):
+        if not _positional_mask(sm, c, inputs):
             kept = "an attention mask reads a graph input's values (padding can empty a row)"
             continue
-        for r in cons.get(n.output[0], []):
-            r.input[:] = [p if i == n.output[0] else i for i in r.input]
-        dead.append(n)
-        if len(cons.get(cond, [])) == 1:
-            dead.append(isnan)
-    ids = {id(n) for n in dead}
-    for k in reversed([k for k, n in enumerate(g.node) if id(n) in ids]):
-        del g.node[k]
-    return model, sum(n.op_type == "Where" for n in dead), kept
+        out = n.outputs[0]
+        for r in list(out.outputs):
+            for k, i in enumerate(r.inputs):
+                if i is out:
+                    r.inputs[k] = p
+        n.outputs.clear()
+        n.inputs.clear()
+        removed += 1
+    if removed:
+        g.cleanup()                  # the IsNaN nodes no one reads any more
+    if isinstance(model, onnx.ModelProto) and removed:
+        export_into(model, g)
+    return model, removed, kept
 
 
-def _positional_mask(softmax: onnx.NodeProto, prod: dict, inputs: set[str]) -> bool:
+def _positional_mask(softmax: gs.Node, c: Consts, inputs: set[str]) -> bool:
     """True when the scores' additive mask depends on graph inputs only through their shapes."""
-    add = prod.get(softmax.input[0])
-    if add is None or add.op_type != "Add":
+    add = c.producer(softmax.inputs[0])
+    if add is None or add.op != "Add":
         return False
-    return any(not _reads_values(mask, prod, inputs) for mask in add.input)
+    return any(not _reads_values(mask, c, inputs) for mask in add.inputs)
 
 
-def _reads_values(t: str, prod: dict, inputs: set[str]) -> bool:
+def _reads_values(t: gs.Tensor, c: Consts, inputs: set[str]) -> bool:
     """True when `t` reads the values (not only the shapes) of a graph input, or comes from a
     MatMul (the operand holding the scores)."""
     todo, seen = [t], set()
     while todo:
         t = todo.pop()
-        if t in seen:
+        if id(t) in seen:
             continue
-        seen.add(t)
-        if t in inputs:
+        seen.add(id(t))
+        if t.name in inputs:
             return True
-        n = prod.get(t)
-        if n is not None and n.op_type not in ("Shape", "Size"):
-            if n.op_type == "MatMul":
+        n = c.producer(t)
+        if n is not None and n.op not in ("Shape", "Size"):
+            if n.op == "MatMul":
                 return True
-            todo.extend(i for i in n.input if i)
+            todo.extend(i for i in n.inputs if i.name)
     return False

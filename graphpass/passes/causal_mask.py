@@ -1,23 +1,12 @@
-"""Proofs read from the graph for the causal-attention split (passes/causal.py).
-
-causal_mask(M): M = Where(keep, 0, fill) with keep an And-tree holding LessOrEqual(j, i), or
-Where(masked, fill, 0) with masked an Or-tree holding Greater(j, i); fill <= -1e30; i and j one
-Range(0, n, 1) unsqueezed onto axes -2 (query) and -1 (key). Later keys are then masked for
-every row, whatever the other conjuncts. With a finite fill a row masked everywhere would turn
-uniform over all keys (not over the chunk's), so then every other conjunct must be provably
-all-true (And) or all-false (Or), e.g. a mask of ones expanded to the input's shape.
-
-Dims.length(...): the query length, value length and both mask dims are one symbolic
-(or static, > 1) dim, from the exporter's value_info or onnxruntime's symbolic shape inference
-(no merging of unknown dims): broadcasting a length-1 side would change the output shape.
-"""
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import helper
 
 from graphpass.graph.consts import Consts
+from graphpass.graph.gs_io import export_graph
 
 BIG = -1e30
 _KEEP = {"LessOrEqual": (-1, -2), "GreaterOrEqual": (-2, -1)}   # keeps key j <= query i
@@ -26,11 +15,11 @@ _DATA = {"Cast", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Iden
          "Flatten", "Slice", "Gather", "GatherND", "GatherElements"}   # outputs pick input[0] values
 
 
-def causal_mask(mask: str, prod: dict, c: Consts) -> bool:
-    w = prod.get(mask)
-    if w is None or w.op_type != "Where":
+def causal_mask(mask: gs.Tensor, c: Consts) -> bool:
+    w = c.producer(mask)
+    if w is None or w.op != "Where":
         return False
-    a, b = c.get(w.input[1]), c.get(w.input[2])
+    a, b = c.get(w.inputs[1]), c.get(w.inputs[2])
     if a is None or b is None or a.size != 1 or b.size != 1:
         return False
     a, b = float(a.reshape(-1)[0]), float(b.reshape(-1)[0])
@@ -41,57 +30,57 @@ def causal_mask(mask: str, prod: dict, c: Consts) -> bool:
     else:
         return False
     found, rest = False, []
-    todo = [w.input[0]]
+    todo = [w.inputs[0]]
     while todo:
         t = todo.pop()
-        n = prod.get(t)
-        if n is not None and n.op_type == tree:
-            todo.extend(n.input)
-        elif not found and n is not None and n.op_type in leaves and _compares(n, leaves, prod, c):
+        n = c.producer(t)
+        if n is not None and n.op == tree:
+            todo.extend(n.inputs)
+        elif not found and n is not None and n.op in leaves and _compares(n, leaves, c):
             found = True
         else:
             rest.append(t)
-    return found and (np.isneginf(fill) or all(uniform(t, other, prod, c) for t in rest))
+    return found and (np.isneginf(fill) or all(uniform(t, other, c) for t in rest))
 
 
-def _compares(n: onnx.NodeProto, leaves: dict, prod: dict, c: Consts) -> bool:
-    ax0, ax1 = leaves[n.op_type]
-    r = _index(n.input[0], prod, c, ax0)
-    return r is not None and r == _index(n.input[1], prod, c, ax1)
+def _compares(n: gs.Node, leaves: dict, c: Consts) -> bool:
+    ax0, ax1 = leaves[n.op]
+    r = _index(n.inputs[0], c, ax0)
+    return r is not None and r is _index(n.inputs[1], c, ax1)
 
 
-def uniform(t: str, value: int, prod: dict, c: Consts, depth: int = 0) -> bool:
+def uniform(t: gs.Tensor, value: int, c: Consts, depth: int = 0) -> bool:
     """True when every element of `t` provably equals `value` (0 or 1; any Cast keeps both)."""
     v = c.get(t)
     if v is not None:
         return bool(np.all(v == value))
-    n = prod.get(t)
+    n = c.producer(t)
     if n is None or depth > 64:
         return False
-    if n.op_type == "ConstantOfShape":
-        attr = next((a.t for a in n.attribute if a.name == "value"), None)
-        fill = onnx.numpy_helper.to_array(attr) if attr is not None else np.zeros(1, np.float32)
+    if n.op == "ConstantOfShape":
+        attr = n.attrs.get("value")
+        fill = c.get(attr) if isinstance(attr, gs.Constant) else np.zeros(1, np.float32)
         return bool(np.all(fill == value))
-    if n.op_type in _DATA:
-        return uniform(n.input[0], value, prod, c, depth + 1)
-    if n.op_type in ("And", "Or", "Concat", "Min", "Max"):
-        return all(uniform(i, value, prod, c, depth + 1) for i in n.input if i)
+    if n.op in _DATA:
+        return uniform(n.inputs[0], value, c, depth + 1)
+    if n.op in ("And", "Or", "Concat", "Min", "Max"):
+        return all(uniform(i, value, c, depth + 1) for i in n.inputs if i.name)
     return False
 
 
-def _index(t: str, prod: dict, c: Consts, want: int):
+def _index(t: gs.Tensor, c: Consts, want: int):
     """The Range output when `t` is Range(0, n, 1) unsqueezed so that it runs along axis `want`."""
     axes_after = []
-    n = prod.get(t)
-    while n is not None and n.op_type == "Unsqueeze":
-        ax = c.get(n.input[1]) if len(n.input) > 1 else None
+    n = c.producer(t)
+    while n is not None and n.op == "Unsqueeze":
+        ax = c.get(n.inputs[1]) if len(n.inputs) > 1 else None
         if ax is None:
             return None
         axes_after.append(ax.reshape(-1).astype(int).tolist())
-        n = prod.get(n.input[0])
-    if n is None or n.op_type != "Range":
+        n = c.producer(n.inputs[0])
+    if n is None or n.op != "Range":
         return None
-    start, delta = c.get(n.input[0]), c.get(n.input[2])
+    start, delta = c.get(n.inputs[0]), c.get(n.inputs[2])
     if start is None or delta is None or start.reshape(-1)[0] != 0 or delta.reshape(-1)[0] != 1:
         return None
     rank, pos = 1, 0                       # where the range runs, counted from the front
@@ -100,28 +89,31 @@ def _index(t: str, prod: dict, c: Consts, want: int):
         for a in sorted(x % rank for x in axes):
             if a <= pos:
                 pos += 1
-    return n.output[0] if pos - rank == want else None
+    return n.outputs[0] if pos - rank == want else None
 
 
 class Dims:
-    """Tensor dims from value_info; onnxruntime's symbolic shape inference fills in the rest once."""
+    """Tensor dims from the graph (value_info); onnxruntime's symbolic shape inference fills in
+    the rest once."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model, self.inferred = model, False
-        self.dims = _read(model.graph)
+    def __init__(self, graph: gs.Graph):
+        self.graph, self.inferred = graph, False
+        self.dims: dict[str, list] = {}
 
-    def get(self, t: str) -> list | None:
-        d = self.dims.get(t)
+    def get(self, t: gs.Tensor) -> list | None:
+        d = self.dims.get(t.name)
+        if d is None and t.shape is not None:
+            d = self.dims[t.name] = [_dim(x) for x in t.shape]
         if (d is None or None in d[-2:]) and not self.inferred:
             self.inferred = True
-            for name, dims in _infer(self.model).items():
+            for name, dims in _infer(export_graph(self.graph, 4097)[0]).items():
                 old = self.dims.get(name)
                 if old is None or sum(x is None for x in dims) < sum(x is None for x in old):
                     self.dims[name] = dims
-            d = self.dims.get(t)
+            d = self.dims.get(t.name)
         return d
 
-    def length(self, q: str, v: str, mask: str):
+    def length(self, q: gs.Tensor, v: gs.Tensor, mask: gs.Tensor):
         """The one length of queries, values and both mask dims, or None when not provably one.
         Keys need no proof: P·V makes the scores' key dim equal the values' length n, so the
         key length is n or 1, and a single broadcast key slices to itself in every chunk."""
@@ -138,15 +130,16 @@ def _read(g: onnx.GraphProto) -> dict[str, list]:
     for vi in (*g.value_info, *g.input, *g.output):
         t = vi.type.tensor_type
         if t.HasField("shape"):
-            out[vi.name] = [_dim(d) for d in t.shape.dim]
+            out[vi.name] = [_dim(d.dim_param if d.HasField("dim_param") else
+                                 d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
     return out
 
 
 def _dim(d) -> str | int | None:
     """A named or static dim; onnx's placeholders for unknown dims (unk__N) prove nothing."""
-    if d.HasField("dim_param"):
-        return None if d.dim_param.startswith("unk__") or not d.dim_param else d.dim_param
-    return d.dim_value if d.HasField("dim_value") else None
+    if isinstance(d, str):
+        return None if d.startswith("unk__") or not d else d
+    return None if d is None else int(d)
 
 
 def _infer(model: onnx.ModelProto) -> dict[str, list]:
@@ -155,8 +148,7 @@ def _infer(model: onnx.ModelProto) -> dict[str, list]:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:
         return {}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = model           # a fresh export: ours to change
     g = m.graph
     keep = []
     for t in g.initializer:

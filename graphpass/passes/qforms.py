@@ -13,12 +13,13 @@ Quantized activations are shared by every layer reading the same X (q, k, v quan
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
-from graphpass.graph.io import unique_name
+from graphpass.graph.gs_io import unique_name
 
 MS = "com.microsoft"
+T = gs.Tensor
 
 
 def quantize_weight(w: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -46,41 +47,42 @@ def static_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
 
 
 class Emitter:
-    """Appends nodes and initializers with unique names; one instance per rewritten graph."""
+    """Adds nodes and constants with unique names to a gs.Graph; one instance per rewritten graph."""
 
-    def __init__(self, graph: onnx.GraphProto, opset: int, names: set[str]):
+    def __init__(self, graph: gs.Graph, opset: int, names: set[str]):
         self.graph, self.opset, self.names = graph, opset, names
-        self.nodes: list[onnx.NodeProto] = []
         self.shared: dict[tuple, tuple] = {}   # (kind, tensor) -> outputs of the activation quantizer
 
     def name(self, base: str) -> str:
         return unique_name(base, self.names)
 
-    def const(self, base: str, value) -> str:
-        n = self.name(base)
-        self.graph.initializer.append(numpy_helper.from_array(np.array(value, order="C"), n))
-        return n
+    def const(self, base: str, value) -> gs.Constant:
+        return gs.Constant(self.name(base), np.array(value, order="C"))
 
-    def node(self, op: str, inputs: list[str], base: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
-        outs = [self.name(f"{base}_{op}_out{i}") for i in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(f"{base}_{op}"),
-                                           domain=domain or None, **attrs))
+    def emit(self, op: str, inputs: list[T], outputs: list[T], base: str, domain: str = "", **attrs) -> None:
+        """A node writing `outputs` (existing tensors; their old producer must be detached)."""
+        self.graph.nodes.append(gs.Node(op, self.name(base), attrs, list(inputs), list(outputs),
+                                        domain or None))
+
+    def node(self, op: str, inputs: list[T], base: str, n_out: int = 1, domain: str = "", **attrs) -> list[gs.Variable]:
+        outs = [gs.Variable(self.name(f"{base}_{op}_out{i}")) for i in range(n_out)]
+        self.emit(op, inputs, outs, f"{base}_{op}", domain, **attrs)
         return outs
 
 
-def emit_dynamic(e: Emitter, x: str, wq: str, ws: str, y: str, base: str) -> None:
-    key = ("dynamic", x)
+def emit_dynamic(e: Emitter, x: T, wq: T, ws: T, y: T, base: str) -> None:
+    key = ("dynamic", x.name)
     if key not in e.shared:
         e.shared[key] = tuple(e.node("DynamicQuantizeLinear", [x], f"{base}_x", 3))
     xq, xs, xz = e.shared[key]
     (yi,) = e.node("MatMulInteger", [xq, wq, xz], base)
     (yf,) = e.node("Cast", [yi], base, to=TensorProto.FLOAT)
     (comb,) = e.node("Mul", [xs, ws], f"{base}_scale")
-    e.nodes.append(helper.make_node("Mul", [yf, comb], [y], name=e.name(f"{base}_Mul")))
+    e.emit("Mul", [yf, comb], [y], f"{base}_Mul")
 
 
-def _row_quantizer(e: Emitter, x: str, base: str) -> tuple[str, str, str, str]:
-    key = ("token", x)
+def _row_quantizer(e: Emitter, x: T, base: str) -> tuple[T, T, T, T]:
+    key = ("token", x.name)
     if key not in e.shared:
         (a,) = e.node("Abs", [x], base)
         if e.opset >= 18:
@@ -96,15 +98,15 @@ def _row_quantizer(e: Emitter, x: str, base: str) -> tuple[str, str, str, str]:
     return e.shared[key]
 
 
-def emit_token(e: Emitter, x: str, wq: str, ws: str, y: str, base: str) -> None:
+def emit_token(e: Emitter, x: T, wq: T, ws: T, y: T, base: str) -> None:
     xq, s, one, z = _row_quantizer(e, x, f"{base}_x")
     (yp,) = e.node("MatMulIntegerToFloat", [xq, wq, one, ws, z], base, domain=MS)
-    e.nodes.append(helper.make_node("Mul", [yp, s], [y], name=e.name(f"{base}_rowscale")))
+    e.emit("Mul", [yp, s], [y], f"{base}_rowscale")
 
 
-def _static_quantizer(e: Emitter, x: str, base: str, qparams) -> tuple[str, str, str]:
+def _static_quantizer(e: Emitter, x: T, base: str, qparams) -> tuple[T, T, T]:
     """QuantizeLinear of X with its calibrated scale and zero point, once per tensor."""
-    key = ("static", x)
+    key = ("static", x.name)
     if key not in e.shared:
         scale, zp = qparams
         sc, zc = e.const(f"{base}_x_scale", scale), e.const(f"{base}_x_zp", zp)
@@ -113,19 +115,19 @@ def _static_quantizer(e: Emitter, x: str, base: str, qparams) -> tuple[str, str,
     return e.shared[key]
 
 
-def emit_static_fused(e: Emitter, x: str, wq: str, ws: str, y: str, base: str, qparams, bias: str) -> None:
+def emit_static_fused(e: Emitter, x: T, wq: T, ws: T, y: T, base: str, qparams, bias: T) -> None:
     """Static with a bias: QuantizeLinear + MatMulIntegerToFloat(bias), the op the QDQ form fuses to."""
     xq, sc, zc = _static_quantizer(e, x, base, qparams)
-    e.nodes.append(helper.make_node("MatMulIntegerToFloat", [xq, wq, sc, ws, zc, "", bias], [y],
-                                    name=e.name(f"{base}_MatMulIntegerToFloat"), domain=MS))
+    e.emit("MatMulIntegerToFloat", [xq, wq, sc, ws, zc, gs.Variable.empty(), bias], [y],
+           f"{base}_MatMulIntegerToFloat", domain=MS)
 
 
-def emit_static(e: Emitter, x: str, wq: str, ws: str, y: str, base: str, qparams, n: int) -> None:
-    key = ("static-dq", x)
+def emit_static(e: Emitter, x: T, wq: T, ws: T, y: T, base: str, qparams, n: int) -> None:
+    key = ("static-dq", x.name)
     if key not in e.shared:
         xq, sc, zc = _static_quantizer(e, x, base, qparams)
         e.shared[key] = tuple(e.node("DequantizeLinear", [xq, sc, zc], f"{base}_x"))
     (xd,) = e.shared[key]
     wz = e.const(f"{base}_w_zp", np.zeros(n, np.int8))
     (wd,) = e.node("DequantizeLinear", [wq, ws, wz], f"{base}_w", axis=1)
-    e.nodes.append(helper.make_node("MatMul", [xd, wd], [y], name=e.name(f"{base}_MatMul")))
+    e.emit("MatMul", [xd, wd], [y], f"{base}_MatMul")

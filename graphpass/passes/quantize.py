@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
-from graphpass.graph.consts import Consts
 from graphpass.errors import GraphpassError
-from graphpass.graph.io import consumers, opset_version, prune_dead_nodes, prune_initializers, toposort
-from graphpass.match.linears import Linear, _attr
+from graphpass.graph.consts import Consts, attr
+from graphpass.graph.gs_io import add_opset, export_into, opset_version
+from graphpass.match.linears import Linear
 from graphpass.match.sites import analyze
-from graphpass.passes.qforms import (MS, Emitter, emit_dynamic, emit_static, emit_static_fused, emit_token, quantize_weight,
-                     static_qparams)
+from graphpass.passes.qforms import (MS, Emitter, emit_dynamic, emit_static, emit_static_fused, emit_token,
+                                     quantize_weight, static_qparams)
 
 SCHEMES = ("static", "dynamic", "token")
 
@@ -55,52 +56,34 @@ def is_lm_head(lin: Linear, c: Consts) -> bool:
     return lin.out in c.graph_outputs or (lin.via is not None and lin.shared_weight(c))
 
 
-def quantize(model: onnx.ModelProto, config: QuantConfig,
+def quantize(model: onnx.ModelProto | gs.Graph, config: QuantConfig,
              act_ranges: dict[str, tuple[float, float]] | None = None, base_dir: str | None = None,
-             consts: Consts | None = None) -> tuple[onnx.ModelProto, QuantReport]:
+             consts: Consts | None = None) -> tuple[onnx.ModelProto | gs.Graph, QuantReport]:
     """Rewrite `model` in place; `act_ranges` (tensor -> (min, max)) is needed by `static`.
 
-    `base_dir`: the model's folder when weights were left in external data; each is read once,
-    quantized, and the rest are brought into the graph at the end.
+    `base_dir`: the model's folder when weights were left in external data; each is read once
+    and quantized, and its float value leaves memory with the node it fed. A ModelProto is
+    imported, rewritten and written back into the same object.
     """
-    g = model.graph
     an = analyze(model, base_dir, consts)
     names = {lin.name for lin in an.linears}   # uncovered-by-smoothing layers still get quantized
-    c, rep = an.consts, QuantReport(skipped=[u for u in an.uncovered if u[0] not in names])
-    opset = opset_version(model)
-    e = Emitter(g, opset, c._names)   # one name table for the constant table and the emitter
+    g, c, rep = an.graph, an.consts, QuantReport(skipped=[u for u in an.uncovered if u[0] not in names])
+    e = Emitter(g, opset_version(g), c._names)   # one name table for the constant table and the emitter
     tables = _quantize_tables(g, c, e) if config.embedding_int8 else {}
     rep.tables = sorted(tables)
-    remove = []
     for lin in an.linears:
         why = _skip_reason(lin, c, config, act_ranges)
         if why:
             rep.skipped.append((lin.name, why))
             continue
         _rewrite(lin, c, e, config, act_ranges, tables)
-        remove.append(lin.node)
         rep.quantized.append(lin.name)
-    drop = {id(n) for n in remove}
-    keep = [n for n in g.node if id(n) not in drop] if drop else None
-    if keep is not None:
-        _replace_nodes(g, keep + e.nodes)
-    elif e.nodes:
-        g.node.extend(e.nodes)
-    if any(n.domain == MS for n in g.node) and not any(o.domain == MS for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS, 1))
-    toposort(g)
-    prune_dead_nodes(g)        # e.g. the Transpose that fed a quantized weight
-    prune_initializers(g)
-    c.flush()
+    if any(n.domain == MS for n in g.nodes):
+        add_opset(g, MS, 1)
+    g.cleanup().toposort()     # drops e.g. the Transpose that fed a quantized weight
+    if isinstance(model, onnx.ModelProto):
+        export_into(model, g)
     return model, rep
-
-
-def _replace_nodes(g: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
-    copies = [onnx.NodeProto() for _ in nodes]
-    for dst, src in zip(copies, nodes):
-        dst.CopyFrom(src)
-    g.ClearField("node")
-    g.node.extend(copies)
 
 
 def _skip_reason(lin: Linear, c: Consts, cfg: QuantConfig, ranges) -> str:
@@ -115,67 +98,66 @@ def _skip_reason(lin: Linear, c: Consts, cfg: QuantConfig, ranges) -> str:
     return ""
 
 
+def _detach(n: gs.Node) -> gs.Tensor:
+    """Disconnect a replaced node (its float weight leaves memory with it); returns its output."""
+    y = n.outputs[0]
+    n.outputs.clear()
+    n.inputs.clear()
+    return y
+
+
 def _rewrite(lin: Linear, c: Consts, e: Emitter, cfg: QuantConfig, ranges, tables) -> None:
-    n, base = lin.node, (lin.node.name or lin.node.output[0]).strip("/").replace("/", "_")
-    alpha = float(_attr(n, "alpha", 1.0)) if n.op_type == "Gemm" else 1.0
-    if lin.via is not None and lin.via.input[0] in tables:
-        eq, es = tables[lin.via.input[0]]
+    n, base = lin.node, (lin.node.name or lin.node.outputs[0].name).strip("/").replace("/", "_")
+    alpha = float(attr(n, "alpha", 1.0)) if n.op == "Gemm" else 1.0
+    beta = float(attr(n, "beta", 1.0))
+    bias = c.get(n.inputs[2]) if n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name else None
+    if lin.via is not None and lin.via.inputs[0].name in tables:
+        eq, es = tables[lin.via.inputs[0].name]
         (wq,) = e.node("Transpose", [eq], f"{base}_w", perm=[1, 0])   # folded by onnxruntime at load
         ws = e.const(f"{base}_w_scale", (es * alpha).astype(np.float32))
         width = es.size
     else:
         q, s = quantize_weight(lin.weight(c))
         wq, ws, width = e.const(f"{base}_w_int8", q), e.const(f"{base}_w_scale", s * np.float32(alpha)), s.size
-        c.release(lin._holder()[0].input[lin._holder()[1]])
-    y = n.output[0]
-    has_c = n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]
-    if has_c:
-        y = e.name(f"{base}_noBias")
+    x, act, out = lin.x, lin.act, _detach(n)
+    y = gs.Variable(e.name(f"{base}_noBias")) if bias is not None else out
     if cfg.scheme == "dynamic":
-        emit_dynamic(e, lin.act, wq, ws, y, base)
+        emit_dynamic(e, x, wq, ws, y, base)
     elif cfg.scheme == "token":
-        emit_token(e, lin.act, wq, ws, y, base)
-    elif has_c:   # ORT fuses MatMul+Add into a float Gemm before its QDQ pass: emit the fused op
-        beta = float(_attr(n, "beta", 1.0))
-        b = e.const(f"{base}_bias", c.get(n.input[2]).astype(np.float32).reshape(-1) * np.float32(beta)
-                    * np.ones(width, np.float32))
-        emit_static_fused(e, lin.act, wq, ws, n.output[0], base, static_qparams(*ranges[lin.act]), b)
+        emit_token(e, x, wq, ws, y, base)
+    elif bias is not None:   # ORT fuses MatMul+Add into a float Gemm before its QDQ pass: emit the fused op
+        b = e.const(f"{base}_bias", bias.astype(np.float32).reshape(-1) * np.float32(beta) * np.ones(width, np.float32))
+        emit_static_fused(e, x, wq, ws, out, base, static_qparams(*ranges[act]), b)
         return
     else:
-        emit_static(e, lin.act, wq, ws, y, base, static_qparams(*ranges[lin.act]), width)
-    if has_c:
-        beta = float(_attr(n, "beta", 1.0))
-        b = c.get(n.input[2]).astype(np.float32) * np.float32(beta)
-        e.nodes.append(helper.make_node("Add", [y, e.const(f"{base}_bias", b)], [n.output[0]],
-                                        name=e.name(f"{base}_bias_Add")))
+        emit_static(e, x, wq, ws, y, base, static_qparams(*ranges[act]), width)
+    if bias is not None:
+        e.emit("Add", [y, e.const(f"{base}_bias", bias.astype(np.float32) * np.float32(beta))], [out],
+               f"{base}_bias_Add")
 
 
-def _quantize_tables(g: onnx.GraphProto, c: Consts, e: Emitter) -> dict[str, tuple[str, np.ndarray]]:
+def _quantize_tables(g: gs.Graph, c: Consts, e: Emitter) -> dict[str, tuple[gs.Constant, np.ndarray]]:
     """Gather tables -> int8 rows + per-row scale; a Transpose reader gets DequantizeLinear."""
-    cons = consumers(g)
-    out: dict[str, tuple[str, np.ndarray, str]] = {}
-    dead = []
-    for k, node in enumerate(g.node):
-        if node.op_type != "Gather" or _attr(node, "axis", 0) != 0 or not c.is_const(node.input[0]):
+    out: dict[str, tuple] = {}
+    for node in list(g.nodes):
+        if node.op != "Gather" or attr(node, "axis", 0) != 0 or not c.is_const(node.inputs[0]):
             continue
-        name = node.input[0]
-        table = c.get(name)
-        if table.ndim != 2 or table.dtype != np.float32 or table.shape[0] < 256:
-            continue
-        if name not in out:
-            out[name] = _int8_table(e, name, table, cons.get(name, []))
-        eq, _, scol, _ = out[name]
-        base = (node.name or node.output[0]).strip("/").replace("/", "_")
-        (rows,) = e.node("Gather", [eq, node.input[1]], base, axis=0)
+        t = node.inputs[0]
+        if t.name not in out:
+            table = c.get(t)
+            if table.ndim != 2 or table.dtype != np.float32 or table.shape[0] < 256:
+                continue
+            out[t.name] = _int8_table(e, t.name, table, list(t.outputs))
+        eq, _, scol, _ = out[t.name]
+        base = (node.name or node.outputs[0].name).strip("/").replace("/", "_")
+        ids = node.inputs[1]
+        (rows,) = e.node("Gather", [eq, ids], base, axis=0)
         (rf,) = e.node("Cast", [rows], base, to=TensorProto.FLOAT)
-        (rs,) = e.node("Gather", [scol, node.input[1]], f"{base}_scale", axis=0)
-        e.nodes.append(helper.make_node("Mul", [rf, rs], [node.output[0]], name=e.name(f"{base}_dequant")))
-        dead.append(k)
-    for k in reversed(dead):
-        del g.node[k]
+        (rs,) = e.node("Gather", [scol, ids], f"{base}_scale", axis=0)
+        e.emit("Mul", [rf, rs], [_detach(node)], f"{base}_dequant")
     res = {}
     for v in out.values():   # keyed by what a tied head's Transpose now reads: the DQ output
-        res.update({dq: (v[0], v[1]) for dq in v[3]})
+        res.update({dq.name: (v[0], v[1]) for dq in v[3]})
     return res
 
 
@@ -184,9 +166,9 @@ def _int8_table(e: Emitter, name: str, table: np.ndarray, readers) -> tuple:
     eq = e.const(f"{name}_int8", np.ascontiguousarray(q.T))
     dqs = []
     for r in readers:
-        if r.op_type == "Transpose":                 # tied LM head: read the int8 table through DQ
+        if r.op == "Transpose":                      # tied LM head: read the int8 table through DQ
             zp = e.const(f"{name}_zp", np.zeros(s.size, np.int8))
             (dq,) = e.node("DequantizeLinear", [eq, e.const(f"{name}_scale", s), zp], f"{name}_table", axis=0)
-            r.input[0] = dq
+            r.inputs[0] = dq
             dqs.append(dq)
     return eq, s, e.const(f"{name}_row_scale", s.reshape(-1, 1)), dqs

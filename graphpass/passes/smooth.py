@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from graphpass.graph.consts import Consts
+from graphpass.graph.gs_io import export_into
 from graphpass.match.sites import Analysis, LinearFold, NormFold, Site, analyze
 
 S_MIN, S_MAX = 1e-4, 1e4
@@ -89,14 +91,16 @@ def _ratio(v: np.ndarray) -> float:
     return float(v.max() / med) if med > 0 else float("inf")
 
 
-def smooth(model: onnx.ModelProto, act_absmax: dict[str, np.ndarray], config: SmoothConfig = SmoothConfig(),
-           analysis: Analysis | None = None, flush: bool = True) -> tuple[onnx.ModelProto, SmoothReport]:
-    """Fold smoothing scales into `model` (edited in place and returned) from per-channel max|X|.
+def smooth(model: onnx.ModelProto | gs.Graph, act_absmax: dict[str, np.ndarray],
+           config: SmoothConfig = SmoothConfig(), analysis: Analysis | None = None
+           ) -> tuple[onnx.ModelProto | gs.Graph, SmoothReport]:
+    """Fold smoothing scales into `model` from per-channel max|X|; returns (model, report).
 
-    flush=False leaves the new weights pending in `analysis.consts` for a pass that follows.
+    A gs.Graph is edited in place (new weights stay numpy arrays in it until it is saved); a
+    ModelProto is imported, edited, and written back into the same object.
     """
     an = analysis or analyze(model)
-    c, rep = an.consts, SmoothReport(uncovered=list(an.uncovered))
+    g, c, rep = an.graph, an.consts, SmoothReport(uncovered=list(an.uncovered))
     for site in an.sites:
         alpha = config.alpha_for(site)
         act_name = site.act
@@ -106,7 +110,7 @@ def smooth(model: onnx.ModelProto, act_absmax: dict[str, np.ndarray], config: Sm
         for lin in site.consumers:
             lin.set_weight(c, lin.weight(c) * s[:, None].astype(np.float32))
         if isinstance(site.fold, NormFold):
-            _fold_norm(model.graph, c, site, s)
+            _fold_norm(g, c, site, s)
         else:
             _fold_linear(c, site.fold, s)
         rep.scales[site.consumers[0].act] = (act_name, s)
@@ -121,47 +125,43 @@ def smooth(model: onnx.ModelProto, act_absmax: dict[str, np.ndarray], config: Sm
             s = site_scales(site, c, act_absmax[act].astype(np.float64), config.alpha_for(site))
             for lin in readers:
                 lin.set_weight(c, lin.weight(c) * s[:, None].astype(np.float32))
-            _insert_mul(model.graph, c, act, readers, s)
+            _insert_mul(g, c, readers, s)
             rep.scales[readers[0].act] = (act, s)
             rep.muls_added += 1
-    if flush:
-        c.flush()
+    g.toposort()
+    if isinstance(model, onnx.ModelProto):
+        export_into(model, g)
     return model, rep
 
 
-def _fold_norm(graph: onnx.GraphProto, c: Consts, site: Site, s: np.ndarray) -> None:
+def _fold_norm(g: gs.Graph, c: Consts, site: Site, s: np.ndarray) -> None:
     fold = site.fold
     if fold.clone:
-        fold = _clone_tail(graph, c, site)
+        fold = _clone_tail(g, c, site)
     for at in (fold.scale, fold.bias):
         if at is None:
             continue
         node, i = at
-        v = c.get(node.input[i])
+        v = c.get(node.inputs[i])
         c.replace(node, i, v / s.reshape(v.shape).astype(v.dtype))
 
 
-def _clone_tail(graph: onnx.GraphProto, c: Consts, site: Site) -> NormFold:
+def _clone_tail(g: gs.Graph, c: Consts, site: Site) -> NormFold:
     """Duplicate the norm's affine tail; the site's readers move to the copy's output."""
     fold, renamed, clones = site.fold, {}, []
     for n in fold.nodes:
-        m = onnx.NodeProto()
-        m.CopyFrom(n)
-        m.name = c.unique_name((n.name or n.op_type) + "_smoothed")
-        del m.output[1:]
-        m.input[:] = [renamed.get(i, i) for i in m.input]
-        renamed[n.output[0]] = m.output[0] = c.unique_name(n.output[0] + "_smoothed")
-        for i in m.input:
-            c.readers[i] = c.readers.get(i, 0) + 1
+        y = n.outputs[0]
+        out = gs.Variable(c.unique_name(y.name + "_smoothed"), y.dtype, y.shape)
+        m = gs.Node(n.op, c.unique_name((n.name or n.op) + "_smoothed"), dict(n.attrs),
+                    [renamed.get(id(i), i) for i in n.inputs], [out], n.domain)
+        renamed[id(y)] = out
+        g.nodes.append(m)
         clones.append(m)
-    clones = _insert_after(graph, fold.nodes[-1], clones)
     if fold.via is not None:          # the readers see the norm through a Reshape: move that
-        via = next(n for n in graph.node if n.output[0] == fold.via.output[0])
-        via.input[0] = clones[-1].output[0]
+        fold.via.inputs[0] = clones[-1].outputs[0]
     else:
         for lin in site.consumers:
-            lin.node.input[0] = clones[-1].output[0]
-            lin.act = clones[-1].output[0]
+            lin.node.inputs[0] = clones[-1].outputs[0]
     pick = {id(n): m for n, m in zip(fold.nodes, clones)}
     at = lambda a: (pick[id(a[0])], a[1]) if a else None  # noqa: E731
     return NormFold(clones, at(fold.scale), at(fold.bias), clone=True, via=fold.via)
@@ -178,27 +178,17 @@ def _fold_linear(c: Consts, fold: LinearFold, s: np.ndarray) -> None:
     p.set_weight(c, w / s_out[None, :].astype(np.float32))
     if p.bias_at is not None:
         node, i = p.bias_at
-        b = c.get(node.input[i])
+        b = c.get(node.inputs[i])
         if b.size == s_out.size:
             c.replace(node, i, b / s_out.reshape(b.shape).astype(b.dtype))
         else:  # a scalar Gemm bias becomes a vector
             c.replace(node, i, (np.full(s_out.size, b.reshape(-1)[0]) / s_out).astype(b.dtype))
 
 
-def _insert_mul(graph: onnx.GraphProto, c: Consts, act: str, readers, s: np.ndarray) -> None:
-    inv = c.unique_name(act + "_inv_smooth")
-    out = c.unique_name(act + "_smoothed")
-    graph.initializer.append(onnx.numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
-    mul = onnx.helper.make_node("Mul", [act, inv], [out], name=c.unique_name("Smooth_Mul"))
-    _insert_after(graph, readers[0].node, [mul], before=True)
+def _insert_mul(g: gs.Graph, c: Consts, readers, s: np.ndarray) -> None:
+    x = readers[0].x
+    inv = gs.Constant(c.unique_name(x.name + "_inv_smooth"), (1.0 / s).astype(np.float32))
+    out = gs.Variable(c.unique_name(x.name + "_smoothed"), x.dtype, x.shape)
+    g.nodes.append(gs.Node("Mul", c.unique_name("Smooth_Mul"), inputs=[x, inv], outputs=[out]))
     for lin in readers:
-        lin.node.input[0] = out
-        lin.act = out
-
-
-def _insert_after(graph: onnx.GraphProto, anchor: onnx.NodeProto, nodes, before: bool = False) -> list:
-    idx = next(i for i, n in enumerate(graph.node) if n is anchor or n == anchor)
-    idx = idx if before else idx + 1
-    for k, n in enumerate(nodes):
-        graph.node.insert(idx + k, n)
-    return [graph.node[idx + k] for k in range(len(nodes))]  # protobuf stores copies
+        lin.node.inputs[0] = out

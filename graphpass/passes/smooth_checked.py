@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from graphpass.validate.bench import synthetic_inputs
 from graphpass.errors import GraphpassError
-from graphpass.graph.decode import empty_cache, past_layout
+from graphpass.graph.gs_io import constants, nbytes, to_model
 from graphpass.graph.io import input_specs
 from graphpass.passes.smooth import SmoothConfig, SmoothReport, smooth
 from graphpass.match.sites import analyze
@@ -24,10 +25,10 @@ def check_alpha(alpha: float, what: str = "alpha") -> None:
         raise GraphpassError(f"{what} must be within [0, 1], got {alpha}")
 
 
-def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bool = True,
-                 base_dir: str | None = None) -> tuple[onnx.ModelProto, SmoothReport]:
+def smooth_model(model: onnx.ModelProto | gs.Graph, stats, config: SmoothConfig, verify: bool = True,
+                 base_dir: str | None = None) -> tuple[onnx.ModelProto | gs.Graph, SmoothReport]:
     """`base_dir`: the model's folder when its weights were left in external data (read one at a
-    time; the result holds every weight inline, ready for save_model(release=True))."""
+    time). A gs.Graph is smoothed in place (ready for io.save_graph); a ModelProto is written back."""
     check_alpha(config.alpha)
     for key, a in config.site_alpha:
         check_alpha(a, f"alpha for site '{key}'")
@@ -42,14 +43,11 @@ def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bo
     if not acts:
         return model, SmoothReport(uncovered=list(an.uncovered))
     stats.require(acts, "stats")
-    original = onnx.ModelProto()
-    if verify and _weight_bytes(model) < (1 << 31) - (1 << 24):   # both graphs must serialize
-        original.CopyFrom(model)
-    else:
-        verify = False
+    verify = verify and _weight_bytes(an.graph) < (1 << 31) - (1 << 24)   # both graphs must serialize
+    original = to_model(an.graph) if verify else None    # weights still lazy: small
     model, rep = smooth(model, {t: stats.absmax(t) for t in acts}, config, an)
     if verify:
-        err = output_change(original, model, base_dir)
+        err = output_change(original, to_model(an.graph), base_dir)
         if err > VERIFY_RTOL:
             raise GraphpassError(f"smoothing changed the graph's outputs (max relative error {err:.2e}); "
                                  "a site was folded wrongly: please report this model")
@@ -57,26 +55,48 @@ def smooth_model(model: onnx.ModelProto, stats, config: SmoothConfig, verify: bo
     return model, rep
 
 
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers, inline or external, from their dims (ByteSize fails past 2 GB)."""
-    return sum(int(np.prod(t.dims, dtype=np.int64)) *
-               np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-               for t in model.graph.initializer)
+def _weight_bytes(g: gs.Graph) -> int:
+    """Bytes of the constants, inline or external, from their shapes (ByteSize fails past 2 GB)."""
+    return sum(nbytes(c) for c in constants(g))
 
 
 def output_change(a: onnx.ModelProto, b: onnx.ModelProto, base_dir: str | None = None,
                   shape=(2, 16)) -> float:
-    """max |out_a - out_b| / max |out_a| over all outputs, on probe inputs of `shape`."""
+    """max |out_a - out_b| / max |out_a| over all outputs, on probe inputs of `shape`.
+
+    A with-past graph is compared on what its caller sees: logits of a prefill from an empty
+    cache, then of decode steps where each graph reads back its OWN present as past (a folded
+    value projection changes what the cache holds, not what the loop computes)."""
+    from graphpass.graph.decode import past_layout
+
+    layout = past_layout(a, base_dir)   # genai_config.json there may size the cache
+    if layout is not None:
+        return _decode_change(a, b, layout, base_dir, shape)
     try:
-        layout = past_layout(a, base_dir)   # a with-past graph is probed as a prefill, empty past
-        past = empty_cache(layout, shape[0]).past if layout is not None else {}
-        feeds = {**synthetic_inputs([s for s in input_specs(a) if s.name not in past], shape), **past}
+        feeds = synthetic_inputs(input_specs(a), shape)
     except GraphpassError:
         return 0.0  # inputs we cannot synthesize: the caller's own tests must cover this graph
     ra = make_session(a, external_dir=base_dir).run(None, feeds)
     rb = make_session(b, external_dir=base_dir).run(None, feeds)
     worst = 0.0
     for x, y in zip(ra, rb):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)))
+    return worst
+
+
+def _decode_change(a, b, layout, base_dir, shape, steps: int = 2) -> float:
+    from graphpass.graph.decode import DecodeRunner
+
+    limit = min([s.limit for s in input_specs(a) if s.limit] or [100])
+    ids = np.random.default_rng(0).integers(0, limit, size=(shape[0], shape[1] + steps))
+    runs = [DecodeRunner(make_session(m, external_dir=base_dir), layout) for m in (a, b)]
+    outs = [[r.prefill(ids[:, :shape[1]])] for r in runs]
+    for k in range(steps):
+        for r, o in zip(runs, outs):
+            o.append(r.step(ids[:, shape[1] + k:shape[1] + k + 1]))
+    worst = 0.0
+    for x, y in zip(*outs):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)))
     return worst

@@ -52,10 +52,10 @@ def site_error(site: Site, an: Analysis, x: np.ndarray, weights: list[np.ndarray
 def search_alpha(an: Analysis, stats: Stats, scheme: str, grid=GRID, progress: bool = True
                  ) -> tuple[dict[str, float], list[dict]]:
     """α per site (keyed by site name) and a row per site with the error at each grid point."""
-    from tqdm import tqdm
+    from graphpass.progress import bar
 
     chosen, rows = {}, []
-    for site in tqdm(an.sites, desc="alpha search", unit="site", disable=not progress):
+    for site in bar(an.sites, "alpha search", "site", enabled=progress):
         x = stats.rows.get(site.act)
         if x is None or not len(x):
             continue

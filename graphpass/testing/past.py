@@ -58,7 +58,7 @@ def _inv_freq(cfg: SyntheticConfig) -> np.ndarray:
 # ---------------------------------------------------------------------------- optimum form
 def build_optimum_past(cfg: SyntheticConfig = SyntheticConfig()) -> onnx.ModelProto:
     """optimum-onnx with-past Llama decoder (see the module docstring)."""
-    b, w, d = GraphBuilder(cfg.opset), _weights(cfg), cfg.head_dim
+    b, w, _d = GraphBuilder(cfg.opset), _weights(cfg), cfg.head_dim
     emb = b.weight("model.embed_tokens.weight", w["emb"])
     x = b.op("Gather", [emb, "input_ids"], "/model/embed_tokens", axis=0)
     mask, rope = _past_mask(b), _rope_from_positions(b, cfg)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
 from graphpass.validate.debug_graph import Merged, build_merged
@@ -150,8 +150,7 @@ def debug(reference: str | os.PathLike, candidate: str | os.PathLike, data: dict
                 if g is not None:
                     gains[f"gp_dbg_{k}_gain"] = g
     sums = np.zeros(len(outs))
-    for k, b in enumerate(tqdm(batches(data, batch_size), total=-(-n // batch_size), desc="debug",
-                               unit="batch", disable=not progress)):
+    for k, b in enumerate(bar(batches(data, batch_size), "debug", "batch", -(-n // batch_size), enabled=progress)):
         vals = _run(sess, outs, {**b, **gains}, k)
         sums += [float(np.sum(v, dtype=np.float64)) for v in vals]
     sums = dict(zip(outs, sums))

@@ -13,58 +13,59 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
-from graphpass.graph.consts import Consts
-from graphpass.graph.io import producers
+from graphpass.graph.consts import Consts, attr
+from graphpass.graph.gs_io import import_graph
 
 GAIN_EPS = 1e-30
 
 
-def dequantized_weight(c: Consts, prod: dict, y: str) -> np.ndarray | None:
+def dequantized_weight(c: Consts, y: gs.Tensor | None) -> np.ndarray | None:
     """W' as [in, out] float for the quantized layer writing `y`, in graphpass's forms (token,
     dynamic, static QDQ, with a Gemm bias Add) and onnxruntime's QDQ; None for any other form."""
-    n = prod.get(y)
-    if n is not None and n.op_type == "Add":                          # Gemm bias after the product
-        n = next((prod[i] for i in n.input if i in prod and prod[i].op_type in ("Mul", "MatMul")), None)
+    n = c.producer(y)
+    if n is not None and n.op == "Add":                               # Gemm bias after the product
+        n = next((p for p in map(c.producer, n.inputs) if p is not None and p.op in ("Mul", "MatMul")), None)
     if n is None:
         return None
-    if n.op_type == "MatMul":                                         # X·DQ(Wq, w, z)
-        dq = prod.get(n.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear":
+    if n.op == "MatMul":                                              # X·DQ(Wq, w, z)
+        dq = c.producer(n.inputs[1])
+        if dq is None or dq.op != "DequantizeLinear":
             return None
         return _dq(c, dq)
-    if n.op_type != "Mul":
+    if n.op != "Mul":
         return None
-    for i in n.input:
-        p = prod.get(i)
-        if p is not None and p.op_type == "MatMulIntegerToFloat":     # token: MMITF(xq, Wq, 1, w, z)·r
-            return _scaled(c, p.input[1], p.input[3], p.input[5] if len(p.input) > 5 else "")
-        if p is not None and p.op_type == "Cast":                     # dynamic: Cast(MMI(xq, Wq, z))·(a·w)
-            mmi = prod.get(p.input[0])
-            comb = prod.get(next(j for j in n.input if j != i))
-            if mmi is None or mmi.op_type != "MatMulInteger" or comb is None or comb.op_type != "Mul":
+    for i in n.inputs:
+        p = c.producer(i)
+        if p is not None and p.op == "MatMulIntegerToFloat":          # token: MMITF(xq, Wq, 1, w, z)·r
+            return _scaled(c, p.inputs[1], p.inputs[3], p.inputs[5] if len(p.inputs) > 5 else None)
+        if p is not None and p.op == "Cast":                          # dynamic: Cast(MMI(xq, Wq, z))·(a·w)
+            mmi = c.producer(p.inputs[0])
+            comb = c.producer(next(j for j in n.inputs if j is not i))
+            if mmi is None or mmi.op != "MatMulInteger" or comb is None or comb.op != "Mul":
                 return None
-            w = next((j for j in comb.input if c.is_const(j) and (c.shape(j) or (1,))[-1] > 1), None)
-            zp = mmi.input[3] if len(mmi.input) > 3 else ""
-            return None if w is None else _scaled(c, mmi.input[1], w, zp)
+            w = next((j for j in comb.inputs if c.is_const(j) and (c.shape(j) or (1,))[-1] > 1), None)
+            zp = mmi.inputs[3] if len(mmi.inputs) > 3 else None
+            return None if w is None else _scaled(c, mmi.inputs[1], w, zp)
     return None
 
 
-def _scaled(c: Consts, q: str, scale: str, zp: str) -> np.ndarray | None:
+def _scaled(c: Consts, q: gs.Tensor, scale: gs.Tensor, zp: gs.Tensor | None) -> np.ndarray | None:
     wq, s = c.get(q), c.get(scale)
     if wq is None or s is None or wq.ndim != 2:
         return None
-    z = c.get(zp) if zp else None
+    z = c.get(zp) if zp is not None and zp.name else None
     w = wq.astype(np.float64) - (0.0 if z is None else z.astype(np.float64))
     return w * s.astype(np.float64).reshape(1, -1)
 
 
-def _dq(c: Consts, dq: onnx.NodeProto) -> np.ndarray | None:
-    wq, s = c.get(dq.input[0]), c.get(dq.input[1])
+def _dq(c: Consts, dq: gs.Node) -> np.ndarray | None:
+    wq, s = c.get(dq.inputs[0]), c.get(dq.inputs[1])
     if wq is None or s is None or wq.ndim != 2:
         return None
-    z = c.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    z = c.get(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    axis = attr(dq, "axis", 1)
     shape = (1, -1) if axis in (1, -1) else (-1, 1)
     w = wq.astype(np.float64) - (0.0 if z is None else z.astype(np.float64).reshape(shape))
     return w * s.astype(np.float64).reshape(shape)
@@ -74,12 +75,13 @@ def weight_gains(pairs, ref_consts: Consts, cand: onnx.ModelProto, cand_dir: str
                  rescalable: set[str]) -> dict[str, np.ndarray]:
     """tensor -> g (Y ≈ g·Ŷ per channel) for the rescalable tensors the weights determine.
     Weights are read one layer at a time (inputs first, then the outputs that need them)."""
-    c, prod = Consts(cand.graph, cand_dir), producers(cand.graph)
+    c = Consts(import_graph(cand, cand_dir))
+    tensors = c.graph.tensors()
 
     def both(p):
         if not p.quantized or p.lin is None:
             return None, None
-        w1 = dequantized_weight(c, prod, p.tensor)
+        w1 = dequantized_weight(c, tensors.get(p.tensor))
         if w1 is None or w1.shape != tuple(p.lin.shape(ref_consts)):
             return None, None
         return p.lin.weight(ref_consts).astype(np.float64), w1

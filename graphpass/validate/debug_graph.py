@@ -22,11 +22,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from graphpass.calibrate.collect import _prune
 from graphpass.validate.debug_gains import weight_gains
 from graphpass.validate.debug_weights import WeightFolder, move_initializers, shared_weights
 from graphpass.errors import GraphpassError
-from graphpass.graph.io import input_specs, load_model, opset_version, producers
+from graphpass.graph.consts import Consts
+from graphpass.graph.gs_io import export_into, import_graph, metadata
+from graphpass.graph.io import input_specs, load_model, opset_version
 from graphpass.match.linears import label
 from graphpass.match.sites import analyze
 
@@ -71,15 +72,15 @@ class Merged:
         return f"gp_dbg_{self.tensors.index(tensor)}_gain"
 
 
-def _is_float_linear(node: onnx.NodeProto | None, inits: dict[str, int], prod: dict) -> bool:
+def _is_float_linear(node, c: Consts) -> bool:
     """A MatMul/Gemm whose weight is a float constant (or its Transpose): not quantized."""
-    if node is None or node.op_type not in ("MatMul", "Gemm"):
+    if node is None or node.op not in ("MatMul", "Gemm"):
         return False
-    w = node.input[1]
-    p = prod.get(w)
-    if w not in inits and p is not None and p.op_type == "Transpose":
-        w = p.input[0]
-    return inits.get(w) in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+    w = node.inputs[1]
+    p = c.producer(w)
+    if not c.is_const(w) and p is not None and p.op == "Transpose":
+        w = p.inputs[0]
+    return c.is_const(w) and c.dtype(w) in (np.float32, np.float16, np.float64)
 
 
 def rescalable(an) -> set[str]:
@@ -88,7 +89,7 @@ def rescalable(an) -> set[str]:
     from graphpass.match.sites import LinearFold
 
     out = {s.act for s in an.sites}
-    out |= {s.fold.producer.node.output[0] for s in an.sites if isinstance(s.fold, LinearFold)}
+    out |= {s.fold.producer.node.outputs[0].name for s in an.sites if isinstance(s.fold, LinearFold)}
     return out
 
 
@@ -96,25 +97,28 @@ def match_layers(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_dir: str | Non
     """(pairs, labels of the reference's linear layers with no counterpart, the reference's
     Analysis), matched by output tensor name."""
     an = analyze(ref, ref_dir)
-    prod = producers(cand.graph)
-    inits = {t.name: t.data_type for t in cand.graph.initializer}
+    c = Consts(import_graph(cand))           # structure only: no weight of the candidate is read
+    tensors = c.graph.tensors()
+    protos = {n.output[0]: n for n in ref.graph.node if n.output}   # the local copies are protobuf
     pairs, unmatched = [], []
     for k, lin in enumerate(an.linears):
-        y = lin.node.output[0]
-        if y not in prod:
+        y = lin.node.outputs[0].name
+        prod = c.producer(tensors.get(y)) if y in tensors else None
+        if prod is None:
             unmatched.append(label(lin.node))
             continue
-        pairs.append(Pair(label(lin.node), y, k, not _is_float_linear(prod[y], inits, prod), lin.node,
-                          lin.act if lin.act in prod else "", module_path(lin.node), lin))
+        has_act = c.producer(tensors.get(lin.act)) is not None if lin.act in tensors else False
+        pairs.append(Pair(label(lin.node), y, k, not _is_float_linear(prod, c), protos[y],
+                          lin.act if has_act else "", module_path(lin.node), lin))
     return pairs, unmatched, an
 
 
-def module_path(node: onnx.NodeProto) -> str:
+def module_path(node) -> str:
     """'layers.3.mlp.down_proj' from the torch exporter's name scopes, or '' when absent."""
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
+    for key, value in metadata(node).items():
+        if key == "pkg.torch.onnx.name_scopes":
             try:
-                scopes = ast.literal_eval(p.value)
+                scopes = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 return ""
             path = ""
@@ -267,12 +271,13 @@ def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, lo
     # shallowest sums go last so each runs as soon as its tensors exist and they are freed early.
     for _, h in sorted(groups, key=lambda x: -x[0]):
         g.node.extend(h.node)
-    _prune(g)                                    # nodes no sum depends on (unmatched heads, ...)
     opsets = {o.domain: o.version for o in list(cand.opset_import) + list(ref.opset_import)}
     m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
     m.ir_version = max(ref.ir_version, cand.ir_version)
     m.functions.extend(ref.functions)
     known = {(f.domain, f.name) for f in ref.functions}
     m.functions.extend(f for f in cand.functions if (f.domain, f.name) not in known)
+    gm = import_graph(m)                         # weights are external or small: cheap
+    export_into(m, gm.cleanup())                 # drops nodes no sum depends on (unmatched heads, ...)
     onnx.save_model(m, str(res.path))
     return res

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
 from graphpass.errors import GraphpassError
@@ -131,13 +131,13 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
             ref_dir.mkdir(parents=True, exist_ok=True)
             (ref_dir / "key.txt").unlink(missing_ok=True)
             sess = make_session(reference, threads)
-            for k, b in enumerate(tqdm(bs, desc="eval reference", unit="batch", disable=None if progress else True)):
+            for k, b in enumerate(bar(bs, "eval reference", "batch", enabled=progress)):
                 for i, v in enumerate(_forward(sess, outs, b, layout, decode_from)):
                     np.save(ref_dir / f"{k}-{i}.npy", v)
             sess = None
             (ref_dir / "key.txt").write_text(key)
         sess = make_session(candidate, threads)
-        for k, b in enumerate(tqdm(bs, desc="eval candidate", unit="batch", disable=None if progress else True)):
+        for k, b in enumerate(bar(bs, "eval candidate", "batch", enabled=progress)):
             c = _forward(sess, outs, b, layout, decode_from)
             r = [np.load(ref_dir / f"{k}-{i}.npy", mmap_mode="r") for i in range(len(outs))]
             _compare(st, kind, outs, _scored(b, decode_from), r, c)

@@ -1,10 +1,11 @@
 """`graphpass report`: one self-contained HTML page on a rewritten graph against its FP32 reference.
 
-Sections: model summary; smoothing sites and folding decisions (kind, readers, α, outlier ratio
-max/median of per-channel max|X| before -> after); per-channel plots for the sites with the
-strongest outliers; α per site; per-layer error (graphpass.debug); accuracy (graphpass.evaluate);
-latency and size (graphpass.bench). Images are PNG data URIs (also written to <name>_files/),
-CSS is inline, no script: the file renders anywhere, offline.
+The page leads with the answer: perplexity FP32 -> candidate and their ratio, KL(FP32 ‖ candidate),
+top-1 agreement (or cosine), latency and size ratios, and the layers left in float (not quantized,
+not smoothed) with the reasons. Then the plots: per-layer SQNR (graphpass.debug), α per site,
+per-channel magnitudes of the sites with the strongest outliers. Then every table, collapsed,
+worst rows first. Images are PNG data URIs (also written to <name>_files/), CSS is inline, no
+script: the file renders anywhere, offline.
 
 Sources, each reused when given, else computed on --data: the `quantize --report` JSON (sites,
 α, layers kept in float, budget), a stats file (per-channel ranges for the plots; without one a
@@ -22,7 +23,6 @@ import numpy as np
 from graphpass.errors import GraphpassError
 
 PLOT_SAMPLES = 4          # samples of --data calibrated for the plots when no --stats is given
-WORST_LAYERS = 12         # rows of the per-layer error table
 
 
 @dataclass(frozen=True)
@@ -164,15 +164,16 @@ def _sites(rd: ReportData, inp: ReportInputs, ref_m, data, qrep: dict | None) ->
     rd.modules = {lin.name: m for lin in an.linears if (m := module_path(lin.node))}
     rd.uncovered = list(an.uncovered)
     alphas = (qrep or {}).get("alphas", {})
-    rd.kept_float = [tuple(x) for x in (qrep or {}).get("kept_float", [])]
+    rd.kept_float = _kept_float(qrep, rd.layers)
     stats = _stats(rd, inp, data, an) if an.sites else None
     rows = (qrep or {}).get("smoothing") or []
     if rows:
+        source = f"in {Path(inp.quantize_report).name}"
         rd.sites_note = f"from {Path(inp.quantize_report).name}"
     else:
         default = 0.5
-        rd.sites_note = (f"recomputed from {'the stats file' if inp.stats else 'a few samples of --data'}"
-                         f" at α {default} where the quantize report gives none")
+        source = f"on {'the stats file' if inp.stats else 'a few samples of --data'}"
+        rd.sites_note = f"recomputed {source} at α {default} where the quantize report gives none"
         for s in an.sites:
             act = stats.absmax(s.act)
             a = float(alphas.get(s.name, default))
@@ -182,19 +183,35 @@ def _sites(rd: ReportData, inp: ReportInputs, ref_m, data, qrep: dict | None) ->
                              act_ratio_before=_ratio(act), act_ratio_after=_ratio(act / sc),
                              w_ratio_before=_ratio(w), w_ratio_after=_ratio(w * sc)))
     rd.sites = rows
-    if stats is None:
-        return
+    if stats is not None:
+        _site_plots(rd, inp, an, stats, source)
+
+
+def _kept_float(qrep: dict | None, layers: list[dict]) -> list[tuple[str, str]]:
+    """(layer, why) of every linear layer left in float; the budget's choices say so."""
+    if not qrep:
+        return [(r["name"], "in float in the candidate (the reason is in the quantize report: "
+                            "give --quantize-report)") for r in layers if not r["quantized"]]
+    by_budget = set((qrep.get("budget") or {}).get("kept_float", []))
+    return [(name, "put back in float by the accuracy budget" if name in by_budget else why)
+            for name, why in qrep.get("kept_float", [])]
+
+
+def _site_plots(rd: ReportData, inp: ReportInputs, an, stats, source: str) -> None:
+    """Per-channel plots of the sites with the largest activation max/median before smoothing."""
+    from graphpass.passes.smooth import site_scales, weight_absmax
     from graphpass.validate.plots import plot_site
 
     by_name = {s.name: s for s in an.sites}
-    worst = sorted((r for r in rows if r["site"] in by_name), key=lambda r: -r["act_ratio_before"])
+    worst = sorted((r for r in rd.sites if r["site"] in by_name), key=lambda r: -r["act_ratio_before"])
     for r in worst[: inp.sites]:
         s = by_name[r["site"]]
         act = stats.absmax(s.act)
         png = plot_site(s.name, act, weight_absmax(s.consumers, an.consts),
                         site_scales(s, an.consts, act, float(r["alpha"])))
         caption = (f"{s.name} ({s.kind}, α {float(r['alpha']):.2f}): activation max/median "
-                   f"{r['act_ratio_before']:.1f} -> {r['act_ratio_after']:.1f}")
+                   f"{r['act_ratio_before']:.1f} -> {r['act_ratio_after']:.1f} {source}"
+                   + ("" if inp.stats or source.startswith("on ") else "; the panels: a few samples of --data"))
         rd.plots.append((f"site_{len(rd.plots) + 1}", caption, png))
 
 
@@ -223,7 +240,8 @@ def _stats(rd: ReportData, inp: ReportInputs, data, an):
 
 def write_report(inp: ReportInputs, output: str | os.PathLike) -> Path:
     from graphpass.graph.io import write_bytes, write_text
-    from graphpass.validate.report_html import charts, render
+    from graphpass.validate.plots import charts
+    from graphpass.validate.report_html import render
 
     out = Path(output)
     if not out.resolve().parent.is_dir():
