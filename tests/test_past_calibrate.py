@@ -1,17 +1,19 @@
 """Calibration of with-past graphs covers decode steps against the real cache.
 
-A window x[0:S] runs as a prefill of S-K tokens and K one-token steps. In exact arithmetic each
-step's activations equal the full prefill's at that position, so the ranges with K steps equal
-the ranges of one full prefill up to float32 rounding (relative 1e-4 here: activations are
-O(1..100), rounding differences O(1e-6)); a wrong cache, mask or position moves them by O(1)."""
+Each window x_r = ids[rS:(r+1)S] runs as a prefill, then K one-token steps fed the text that
+follows it (the next window's first K tokens). In exact arithmetic a step's activations equal
+those of a prefill over the longer window ids[rS:(r+1)S+K] at that position, so the ranges
+with K steps equal the ranges of prefills over the extended windows up to float32 rounding
+(relative 1e-4 here: activations are O(1..100), rounding differences O(1e-6)); a wrong cache,
+mask or position moves them by O(1)."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
 
-from graphpass.calibrate.collect import calibrate, run_window
-from graphpass.calibrate.data import build_data
+from graphpass.calibrate.collect import calibrate, run_window, with_next_tokens
+from graphpass.calibrate.data import batches, build_data
 from graphpass.graph.decode import past_layout
 from graphpass.graph.runtime import make_session
 from graphpass.testing.past import build_genai_past, build_optimum_past
@@ -29,7 +31,7 @@ def saved(request, tmp_path_factory):
     model = build(CFG)
     onnx.save(model, d / "model.onnx")
     ids = np.random.default_rng(3).integers(0, CFG.vocab, N * S)
-    return d / "model.onnx", model, build_data(ids, S, N, model)
+    return d / "model.onnx", model, build_data(ids, S, N, model), ids
 
 
 def _close(a, b) -> bool:
@@ -38,59 +40,67 @@ def _close(a, b) -> bool:
                for t in b.min)
 
 
-def test_decode_steps_reach_the_ranges_of_a_full_prefill(saved):
-    path, _, data = saved
-    full = calibrate(path, data, batch_size=2, threads=1, progress=False, decode_steps=0)
-    stepped = calibrate(path, data, batch_size=2, threads=1, progress=False, decode_steps=K)
-    assert set(stepped.min) == set(full.min) and stepped.samples == full.samples == N
-    assert _close(stepped, full)
+def _calib(path, data, k, batch_size=2, **kw):
+    return calibrate(path, data, batch_size=batch_size, threads=1, progress=False, decode_steps=k, **kw)
 
 
-def test_decode_steps_add_what_the_prefill_part_alone_misses(saved):
-    path, model, data = saved
-    head = build_data(data["input_ids"].reshape(-1)[: N * S], S, N, model)
-    head = {k: (v[:, :S - K] if k in ("input_ids", "attention_mask", "position_ids") else v)
-            for k, v in head.items()}
-    part = calibrate(path, head, batch_size=2, threads=1, progress=False, decode_steps=0)
-    stepped = calibrate(path, data, batch_size=2, threads=1, progress=False, decode_steps=K)
-    wider = [t for t in part.max if (stepped.max[t] > part.max[t] + 1e-6).any()]
-    assert wider, "the K decode steps widened no range"
-    assert all((stepped.max[t] >= part.max[t] - 1e-5 * np.abs(part.max[t]).max()).all() for t in part.max)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_decode_steps_reach_the_ranges_of_prefills_over_the_following_text(saved, batch_size):
+    path, model, data, ids = saved
+    stepped = _calib(path, data, K, batch_size)
+    longer = build_data(np.concatenate([ids[r * S:(r + 1) * S + K] for r in range(N - 1)]),
+                        S + K, N - 1, model)
+    last = {k: v[-1:] for k, v in data.items()}
+    want = _calib(path, longer, 0).merge(_calib(path, last, 0))
+    assert set(stepped.min) == set(want.min) and stepped.samples == N
+    assert _close(stepped, want)
+
+
+def test_decode_steps_widen_the_prefill_ranges(saved):
+    path, _, data, _ = saved
+    plain, stepped = _calib(path, data, 0), _calib(path, data, K)
+    assert any((stepped.max[t] > plain.max[t] + 1e-6).any() or (stepped.min[t] < plain.min[t] - 1e-6).any()
+               for t in plain.max), "the K decode steps widened no range"
+    assert all((stepped.max[t] >= plain.max[t]).all() and (stepped.min[t] <= plain.min[t]).all()
+               for t in plain.max)
 
 
 def test_run_window_runs_one_prefill_then_k_one_token_steps(saved):
-    path, model, data = saved
+    path, model, data, ids = saved
     layout = past_layout(model)
     sess = make_session(model, 1)
-    batch = {k: v[:2] for k, v in data.items()}
+    pairs = list(with_next_tokens(batches(data, 2), K))
+    assert [None if f is None else f.shape for _, f in pairs] == [(2, K), (1, K)]
+    np.testing.assert_array_equal(pairs[0][1], [ids[S:S + K], ids[2 * S:2 * S + K]])
     seen = []
-    runs = list(run_window(sess, ["logits"], batch, layout, K, lambda f: seen.append(f) or {}))
-    assert [r[0].shape[1] for r in runs] == [S - K] + [1] * K
-    assert [f["attention_mask"].shape[1] for f in seen] == list(range(S - K, S + 1))
-    full = sess.run(["logits"], batch)[0]
+    runs = list(run_window(sess, ["logits"], pairs[0][0], layout, pairs[0][1],
+                           lambda f: seen.append(f) or {}))
+    assert [r[0].shape[:2] for r in runs] == [(2, S)] + [(2, 1)] * K
+    assert [f["attention_mask"].shape[1] for f in seen] == list(range(S, S + K + 1))
+    full = sess.run(["logits"], build_data(ids[:2 * S + 2 * K][np.r_[0:S + K, S:2 * S + K]], S + K, 2,
+                                           model))[0]
     np.testing.assert_allclose(np.concatenate([r[0] for r in runs], 1), full, atol=1e-4)
-    assert len(list(run_window(sess, ["logits"], batch, layout, 0, lambda f: {}))) == 1
-    assert len(list(run_window(sess, ["logits"], batch, layout, 99, lambda f: {}))) == S   # K <= S-1
+    assert len(list(run_window(sess, ["logits"], pairs[1][0], layout, None, lambda f: {}))) == 1
 
 
 def test_row_samples_come_from_every_run(saved):
-    path, _, data = saved
-    st = calibrate(path, data, batch_size=N, threads=1, progress=False, decode_steps=K, row_step=1)
+    path, _, data, _ = saved
+    st = _calib(path, data, K, batch_size=N, row_step=1)
     t = next(iter(st.rows))
-    assert st.rows[t].shape[0] == N * S   # row_step 1: every row of the prefill and of each step
+    assert st.rows[t].shape[0] == N * S + (N - 1) * K   # row_step 1: every row of every run
 
 
 def test_cli_decode_steps(capsys, saved, tmp_path):
     from conftest import cli_error, cli_ok
     from graphpass.calibrate.stats import Stats
 
-    path, _, data = saved
+    path, _, data, _ = saved
     np.savez(tmp_path / "d.npz", **data)
     for k in (0, K):
         cli_ok(capsys, ["calibrate", path, "--data", tmp_path / "d.npz", "--threads", 1,
                         "--decode-steps", k, "-o", tmp_path / f"s{k}.npz"])
-    a, b = Stats.load(tmp_path / "s0.npz"), Stats.load(tmp_path / f"s{K}.npz")
-    assert _close(b, a)
+        assert _close(Stats.load(tmp_path / f"s{k}.npz"), _calib(path, data, k, batch_size=1))
+    assert not _close(Stats.load(tmp_path / f"s{K}.npz"), Stats.load(tmp_path / "s0.npz"))
     assert "--decode-steps must be >= 0, got -1" in cli_error(
         capsys, ["calibrate", path, "--data", tmp_path / "d.npz", "--decode-steps", -1, "-o", tmp_path / "x.npz"])
     assert "--decode-steps must be >= 0, got -2" in cli_error(

@@ -61,3 +61,20 @@ def test_report_writes_html_from_with_past_graphs(capsys, job):
                              "--threads", 1, "--bench-seconds", 0])
     html = (d / "r.html").read_text()
     assert "wrote" in out and "perplexity" in html.lower() and "present." not in html
+
+
+@pytest.mark.parametrize("build", [build_optimum_past, build_genai_past])
+def test_smoothing_check_probes_with_past_graphs(build):
+    """The fold check runs the graphs as a prefill over an empty past (it used to return 0.0,
+    'unchanged', for any graph with past inputs): a changed gamma is seen, a real fold is not."""
+    from onnx import numpy_helper
+
+    from graphpass.passes.smooth_checked import output_change
+
+    a = build(CFG)
+    b = onnx.ModelProto()
+    b.CopyFrom(a)
+    t = next(t for t in b.graph.initializer if t.name == "model.layers.1.input_layernorm.weight")
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
+    assert output_change(a, b) > 1e-2
+    assert output_change(a, a) == 0.0

@@ -8,7 +8,11 @@ with its own cache matches running it without a cache:
                  by ~1e-2, and none is expected on these 8 tokens), same argmax everywhere.
   dynamic        one scale per tensor per run: a decode step quantizes one token on its own
                  range, never a coarser one than the whole sequence's, so against FP32 the
-                 cached run may be no worse than the uncached one (KL bound 1.1x + 1e-3)."""
+                 cached run may be no worse than the uncached one (KL bound 1.1x + 1e-3).
+Bit-equality of static/token holds on these 2 layers only: on SmolLM2 (30 layers) the float
+attention of a one-token step differs from the prefill's by ~1e-7, enough to flip a few int8
+roundings that then spread, so cached and uncached become two equally good quantization-noise
+draws (measured: KL to FP32 0.0088 cached vs 0.0092 uncached, optimum form, token)."""
 from __future__ import annotations
 
 import numpy as np

@@ -7,9 +7,11 @@ and returns only those vectors; the original outputs (and nodes only they need, 
 head) are dropped. Batches are merged with np.minimum / np.maximum.
 
 With-past graphs (graph/decode.py) also keep their present.* outputs, and each window x[0:S]
-(past P, usually 0) runs as the generation loop will: a prefill of x[0:S-K], then K decode steps
-of one token x[S-K+t] each against the cache the previous run returned, so the ranges also
-cover one-token activations at past lengths P+S-K .. P+S-1 (K = decode_steps, at most S-1).
+(past P, usually 0) runs as the generation loop will: a prefill of all of x, then K decode steps
+of one token each against the cache the previous run returned, fed the text that follows the
+window (the next window's first K tokens: `graphpass data` cuts consecutive windows), so the
+ranges also cover positions P+S .. P+S+K-1, past the longest prefill. The last window, which
+nothing follows, gets no decode step (K = decode_steps, at most the next window's length).
 """
 from __future__ import annotations
 
@@ -27,13 +29,13 @@ from graphpass.progress import bar
 from graphpass.calibrate.data import batches, check_data
 from graphpass.calibrate.stats import Stats
 from graphpass.errors import GraphpassError
+from graphpass.graph.decode import Cache, PastLayout, advance, past_layout, step_feeds
 from graphpass.graph.gs_io import export_into, import_graph, is_external, opset_version, to_model
 from graphpass.graph.io import load_model, save_graph
 from graphpass.graph.runtime import make_session
 from graphpass.match.sites import analyze
 
 F32 = np.float32
-from graphpass.graph.decode import PastLayout, advance, cache_from_feeds, past_layout, step_feeds
 
 DECODE_STEPS = 4   # decode steps per calibration window of a with-past graph
 
@@ -141,8 +143,9 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
         tokens = max(1, f["input_ids"].size if "input_ids" in f else next(iter(f.values())).size)
         return {"gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
 
-    for b in bar(feeds(data, batch_size, check_model), "calibrate", "batch", total, enabled=progress):
-        for vals in run_window(sess, outs, b, layout, decode_steps, start):
+    pairs = with_next_tokens(feeds(data, batch_size, check_model), decode_steps if layout else 0)
+    for b, nxt in bar(pairs, "calibrate", "batch", total, enabled=progress):
+        for vals in run_window(sess, outs, b, layout, nxt, start):
             for k, t in enumerate(names):
                 stats.update(t, vals[per * k], vals[per * k + 1])
                 if row_step:
@@ -154,27 +157,46 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
     return stats
 
 
+def with_next_tokens(batches_in, k: int) -> Iterator[tuple[dict, np.ndarray | None]]:
+    """(batch, the k tokens that follow each of its windows, or None): row r is followed by row
+    r+1's first k tokens, the batch's last row by the next batch's first row; the very last
+    window by nothing, so the array may have one row fewer than the batch."""
+    prev = None
+    for b in batches_in:
+        if prev is not None:
+            yield prev, _following(prev, b, k)
+        prev = b
+    if prev is not None:
+        yield prev, _following(prev, None, k)
+
+
+def _following(b: dict, nb: dict | None, k: int) -> np.ndarray | None:
+    ids = b.get("input_ids")
+    if k <= 0 or ids is None or ids.ndim != 2:
+        return None
+    rows = [ids[1:]] + ([nb["input_ids"][:1]] if nb is not None and "input_ids" in nb else [])
+    nxt = np.concatenate(rows, 0)[:, :k]
+    return nxt if nxt.size else None
+
+
 def run_window(sess, outs: list[str], b: dict[str, np.ndarray], layout: PastLayout | None,
-               decode_steps: int, extra) -> Iterator[list[np.ndarray]]:
-    """The values of `outs` for each run over one batch: one run for a no-cache graph; for a
-    with-past graph a prefill of all but the last K tokens, then K one-token decode steps, each
-    fed the present.* of the run before (`extra(feeds)`: feeds the calibration graph adds)."""
-    ids = b.get("input_ids") if layout is not None else None
-    K = min(decode_steps, ids.shape[1] - 1) if ids is not None and ids.ndim == 2 else 0
-    if K <= 0:
+               following: np.ndarray | None, extra) -> Iterator[list[np.ndarray]]:
+    """The values of `outs` for each run over one batch: the batch as given (a prefill), then,
+    for a with-past graph and `following` [n <= b, K] tokens, K one-token decode steps of the
+    first n rows, each fed the present.* of the run before (`extra(feeds)`: feeds the
+    calibration graph adds)."""
+    if layout is None or following is None:
         yield sess.run(outs, {**b, **extra(b)})
         return
-    cache = cache_from_feeds(layout, b)
-    P, S, mask = cache.length, ids.shape[1], b[layout.mask]
-    f = step_feeds(layout, cache, ids[:, :S - K], mask[:, P:P + S - K])
-    for t in range(K + 1):
+    n, f = following.shape[0], b
+    vals = sess.run(outs + layout.present_names, {**f, **extra(f)})
+    yield vals[:len(outs)]
+    for t in range(following.shape[1]):
+        cache = advance(layout, f, dict(zip(layout.present_names, vals[len(outs):])))
+        cache = Cache(cache.mask[:n], {k: v[:n] for k, v in cache.past.items()})
+        f = step_feeds(layout, cache, following[:, t:t + 1])
         vals = sess.run(outs + layout.present_names, {**f, **extra(f)})
         yield vals[:len(outs)]
-        if t == K:
-            return
-        cache = advance(layout, f, dict(zip(layout.present_names, vals[len(outs):])))
-        j = S - K + t
-        f = step_feeds(layout, cache, ids[:, j:j + 1], mask[:, P + j:P + j + 1])
 
 
 def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -147,8 +147,8 @@ def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, source: str 
     missing = sorted(set(specs) - set(data))
     extra = sorted(set(data) - set(specs))
     past = [n for n in specs if is_past_name(n)]
-    if [n for n in past if n in missing]:
-        lack = [n for n in past if n in missing]
+    lack = [n for n in past if n in missing]
+    if lack:
         more = f" (and {len(lack) - 2} more)" if len(lack) > 2 else ""
         raise GraphpassError(f"{source}: lacks the past input(s) {', '.join(lack[:2])}{more} of this "
                              f"with-past graph; build it with `graphpass data --model MODEL`")

@@ -69,7 +69,7 @@ def output_change(a: onnx.ModelProto, b: onnx.ModelProto, base_dir: str | None =
     value projection changes what the cache holds, not what the loop computes)."""
     from graphpass.graph.decode import past_layout
 
-    layout = past_layout(a)
+    layout = past_layout(a, base_dir)   # genai_config.json there may size the cache
     if layout is not None:
         return _decode_change(a, b, layout, base_dir, shape)
     try:
