@@ -142,8 +142,8 @@ def bench_decode(candidate: str | os.PathLike, reference: str | os.PathLike, pro
 
 def format_bench_decode(res: dict) -> str:
     a = res["agree"]
-    lines = [f"decode ({res['threads']} threads): prompt {res['prompt_len']} tokens ({res['prompt']}), "
-             f"{res['steps']} greedy steps, {res['reference']['generations']} alternating generations each",
+    lines = [(f"decode ({res['threads']} threads): prompt {res['prompt_len']} tokens ({res['prompt']}), "
+              f"{res['steps']} greedy steps, {res['reference']['generations']} alternating generations each"),
              f"  {'':>10} {'TTFT':>11} {'ms/token':>10} {'tokens/s':>9}"]
     for k in ("reference", "candidate"):
         r = res[k]
