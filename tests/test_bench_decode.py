@@ -12,16 +12,15 @@ import math
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from conftest import cli_error, cli_ok
+from test_generate import _int8_past, _perturbed
+
 from graphpass.graph.decode import DecodeRunner, load_layout, past_layout
 from graphpass.graph.runtime import make_session
 from graphpass.testing.past import build_genai_past, build_optimum_past, genai_config
 from graphpass.testing.synthetic import SyntheticConfig, build_llama
 from graphpass.validate.bench_decode import bench_decode
 from graphpass.validate.generate import generate_ids
-from test_generate import _perturbed
 
 CFG = SyntheticConfig()
 P, N = 12, 10
@@ -40,24 +39,6 @@ def models(tmp_path_factory):
         onnx.save(m, d / name / "model.onnx")
         out[name] = d / name / "model.onnx"
     return out
-
-
-def _int8_past(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The optimum decoder declaring int8 past inputs (Cast to float inside) while its present
-    outputs stay float: the float cache it returns cannot be fed back."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    casts = []
-    for vi in m.graph.input:
-        if vi.name.startswith("past_key_values."):
-            vi.type.tensor_type.elem_type = TensorProto.INT8
-            casts.append(helper.make_node("Cast", [vi.name], [vi.name + "_f"], to=TensorProto.FLOAT))
-    for nd in m.graph.node:
-        nd.input[:] = [t + "_f" if t.startswith("past_key_values.") else t for t in nd.input]
-    nodes = casts + list(m.graph.node)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    return m
 
 
 def _greedy(path, prompt):

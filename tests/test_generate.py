@@ -10,15 +10,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
 from conftest import cli_error, cli_ok
+from onnx import TensorProto, helper, numpy_helper
+
 from graphpass.graph.decode import DecodeRunner, past_layout
 from graphpass.graph.runtime import make_session
 from graphpass.testing.past import build_genai_past, build_optimum_past, genai_config
 from graphpass.testing.synthetic import SyntheticConfig, build_llama
-from graphpass.validate.generate import (Sampling, TextStream, divergence, eos_ids, generate_ids,
-                                         pick)
+from graphpass.validate.generate import Sampling, TextStream, divergence, eos_ids, generate_ids, pick
 
 CFG = SyntheticConfig()
 PROMPT = " ".join(f"w{i}" for i in range(5, 13))   # 8 tokens of the WordLevel tokenizer below
@@ -52,6 +51,24 @@ def _perturbed(model, scale=PERTURB):
             a = numpy_helper.to_array(t)
             noisy = a * (1 + scale * rng.standard_normal(a.shape))
             t.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), t.name))
+    return m
+
+
+def _int8_past(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The optimum decoder declaring int8 past inputs (Cast to float inside) while its present
+    outputs stay float: the float cache it returns cannot be fed back."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    casts = []
+    for vi in m.graph.input:
+        if vi.name.startswith("past_key_values."):
+            vi.type.tensor_type.elem_type = TensorProto.INT8
+            casts.append(helper.make_node("Cast", [vi.name], [vi.name + "_f"], to=TensorProto.FLOAT))
+    for nd in m.graph.node:
+        nd.input[:] = [t + "_f" if t.startswith("past_key_values.") else t for t in nd.input]
+    nodes = casts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
     return m
 
 
@@ -193,6 +210,10 @@ def test_bad_input_is_one_line(folder, tmp_path, capsys):
     err = cli_error(capsys, ["generate", folder / "optimum" / "model.onnx", "--reference",
                              folder / "nocache" / "model.onnx", "--tokenizer", tok, "--prompt", PROMPT])
     assert "generate needs a with-past graph" in err
+    bad_cache = tmp_path / "int8past.onnx"
+    onnx.save(_int8_past(build_optimum_past(CFG)), bad_cache)
+    err = cli_error(capsys, ["generate", bad_cache, "--tokenizer", tok, "--prompt", PROMPT])
+    assert "is float32 but past input 'past_key_values.0.key' takes int8" in err
     assert "no such tokenizer" in cli_error(capsys, ["generate", folder / "optimum" / "model.onnx",
                                                      "--tokenizer", tmp_path / "none.json", "--prompt", "x"])
     (tmp_path / "bad.json").write_text("{")

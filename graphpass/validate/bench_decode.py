@@ -9,9 +9,10 @@ Reported per graph: median TTFT over generations, median step latency over every
 generation (ms/token), tokens/s = 1000 / ms/token; ratios candidate / reference; agreement of the
 greedy tokens y_0..y_N: the common prefix and the count of equal positions.
 
-Fair timing (FACTS.md, "Timing trap"): both sessions have spinning off, and whole generations
-alternate (reference, candidate, then candidate, reference, ...) with a short pause between them,
-until the time budget is spent, so machine drifts hit both graphs alike.
+Fair timing (FACTS.md, "Timing trap"): both sessions have spinning off, so neither one's idle
+threads slow the other, and the two generations run interleaved run by run (prefill A, prefill B,
+step 1 of B, step 1 of A, ...; who goes first alternates), repeated until the time budget is
+spent: a drift in machine speed, even a short one, hits both graphs alike.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from graphpass.graph.decode import DecodeRunner, PastLayout, load_layout
 from graphpass.graph.io import input_specs, load_model
 from graphpass.graph.runtime import make_session
 
-PAUSE_S = 0.05       # between two generations: lets the other session's threads go idle
 MIN_ROUNDS = 2       # timed generations per graph, whatever the budget
 
 
@@ -79,19 +79,25 @@ def prompt_ids(prompt_len: int, data: dict[str, np.ndarray] | None, rows: int | 
     return row[:prompt_len].astype(np.int64), "data window 0"
 
 
-def greedy_generation(runner: DecodeRunner, prompt: np.ndarray, steps: int,
-                      name: str = "model") -> tuple[list[int], float, list[float]]:
-    """(tokens y_0..y_N, TTFT seconds, step seconds) of one greedy generation."""
-    t = time.perf_counter()
-    tok = int(np.argmax(runner.prefill(prompt[None, :])[0, -1]))
-    ttft = time.perf_counter() - t
-    check_feedback(runner, name)
-    tokens, times = [tok], []
-    for _ in range(steps):
-        t = time.perf_counter()
-        tok = int(np.argmax(runner.step(np.array([[tok]], np.int64))[0, -1]))
-        times.append(time.perf_counter() - t)
-        tokens.append(tok)
+def lockstep_generation(runners: dict[str, DecodeRunner], prompt: np.ndarray, steps: int,
+                        flip: int = 0) -> tuple[dict, dict, dict]:
+    """One greedy generation of every runner, interleaved run by run: the prefills back to back,
+    then step i of each, who goes first alternating every run (and with `flip`).
+    Returns (tokens y_0..y_N, TTFT seconds, step seconds), each by runner name."""
+    keys = list(runners)
+    tokens, ttft, times = {k: [] for k in keys}, {}, {k: [] for k in keys}
+    for i in range(steps + 1):
+        for k in keys if (i + flip) % 2 == 0 else keys[::-1]:
+            t = time.perf_counter()
+            logits = (runners[k].prefill(prompt[None, :]) if i == 0 else
+                      runners[k].step(np.array([[tokens[k][-1]]], np.int64)))
+            tokens[k].append(int(np.argmax(logits[0, -1])))
+            dt = time.perf_counter() - t
+            if i == 0:
+                ttft[k] = dt
+                check_feedback(runners[k], k)
+            else:
+                times[k].append(dt)
     return tokens, ttft, times
 
 
@@ -118,17 +124,15 @@ def bench_decode(candidate: str | os.PathLike, reference: str | os.PathLike, pro
     prompt, source = prompt_ids(prompt_len, data, min(rows) if rows else None)
     runners = {k: DecodeRunner(make_session(p, threads), seen[k][0])
                for k, p in (("reference", reference), ("candidate", candidate))}
-    tokens = {k: greedy_generation(r, prompt, steps, k)[0] for k, r in runners.items()}   # warm-up
+    tokens = lockstep_generation(runners, prompt, steps)[0]          # warm-up, and the tokens
     ttft, step = {k: [] for k in runners}, {k: [] for k in runners}
     load = [os.getloadavg()[0]]      # 1-minute load average, before and after: how busy the machine was
     start, rounds = time.perf_counter(), 0
     while rounds < MIN_ROUNDS or time.perf_counter() - start < seconds:
-        order = list(runners) if rounds % 2 == 0 else list(runners)[::-1]
-        for k in order:
-            _, t0, ts = greedy_generation(runners[k], prompt, steps, k)
-            ttft[k].append(t0)
-            step[k] += ts
-            time.sleep(PAUSE_S)
+        _, t0, ts = lockstep_generation(runners, prompt, steps, flip=rounds)
+        for k in runners:
+            ttft[k].append(t0[k])
+            step[k] += ts[k]
         rounds += 1
     load.append(os.getloadavg()[0])
     ref, cand = _summary(ttft["reference"], step["reference"]), _summary(ttft["candidate"], step["candidate"])
@@ -142,8 +146,8 @@ def bench_decode(candidate: str | os.PathLike, reference: str | os.PathLike, pro
 
 def format_bench_decode(res: dict) -> str:
     a = res["agree"]
-    lines = [f"decode ({res['threads']} threads): prompt {res['prompt_len']} tokens ({res['prompt']}), "
-             f"{res['steps']} greedy steps, {res['reference']['generations']} alternating generations each",
+    lines = [(f"decode ({res['threads']} threads): prompt {res['prompt_len']} tokens ({res['prompt']}), "
+              f"{res['steps']} greedy steps, {res['reference']['generations']} interleaved generations each"),
              f"  {'':>10} {'TTFT':>11} {'ms/token':>10} {'tokens/s':>9}"]
     for k in ("reference", "candidate"):
         r = res[k]
