@@ -29,7 +29,7 @@ def big(tmp_path_factory):
     for n in (FEW, MANY):
         np.savez(d / f"held{n}.npz", **random_inputs(m, n, SEQ, seed=100 + n))
     cand = d / "int8.onnx"
-    r = cli_peak_memory(["quantize", ref, "-o", cand, "--data", calib, "--scheme", "dynamic", "--alpha", "0.5"])
+    r = cli_peak_memory(["quantize", ref, "-o", cand, "--data", calib, "--scheme", "dynamic", "--no-smooth"])
     assert r["rc"] == 0, r["stderr"]
     return d, ref, calib, cand
 
@@ -66,7 +66,7 @@ def test_eval_memory_is_flat_in_samples(big):
 def test_budget_memory_is_flat_in_held_out_samples(big):
     d, ref, calib, _ = big
     runs = {n: cli_peak_memory(["quantize", ref, "-o", d / f"budget{n}.onnx", "--data", calib,
-                                "--holdout", d / f"held{n}.npz", "--scheme", "dynamic", "--alpha", "0.5",
+                                "--holdout", d / f"held{n}.npz", "--scheme", "dynamic", "--no-smooth",
                                 "--max-ppl-increase", "1.0", "--bench-seconds", "0"]) for n in (FEW, MANY)}
     _flat_and_bounded(runs, _bound(ref))
     assert f"on {MANY} held-out samples" in runs[MANY]["stdout"]
