@@ -13,7 +13,7 @@ from graphpass.errors import GraphpassError
 
 def session_options(threads: int = 2, spinning: bool = False,
                     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                    profile: bool = False, prepack: bool = True) -> ort.SessionOptions:
+                    profile: bool = False, prepack: bool = True, arena: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -22,6 +22,9 @@ def session_options(threads: int = 2, spinning: bool = False,
     # An idle session's spinning threads steal time from the one being measured (FACTS.md).
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.enable_profiling = profile
+    # Without the arena a freed output goes back to the OS at once; with it, a batch of logits
+    # (1 GB at 2 x 512 tokens x 262k vocab) may be kept and a second one allocated beside it.
+    so.enable_cpu_mem_arena = arena
     if not prepack:  # lean mode for streaming runs over large models: no prepacked weight
         so.add_session_config_entry("session.disable_prepacking", "1")   # copies, and no
         so.enable_mem_pattern = False                                      # preplanned arena block

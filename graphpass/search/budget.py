@@ -13,6 +13,17 @@ Order: by default the SQNR of the layer alone (what floating it removes). The SQ
 output also counts every layer before it, so it ranks depth more than the layer: on SmolLM2
 (token, budget KL 0.008 from 0.0120) one layer to float by it moved KL to 0.0120, by the layer
 alone to 0.0117; the latter met the budget with 25 layers (all down_proj) in float.
+The FP32 reference runs once per search (graphpass.evaluate's ref_cache, in the work folder beside
+the output): per held-out batch, its logits as float32 on disk, read back a chunk of rows at a time
+with plain reads (page cache, not resident memory), and per position what the metrics need of it
+besides them: max, log-sum-exp and argmax (graphpass.validate.metrics.RefRows) and the NLL sums.
+Why the logits themselves: KL(FP32 ‖ candidate) = Σ_v p_v (log p_v − log q_v) needs the whole
+reference distribution at every position. Measured on the 262,144-token synthetic decoder
+(4 x 64 tokens): the reference's top-64 or top-1024 alone gave KL wrong by > 100 % (its
+distributions are flat); float16 logits moved KL by 7.7e-5 relative (target 1e-6); recomputing
+the reference took 1.68 s per evaluation where reading the cache back took 0.15 s, on a body of
+one layer (a real model's forward costs far more). The price is disk: samples x sequence x
+vocabulary x 4 bytes (4 x 512 tokens x 262,144 = 2 GiB), removed with the work folder.
 Unreachable (even F(all) is over budget): the graph closest to the budget is written and a
 one-line warning says so; the exit status stays 0, since the graph is valid and the report says
 how far it is (a budget is a goal, not a precondition). Raising α instead is not tried: the

@@ -1,5 +1,9 @@
-"""Compare a rewritten graph with its FP32 reference, batch by batch (memory does not grow with N;
-one session at a time, the reference's outputs kept on disk meanwhile).
+"""Compare a rewritten graph with its FP32 reference, batch by batch: memory does not grow with the
+number of samples nor with the vocabulary beyond one batch of outputs. One session at a time; the
+reference's outputs wait on disk (plain reads, a chunk of rows at a time) with its side of the
+metrics (graphpass.validate.metrics, which reduces every metric in row chunks). Both sessions run
+without onnxruntime's memory arena: with it, a freed batch of logits stayed reserved beside the
+next one (2 x 512 tokens x 262,144 vocabulary: 1 GB more per session).
 
 Causal LM, with p = softmax(reference logits), q = softmax(candidate logits) at every position:
   perplexity = exp(mean_t -log softmax(logits_t)[x_{t+1}])      (for both graphs)
@@ -29,6 +33,10 @@ from graphpass.errors import GraphpassError
 from graphpass.graph.decode import DecodeRunner, PastLayout, load_layout
 from graphpass.graph.io import load_model, output_names
 from graphpass.graph.runtime import make_session
+from graphpass.validate.metrics import (FileRows, RefRows, Sums, candidate_rows, encoder_keep, encoder_rows,
+                                        error_rows, next_tokens, reference_rows, summary, write_rows)
+
+CACHE_FORMAT = "graphpass-eval-reference-2"   # the layout of a reference cache folder (ref_cache)
 
 
 def model_kind(path: str | os.PathLike, model=None) -> str:
@@ -43,48 +51,6 @@ def model_kind(path: str | os.PathLike, model=None) -> str:
             pass
     model = model if model is not None else load_model(path, load_weights=False)
     return "causal-lm" if output_names(model)[0] == "logits" else "encoder"
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-class _Stats:
-    """Running sums; every metric is a ratio of two of them."""
-
-    def __init__(self):
-        self.s: dict[str, float] = {}
-
-    def add(self, key: str, value: float) -> None:
-        self.s[key] = self.s.get(key, 0.0) + float(value)
-
-    def max(self, key: str, value: float) -> None:
-        self.s[key] = max(self.s.get(key, -np.inf), float(value))
-
-    def min(self, key: str, value: float) -> None:
-        self.s[key] = min(self.s.get(key, np.inf), float(value))
-
-
-def _causal(st: _Stats, ids: np.ndarray, ref: np.ndarray, cand: np.ndarray) -> None:
-    lp, lq = _log_softmax(ref), _log_softmax(cand)
-    tgt = ids[:, 1:, None]
-    st.add("nll_ref", -np.take_along_axis(lp[:, :-1], tgt, -1).sum())
-    st.add("nll_cand", -np.take_along_axis(lq[:, :-1], tgt, -1).sum())
-    st.add("next_tokens", tgt.size)
-    st.add("kl", (np.exp(lp) * (lp - lq)).sum(-1).sum())
-    st.add("top1", (lp.argmax(-1) == lq.argmax(-1)).sum())
-    st.add("positions", lp.shape[0] * lp.shape[1])
-
-
-def _encoder(st: _Stats, mask: np.ndarray | None, ref: np.ndarray, cand: np.ndarray) -> None:
-    r, c = ref.astype(np.float64), cand.astype(np.float64)
-    cos = (r * c).sum(-1) / np.maximum(np.linalg.norm(r, axis=-1) * np.linalg.norm(c, axis=-1), 1e-30)
-    keep = mask.astype(bool) if mask is not None and mask.shape == cos.shape else np.ones(cos.shape, bool)
-    st.add("cos", cos[keep].sum())
-    st.add("tokens", keep.sum())
-    st.min("cos_min", cos[keep].min() if keep.any() else 1.0)
 
 
 def _check_scorable(kind: str, data: dict[str, np.ndarray]) -> None:
@@ -121,7 +87,8 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
         raise GraphpassError(f"{reference}: decode-mode evaluation needs a with-past graph")
     kind = kind or model_kind(reference, ref_model)
     _check_scorable(kind, data)
-    st, bs = _Stats(), list(batches(data, batch_size))
+    del ref_model, cand_model          # a single-file model's protobuf holds every weight
+    bs = list(batches(data, batch_size))
     with tempfile.TemporaryDirectory(prefix="graphpass-eval-") as tmp:
         # One graph at a time: the reference's outputs wait on disk, so peak memory is that of the
         # larger session, not of both (a 2.4 GB model and its smoothed copy would need 2x).
@@ -130,22 +97,66 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
         if not (ref_dir / "key.txt").is_file() or (ref_dir / "key.txt").read_text() != key:
             ref_dir.mkdir(parents=True, exist_ok=True)
             (ref_dir / "key.txt").unlink(missing_ok=True)
-            sess = make_session(reference, threads)
-            for k, b in enumerate(bar(bs, "eval reference", "batch", enabled=progress)):
-                for i, v in enumerate(_forward(sess, outs, b, layout, decode_from)):
-                    np.save(ref_dir / f"{k}-{i}.npy", v)
-            sess = None
+            _run_reference(reference, threads, outs, kind, bs, ref_dir, progress, layout, decode_from)
             (ref_dir / "key.txt").write_text(key)
-        sess = make_session(candidate, threads)
-        for k, b in enumerate(bar(bs, "eval candidate", "batch", enabled=progress)):
-            c = _forward(sess, outs, b, layout, decode_from)
-            r = [np.load(ref_dir / f"{k}-{i}.npy", mmap_mode="r") for i in range(len(outs))]
-            _compare(st, kind, outs, _scored(b, decode_from), r, c)
-            del r
-    res = _summary(st.s, kind, n, outs)
+        st = _run_candidate(candidate, threads, outs, kind, bs, ref_dir, progress, layout, decode_from)
+    res = summary(st.s, kind, n, outs)
     if decode_from:
         res["decode_from"] = decode_from
     return res
+
+
+def _run_reference(reference, threads: int, outs: list[str], kind: str, bs: list[dict], ref_dir: Path,
+                   progress: bool, layout: PastLayout | None, decode_from: int) -> None:
+    """The reference's outputs to ref_dir/{batch}-{output}.npy, and for a causal LM its side of
+    the metrics (NLL sums; per-row max, log-sum and argmax) to ref_dir/{batch}-ref.npz and -sums.npy."""
+    sess = make_session(reference, threads, arena=False)
+    for k, b in enumerate(bar(bs, "eval reference", "batch", enabled=progress)):
+        vals = _forward(sess, outs, b, layout, decode_from)
+        _spill(ref_dir, k, kind, _scored(b, decode_from), vals)
+        del vals                       # no name outlives the batch's outputs
+
+
+def _spill(ref_dir: Path, k: int, kind: str, b: dict, vals: list) -> None:
+    for i in range(len(vals)):
+        write_rows(ref_dir / f"{k}-{i}.npy", vals[i])
+    if kind == "causal-lm":
+        st = Sums()
+        reference_rows(vals[0], next_tokens(b["input_ids"]), st).save(ref_dir / f"{k}-ref.npz")
+        np.save(ref_dir / f"{k}-sums.npy", np.array([st.s["nll_ref"], st.s["next_tokens"], st.s["positions"]]))
+
+
+def _run_candidate(candidate, threads: int, outs: list[str], kind: str, bs: list[dict], ref_dir: Path,
+                   progress: bool, layout: PastLayout | None, decode_from: int) -> Sums:
+    """The candidate batch by batch, each output compared with the reference's a chunk at a time."""
+    st = Sums()
+    sess = make_session(candidate, threads, arena=False)
+    for k, b in enumerate(bar(bs, "eval candidate", "batch", enabled=progress)):
+        refs = [FileRows(ref_dir / f"{k}-{i}.npy") for i in range(len(outs))]
+        try:
+            _compare(st, kind, outs, _scored(b, decode_from), refs, _forward(sess, outs, b, layout, decode_from),
+                     ref_dir, k)
+        finally:
+            for r in refs:
+                r.close()
+    return st
+
+
+def _compare(st: Sums, kind: str, outs: list[str], b: dict, refs: list[FileRows], vals: list,
+             ref_dir: Path, k: int) -> None:
+    bst = Sums()                       # this batch's, folded in whole: both passes sum alike
+    if kind == "causal-lm":
+        nll, count, positions = np.load(ref_dir / f"{k}-sums.npy")
+        st.add("nll_ref", nll)
+        st.add("next_tokens", count)
+        st.add("positions", positions)
+        candidate_rows(vals[0], next_tokens(b["input_ids"]), refs[0], RefRows.load(ref_dir / f"{k}-ref.npz"),
+                       bst, outs[0])
+    else:
+        encoder_rows(refs[0], vals[0], encoder_keep(b.get("attention_mask"), refs[0].shape), bst, outs[0])
+    for name, r, v in zip(outs[1:], refs[1:], vals[1:]):
+        error_rows(name, r, v, bst)
+    st.merge(bst)
 
 
 def _forward(sess, outs: list[str], b: dict, layout: PastLayout | None, decode_from: int) -> list:
@@ -167,39 +178,8 @@ def _reference_key(reference, data: dict[str, np.ndarray], batch_size: int, outs
         h.update(name.encode() + str(data[name].shape).encode() + str(data[name].dtype).encode())
         h.update(np.ascontiguousarray(data[name]).tobytes())
     st = Path(reference).stat()
-    return f"{Path(reference).resolve()} {st.st_size} {st.st_mtime_ns} {batch_size} {outs} {h.hexdigest()}"
-
-
-def _compare(st: _Stats, kind: str, outs: list[str], b: dict, r: list, c: list) -> None:
-    for name, rv, cv in zip(outs, r, c):
-        d = np.abs(rv.astype(np.float64) - cv.astype(np.float64))
-        st.max(f"max_abs:{name}", d.max() if d.size else 0.0)
-        st.add(f"sum_abs:{name}", d.sum())
-        st.add(f"count:{name}", d.size)
-    if kind == "causal-lm":
-        _causal(st, b["input_ids"], r[0], c[0])
-    else:
-        _encoder(st, b.get("attention_mask"), r[0], c[0])
-
-
-def _summary(s: dict, kind: str, n: int, outs: list[str]) -> dict:
-    res: dict = {"kind": kind, "samples": n}
-    if s.get("next_tokens" if kind == "causal-lm" else "tokens", 0) == 0:
-        raise GraphpassError("no token to score: sequences need 2+ tokens (causal-lm) "
-                             "or an attention mask with ones (encoder)")
-    if kind == "causal-lm":
-        res.update(
-            perplexity_reference=float(np.exp(s["nll_ref"] / s["next_tokens"])),
-            perplexity_candidate=float(np.exp(s["nll_cand"] / s["next_tokens"])),
-            kl=max(0.0, s["kl"] / s["positions"]),
-            top1=s["top1"] / s["positions"],
-            tokens=int(s["positions"]),
-        )
-    else:
-        res.update(cosine_mean=s["cos"] / s["tokens"], cosine_min=s["cos_min"], tokens=int(s["tokens"]))
-    res["outputs"] = {o: {"max_abs": s[f"max_abs:{o}"], "mean_abs": s[f"sum_abs:{o}"] / max(s[f"count:{o}"], 1)}
-                      for o in outs}
-    return res
+    return (f"{CACHE_FORMAT} {Path(reference).resolve()} {st.st_size} {st.st_mtime_ns} {batch_size} {outs} "
+            f"{h.hexdigest()}")
 
 
 def format_report(res: dict) -> str:

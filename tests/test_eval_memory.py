@@ -1,0 +1,87 @@
+"""Peak memory of eval, the accuracy budget, debug and report on a 262,144-token decoder does not
+grow with the number of samples and stays under 2 x the FP32 model size + 1 GiB (issue 15).
+
+Each command runs in a child process (graphpass.testing.big_vocab.cli_peak_memory reads
+RUSAGE_CHILDREN.ru_maxrss). At SEQ tokens one sample has SEQ x 262,144 x 4 B = 32 MiB of logits:
+holding the logits of every sample would add (MANY - FEW) x 32 MiB = 128 MiB between the two
+runs, four times the FLAT allowance; a float64 log-softmax of whole batches (the implementation
+this replaced) peaked at ~16 batches of logits, over the bound."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphpass.graph.io import model_size
+from graphpass.testing.big_vocab import BIG_VOCAB, build_big_vocab_decoder, cli_peak_memory, write_big_vocab_folder
+from graphpass.testing.synthetic import random_inputs
+
+SEQ = 32
+FEW, MANY = 2, 6                 # samples: both fill eval's batch of 2
+FLAT = 32 << 20                  # bytes: peak(MANY) - peak(FEW) may differ by allocator noise only
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bigvocab")
+    ref, calib = write_big_vocab_folder(d / "ref", samples=4, seq=SEQ)
+    m = build_big_vocab_decoder()
+    for n in (FEW, MANY):
+        np.savez(d / f"held{n}.npz", **random_inputs(m, n, SEQ, seed=100 + n))
+    cand = d / "int8.onnx"
+    r = cli_peak_memory(["quantize", ref, "-o", cand, "--data", calib, "--scheme", "dynamic", "--no-smooth"])
+    assert r["rc"] == 0, r["stderr"]
+    return d, ref, calib, cand
+
+
+def _bound(ref) -> int:
+    return 2 * model_size(ref) + GIB
+
+
+def _flat_and_bounded(runs: dict[int, dict], bound: int) -> None:
+    for n, r in runs.items():
+        assert r["rc"] == 0, r["stderr"]
+        assert r["peak_bytes"] <= bound, (n, r["peak_bytes"] >> 20, bound >> 20)
+    assert runs[MANY]["peak_bytes"] - runs[FEW]["peak_bytes"] <= FLAT, \
+        {n: r["peak_bytes"] >> 20 for n, r in runs.items()}
+
+
+def test_fixture_has_the_big_vocabulary(big):
+    import onnx
+
+    _, ref, _, _ = big
+    out = onnx.load(str(ref), load_external_data=False).graph.output[0]
+    assert out.type.tensor_type.shape.dim[-1].dim_value == BIG_VOCAB
+    assert model_size(ref) < 100e6          # tiny body: the table is the model
+
+
+def test_eval_memory_is_flat_in_samples(big):
+    d, ref, _, cand = big
+    runs = {n: cli_peak_memory(["eval", cand, "--reference", ref, "--data", d / f"held{n}.npz",
+                                "--json", d / f"eval{n}.json"]) for n in (FEW, MANY)}
+    _flat_and_bounded(runs, _bound(ref))
+    assert "KL" in runs[MANY]["stdout"]
+
+
+def test_budget_memory_is_flat_in_held_out_samples(big):
+    d, ref, calib, _ = big
+    runs = {n: cli_peak_memory(["quantize", ref, "-o", d / f"budget{n}.onnx", "--data", calib,
+                                "--holdout", d / f"held{n}.npz", "--scheme", "dynamic", "--no-smooth",
+                                "--max-ppl-increase", "1.0", "--bench-seconds", "0"]) for n in (FEW, MANY)}
+    _flat_and_bounded(runs, _bound(ref))
+    assert f"on {MANY} held-out samples" in runs[MANY]["stdout"]
+
+
+def test_debug_memory_is_flat_in_samples(big):
+    d, ref, _, cand = big
+    runs = {n: cli_peak_memory(["debug", ref, cand, "--data", d / f"held{n}.npz"]) for n in (FEW, MANY)}
+    _flat_and_bounded(runs, _bound(ref))
+
+
+def test_report_memory_is_bounded(big):
+    """report = debug + eval (flat above) + a fixed number of calibration samples for its plots."""
+    d, ref, _, cand = big
+    r = cli_peak_memory(["report", ref, cand, "--data", d / f"held{MANY}.npz", "-o", d / "r.html",
+                         "--bench-seconds", "0"])
+    assert r["rc"] == 0, r["stderr"]
+    assert r["peak_bytes"] <= _bound(ref), (r["peak_bytes"] >> 20, _bound(ref) >> 20)
