@@ -19,6 +19,8 @@ from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
 from graphpass.passes.smooth import SmoothConfig, SmoothReport
+from graphpass.passes.nbits import NBitsConfig, nbits_or
+from graphpass.passes.sidecars import copy_sidecars
 from graphpass.passes.smooth import smooth as smooth_pass
 from graphpass.match.sites import analyze
 from graphpass.passes.smooth_checked import check_alpha
@@ -37,6 +39,7 @@ class PipelineConfig:
     batch_size: int = 1
     threads: int = 2
     row_step: int = 64                          # alpha search samples every row_step-th token
+    nbits: NBitsConfig | None = None            # w8 / w4: MatMulNBits options (None: the scheme's defaults)
 
     def __post_init__(self):
         QuantConfig(scheme=self.scheme)         # validates the scheme
@@ -110,14 +113,14 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
              + (f"; {k} causal attention blocks in {config.attention_chunks} query chunks" if k else ""))
     t0 = time.perf_counter()
     ranges = _ranges(stats, res.smooth) if stats is not None else None
-    m, res.quant = quantize_pass(m, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
-                                                config.skip), ranges, base, consts)
+    m, res.quant = nbits_or(quantize_pass)(m, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
+                                                          config.skip), ranges, base, consts, nbits=config.nbits)
     if not res.quant.quantized and not res.quant.tables:
         log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
     step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
     t0 = time.perf_counter()
     save_model(m, output, check=True, release=True)
-    step("save", t0, "onnx.checker passed")
+    step("save", t0, "onnx.checker passed" + copy_sidecars(src, output))
     res.size_before, res.size_after = model_size(src), model_size(output)
     return res
 
