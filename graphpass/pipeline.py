@@ -139,8 +139,9 @@ def _smooth(m: onnx.ModelProto, base: str, stats, config: PipelineConfig, res: P
     alpha = 0.5 if config.alpha == "auto" else float(config.alpha)
     if config.alpha == "auto":
         from graphpass.search.alpha import search_alpha
+        from graphpass.search.nbits_alpha import alpha_search_for   # w8 / w4: the kernel's arithmetic
 
-        chosen, _ = search_alpha(an, stats, config.scheme, progress=progress)
+        chosen, _ = alpha_search_for(config, search_alpha)(an, stats, config.scheme, progress=progress)
         overrides = {**dict(config.site_alpha), **{k: v for k, v in chosen.items()
                                                      if not _overridden(an.site(k), config.site_alpha)}}
         step("alpha", t0, f"searched {len(chosen)} sites, mean alpha "

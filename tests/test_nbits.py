@@ -220,3 +220,33 @@ def test_cli_writes_a_genai_folder_with_w8(tmp_path, capsys):
     err = cli_error(capsys, ["quantize", src / "model.onnx", "-o", out / "t.onnx", "--scheme", "token",
                              "--no-smooth", "--block-size", "64"], absent=[out / "t.onnx"])
     assert "w8 / w4" in err
+
+
+def test_block_activation_quantizer_keeps_an_outlier_in_its_block():
+    from graphpass.search.nbits_alpha import fake_quant_act_blocks
+
+    x = np.random.default_rng(5).normal(size=(3, 80)).astype(np.float32)
+    x[:, 5] = 500.0                                   # block 0 of 32 channels only
+    q = fake_quant_act_blocks(x, 32)
+    assert q.shape == x.shape
+    assert np.abs(q[:, 32:] - x[:, 32:]).max() <= np.abs(x[:, 32:]).max() / 127 / 2 + 1e-6
+    assert np.abs(q[:, :32] - x[:, :32]).max() > 0.5   # the outlier's block lost its small values
+
+
+def test_alpha_search_on_kernel_arithmetic_never_worse_than_no_smoothing():
+    from graphpass.calibrate.stats import Stats
+    from graphpass.search.nbits_alpha import search_alpha_nbits
+
+    m = build_genai_past(SyntheticConfig(hidden=64, heads=4, kv_heads=2, vocab=300))
+    an = analyze(m)
+    rng, stats = np.random.default_rng(6), Stats()
+    for s in an.sites:
+        c = s.consumers[0].shape(an.consts)[0]
+        x = rng.normal(size=(64, c)).astype(np.float32)
+        x[:, 3] *= 60.0                                # an outlier channel, as in real LLMs
+        stats.update(s.act, x.min(0), x.max(0))
+        stats.rows[s.act] = x
+    chosen, rows = search_alpha_nbits(an, stats, NBitsConfig(block_size=32), progress=False)
+    assert len(chosen) == len(an.sites)
+    assert all(r["errors"][r["alpha"]] <= r["errors"][0.0] for r in rows)
+    assert any(r["alpha"] > 0 and r["errors"][r["alpha"]] < 0.9 * r["errors"][0.0] for r in rows)

@@ -6,9 +6,6 @@ from dataclasses import replace
 
 from graphpass.errors import GraphpassError
 
-# α used for w8 / w4 when --alpha is 'auto' (the default): measured best fixed α for the
-# MatMulNBits int8-compute kernel on SmolLM2 (tools/bench_genai.py); no per-site search yet.
-NBITS_AUTO_ALPHA = 0.5
 
 
 def add_nbits_args(q: argparse.ArgumentParser) -> None:
@@ -36,4 +33,4 @@ def with_nbits(cfg, a: argparse.Namespace):
         raise GraphpassError(f"--scheme {cfg.scheme} is {bits}-bit, but --bits {a.bits} was given")
     nb = NBitsConfig(bits=bits, block_size=a.block_size or DEFAULT_BLOCK[bits], accuracy_level=a.accuracy_level,
                      symmetric=not a.asymmetric, lm_head=not a.float_head, skip=cfg.skip)
-    return replace(cfg, nbits=nb, alpha=NBITS_AUTO_ALPHA if cfg.alpha == "auto" else cfg.alpha)
+    return replace(cfg, nbits=nb)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)
