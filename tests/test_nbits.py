@@ -87,9 +87,10 @@ def _tied(kind: str, k: int = 96, v: int = 300):
 
 @pytest.mark.parametrize("kind", ["genai", "torch"])
 @pytest.mark.parametrize("block", [32, 128])     # 128 does not divide K = 96: padded, then sliced
-def test_tied_table_is_stored_once_for_lookup_and_head(kind, block):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tied_table_is_stored_once_for_lookup_and_head(kind, block, bits):
     m, w = _tied(kind)
-    q, rep = nbits(m, NBitsConfig(block_size=block, accuracy_level=0))
+    q, rep = nbits(m, NBitsConfig(bits=bits, block_size=block, accuracy_level=0))
     ops = Counter(n.op_type for n in q.graph.node)
     assert ops["MatMulNBits"] == 1 and ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0
     assert ops["Slice"] == (1 if 96 % block else 0) and len(rep.tables) == 1
@@ -100,7 +101,7 @@ def test_tied_table_is_stored_once_for_lookup_and_head(kind, block):
     assert gbq.input[2] == head.input[2]                      # one set of scales too
     assert [t.name for t in q.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2] \
         == [head.input[2]]                                    # no float table left, only the scales
-    table = unpack_reference(pack(w, 8, block), 8, block)     # dequantized W [K, V]
+    table = unpack_reference(pack(w, bits, block), bits, block)   # dequantized W [K, V]
     x = np.random.default_rng(4).normal(size=(5, 96)).astype(np.float32)
     ids = np.array([0, 7, 299, 7, 150])
     emb, logits = make_session(q).run(["emb", "logits"], {"x": x, "ids": ids})
