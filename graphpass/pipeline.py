@@ -20,6 +20,8 @@ from graphpass.passes.decode import fuse_decode_graph
 from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
 from graphpass.passes.smooth import SmoothConfig, SmoothReport
+from graphpass.passes.nbits import NBitsConfig, nbits_or
+from graphpass.passes.sidecars import copy_sidecars
 from graphpass.passes.smooth import smooth as smooth_pass
 from graphpass.match.sites import analyze
 from graphpass.passes.smooth_checked import check_alpha
@@ -40,6 +42,7 @@ class PipelineConfig:
     row_step: int = 64                          # alpha search samples every row_step-th token
     decode_steps: int = 4                       # with-past graphs: decode steps per calibration window
     decode_fusions: bool = False                # attention with a KV cache -> GroupQueryAttention, ...
+    nbits: NBitsConfig | None = None            # w8 / w4: MatMulNBits options (None: the scheme's defaults)
 
 
     def __post_init__(self):
@@ -82,12 +85,13 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     with them); calibration is then skipped and `data` is not read.
     """
     with externalized(model) as src:     # inline weights: read once, then one at a time
-        res = _quantize(src, output, data, config, progress, log, stats)
+        res = _quantize(src, output, data, config, progress, log, stats, Path(model))
     res.size_before = model_size(model)
     return res
 
 
-def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, log, stats) -> PipelineResult:
+def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, log, stats,
+              original: Path) -> PipelineResult:
     from graphpass.calibrate.collect import calibrate
 
     res = PipelineResult(Path(output))
@@ -125,8 +129,8 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
              + (f"; {k} causal attention blocks in {config.attention_chunks} query chunks" if k else ""))
     t0 = time.perf_counter()
     ranges = _ranges(stats, res.smooth) if stats is not None else None
-    _, res.quant = quantize_pass(g, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
-                                                config.skip), ranges)
+    _, res.quant = nbits_or(quantize_pass)(g, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
+                                                          config.skip), ranges, None, None, nbits=config.nbits)
     if not res.quant.quantized and not res.quant.tables:
         log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
     step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
@@ -135,7 +139,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         step("decode", t0, fuse_decode_graph(g).format())
     t0 = time.perf_counter()
     save_graph(g, output, check=True)
-    step("save", t0, "onnx.checker passed")
+    step("save", t0, "onnx.checker passed" + copy_sidecars(original, output))
     res.size_before, res.size_after = model_size(src), model_size(output)
     return res
 
@@ -152,8 +156,9 @@ def _smooth(an, stats, config: PipelineConfig, res: PipelineResult, step, progre
     alpha = 0.5 if config.alpha == "auto" else float(config.alpha)
     if config.alpha == "auto":
         from graphpass.search.alpha import search_alpha
+        from graphpass.search.nbits_alpha import alpha_search_for   # w8 / w4: the kernel's arithmetic
 
-        chosen, _ = search_alpha(an, stats, config.scheme, progress=progress)
+        chosen, _ = alpha_search_for(config, search_alpha)(an, stats, config.scheme, progress=progress)
         overrides = {**dict(config.site_alpha), **{k: v for k, v in chosen.items()
                                                      if not _overridden(an.site(k), config.site_alpha)}}
         step("alpha", t0, f"searched {len(chosen)} sites, mean alpha "

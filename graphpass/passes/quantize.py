@@ -24,7 +24,7 @@ from graphpass.match.sites import analyze
 from graphpass.passes.qforms import (MS, Emitter, emit_dynamic, emit_static, emit_static_fused, emit_token,
                                      quantize_weight, static_qparams)
 
-SCHEMES = ("static", "dynamic", "token")
+SCHEMES = ("static", "dynamic", "token", "w8", "w4")   # w8 / w4: weight-only, passes/nbits.py
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,36 @@
+"""Options of `graphpass quantize --scheme w8 / w4` (weight-only MatMulNBits, passes/nbits.py)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from graphpass.errors import GraphpassError
+
+
+
+def add_nbits_args(q: argparse.ArgumentParser) -> None:
+    g = q.add_argument_group("weight-only schemes w8 / w4 (com.microsoft MatMulNBits)")
+    g.add_argument("--bits", type=int, choices=[4, 8], help="weight bits (default: 8 for w8, 4 for w4)")
+    g.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256],
+                   help="block of input channels sharing one scale (default: 32 for w8, 128 for w4)")
+    g.add_argument("--accuracy-level", type=int, choices=[0, 4], default=4,
+                   help="4: the kernel quantizes activations to int8 per block (VNNI); 0: float compute")
+    g.add_argument("--asymmetric", action="store_true", help="a zero point per block (default symmetric)")
+    g.add_argument("--float-head", action="store_true",
+                   help="keep the LM head (and a tied token table) in float")
+
+
+def with_nbits(cfg, a: argparse.Namespace):
+    """The pipeline config with the MatMulNBits options for w8 / w4 (unchanged for other schemes)."""
+    from graphpass.passes.nbits import DEFAULT_BLOCK, NBITS_SCHEMES, NBitsConfig
+
+    if cfg.scheme not in NBITS_SCHEMES:
+        if a.bits is not None or a.block_size is not None or a.asymmetric or a.float_head:
+            raise GraphpassError("--bits, --block-size, --asymmetric and --float-head apply to --scheme w8 / w4")
+        return cfg
+    bits = NBITS_SCHEMES[cfg.scheme]
+    if a.bits is not None and a.bits != bits:
+        raise GraphpassError(f"--scheme {cfg.scheme} is {bits}-bit, but --bits {a.bits} was given")
+    nb = NBitsConfig(bits=bits, block_size=a.block_size or DEFAULT_BLOCK[bits], accuracy_level=a.accuracy_level,
+                     symmetric=not a.asymmetric, lm_head=not a.float_head, skip=cfg.skip)
+    return replace(cfg, nbits=nb)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)

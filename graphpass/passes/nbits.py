@@ -1,0 +1,223 @@
+"""Weight-only N-bit linear layers: Y = X·W  ->  com.microsoft MatMulNBits(X, B, scales[, zp]).
+
+W [K, N] is cut along K into blocks of `block_size` (the last one zero-padded); block b of output
+channel n keeps one scale s[n, b] (and a zero point z[n, b] when asymmetric):
+  q[k, n] = clip(round(W[k, n] / s[n, b]) + z[n, b], 0, 2^bits - 1),   W ~ (q - z)·s
+symmetric: z = 2^(bits-1) implied (no zero-point input). Packing is onnxruntime's own C++
+(`quantize_matmul_8bits` / `quantize_matmul_4bits`, as MatMulNBitsQuantizer calls them), giving
+B [N, k_blocks, block_size·bits/8] uint8 (4 bits: two per byte, low nibble first).
+
+A tied token table T = W_head^T [V, D] (Gather(T) for the lookup, T^T for the head) is stored
+once: row v of T is output channel v of the head, so B [V, k_blocks, blob] reshaped to
+[V, k_blocks·blob] *is* T quantized along D in the same blocks, and
+  Gather(T, ids) -> GatherBlockQuantized(Reshape(B), ids, scales[, zp]) [-> Slice off the padding]
+reads the head's bytes and scales. `accuracy_level` 4 lets the CPU kernel quantize X to int8 per
+block and use the integer (VNNI) path; 0 computes in float.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphpass.errors import GraphpassError
+from graphpass.graph.consts import Consts, attr
+from graphpass.graph.gs_io import add_opset, export_into, opset_version
+from graphpass.match.linears import Linear
+from graphpass.match.sites import analyze
+from graphpass.passes.qforms import MS, Emitter
+from graphpass.passes.quantize import QuantReport, _detach, is_lm_head
+
+NBITS_SCHEMES = {"w8": 8, "w4": 4}
+DEFAULT_BLOCK = {8: 32, 4: 128}
+
+
+@dataclass(frozen=True)
+class NBitsConfig:
+    bits: int = 8
+    block_size: int = 32
+    accuracy_level: int = 4
+    symmetric: bool = True
+    lm_head: bool = True              # the LM head in N bits too (a tied table is then shared)
+    skip: tuple[str, ...] = ()        # fnmatch patterns on linear layer names
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise GraphpassError(f"--bits must be 4 or 8, got {self.bits}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise GraphpassError(f"--block-size must be a power of two in 16..256, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise GraphpassError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One weight in MatMulNBits layout: B [N, k_blocks, blob], scales [N, k_blocks], zp or None."""
+    b: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    k: int
+    n: int
+
+
+def pack(w: np.ndarray, bits: int = 8, block_size: int = 32, symmetric: bool = True) -> Packed:
+    """W [K, N] float32 -> MatMulNBits inputs, packed by onnxruntime's C++ quantizer."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    if w.ndim != 2:
+        raise GraphpassError(f"MatMulNBits packs a 2-D weight, got shape {list(w.shape)}")
+    rows, cols = w.shape
+    k_blocks = -(-rows // block_size)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if k_blocks * block_size != rows:
+        w = np.pad(w, ((0, k_blocks * block_size - rows), (0, 0)))
+    packed = np.zeros((cols, k_blocks, block_size * bits // 8), np.uint8)
+    zp = np.zeros((cols, -(-k_blocks * bits // 8)), np.uint8)
+    scales = np.zeros((cols, k_blocks), np.float32)
+    fn = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+    fn(packed, w, scales, zp, block_size, cols, rows, symmetric)
+    return Packed(packed, scales, None if symmetric else zp, rows, cols)
+
+
+def unpack_reference(p: Packed, bits: int, block_size: int) -> np.ndarray:
+    """Numpy dequantization of a Packed weight back to W [K, N] (the reference the tests use)."""
+    n, kb, _ = p.b.shape
+    if bits == 8:
+        q = p.b.reshape(n, kb, block_size).astype(np.float32)
+    else:
+        lo, hi = p.b & 0x0F, p.b >> 4
+        q = np.stack([lo, hi], -1).reshape(n, kb, block_size).astype(np.float32)
+    if p.zero_points is None:
+        z = np.full((n, kb), 2 ** (bits - 1), np.float32)
+    elif bits == 8:
+        z = p.zero_points[:, :kb].astype(np.float32)
+    else:
+        z = np.stack([p.zero_points & 0x0F, p.zero_points >> 4], -1).reshape(n, -1)[:, :kb].astype(np.float32)
+    w = (q - z[:, :, None]) * p.scales[:, :, None]
+    return w.reshape(n, kb * block_size)[:, :p.k].T
+
+
+def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig(), base_dir: str | None = None,
+          consts: Consts | None = None) -> tuple[onnx.ModelProto | gs.Graph, QuantReport]:
+    """Rewrite `model` in place: each linear layer with a constant weight -> MatMulNBits."""
+    an = analyze(model, base_dir, consts)
+    names = {lin.name for lin in an.linears}
+    g, c = an.graph, an.consts
+    rep = QuantReport(skipped=[u for u in an.uncovered if u[0] not in names])
+    e = Emitter(g, opset_version(g), c._names)
+    for lin in an.linears:
+        why = _skip_reason(lin, c, config)
+        if why:
+            rep.skipped.append((lin.name, why))
+            continue
+        gathers = _tied_gathers(lin) if is_lm_head(lin, c) else []
+        p = _rewrite(lin, c, e, config)
+        for gather in gathers:
+            rep.tables.append(gather.inputs[0].name)
+            _shared_lookup(gather, p, e, config)
+        rep.quantized.append(lin.name)
+    if rep.quantized:
+        add_opset(g, MS, 1)
+    g.cleanup().toposort()
+    if isinstance(model, onnx.ModelProto):
+        export_into(model, g)
+    return model, rep
+
+
+def _skip_reason(lin: Linear, c: Consts, cfg: NBitsConfig) -> str:
+    if any(fnmatch.fnmatchcase(lin.name, p) for p in cfg.skip):
+        return "matches a --skip pattern"
+    if is_lm_head(lin, c) and not cfg.lm_head:
+        return "LM head (kept in float: --float-head)"
+    if lin.node.op == "Gemm" and lin.bias_at is not None:
+        return "Gemm with a bias (not rewritten to MatMulNBits yet)"
+    if lin.shared_weight(c) and not is_lm_head(lin, c):
+        return "weight shared with another reader"
+    return ""
+
+
+@dataclass(frozen=True)
+class _Emitted:
+    packed: Packed
+    b: gs.Constant
+    scales: gs.Constant
+    zp: gs.Constant | None
+
+
+def _rewrite(lin: Linear, c: Consts, e: Emitter, cfg: NBitsConfig) -> _Emitted:
+    n, base = lin.node, (lin.node.name or lin.node.outputs[0].name).strip("/").replace("/", "_")
+    w = lin.weight(c)
+    if n.op == "Gemm":
+        w = w * np.float32(attr(n, "alpha", 1.0))
+    p = pack(w, cfg.bits, cfg.block_size, cfg.symmetric)
+    del w
+    x, out = lin.x, _detach(n)        # the float weight leaves the graph with the node
+    b, s = e.const(f"{base}_q{cfg.bits}", p.b), e.const(f"{base}_scales", p.scales)
+    zp = e.const(f"{base}_zp", p.zero_points) if p.zero_points is not None else None
+    attrs = dict(K=p.k, N=p.n, bits=cfg.bits, block_size=cfg.block_size)
+    if cfg.accuracy_level:
+        attrs["accuracy_level"] = cfg.accuracy_level
+    e.emit("MatMulNBits", [x, b, s] + ([zp] if zp is not None else []), [out], f"{base}_Q{cfg.bits}",
+           domain=MS, **attrs)
+    return _Emitted(p, b, s, zp)
+
+
+def _tied_gathers(lin: Linear) -> list[gs.Node]:
+    """Gather(axis 0) nodes whose table rows are the head's output channels (T = W^T).
+
+    Head MatMul(x, W) with Gather(Transpose(W)) (onnxruntime-genai builder), or
+    MatMul(x, Transpose(E)) with Gather(E) (torch exports)."""
+    stored = lin.weight_tensor()
+    if lin.via is None and lin.in_axis == 0:          # table = Transpose(W)
+        tables = [t.outputs[0] for t in stored.outputs
+                  if t.op == "Transpose" and list(attr(t, "perm", [1, 0])) == [1, 0]]
+    elif lin.via is not None and lin.in_axis == 0:    # W = Transpose(E): table = E
+        tables = [stored]
+    else:
+        return []
+    return [r for t in tables for r in t.outputs
+            if r.op == "Gather" and r.inputs[0] is t and attr(r, "axis", 0) == 0]
+
+
+def _shared_lookup(gather: gs.Node, em: _Emitted, e: Emitter, cfg: NBitsConfig) -> None:
+    """Gather(T, ids) -> GatherBlockQuantized(Reshape(B, [V, k_blocks·blob]), ids, scales[, zp])."""
+    p, base = em.packed, (gather.name or gather.outputs[0].name).strip("/").replace("/", "_")
+    n, kb, blob = p.b.shape
+    shape = e.const(f"{base}_table_shape", np.array([n, kb * blob], np.int64))
+    (table,) = e.node("Reshape", [em.b, shape], f"{base}_table")
+    ids = gather.inputs[1]
+    out = _detach(gather)
+    padded = kb * cfg.block_size != p.k
+    target = gs.Variable(e.name(f"{base}_padded")) if padded else out
+    e.emit("GatherBlockQuantized", [table, ids, em.scales] + ([em.zp] if em.zp is not None else []), [target],
+           f"{base}_GBQ", domain=MS, bits=cfg.bits, block_size=cfg.block_size, gather_axis=0, quantize_axis=1)
+    if padded:
+        i64 = lambda name, v: e.const(f"{base}_{name}", np.array([v], np.int64))  # noqa: E731
+        e.emit("Slice", [target, i64("start", 0), i64("end", p.k), i64("axis", -1)], [out], f"{base}_unpad")
+
+
+def default_config(scheme: str) -> NBitsConfig:
+    bits = NBITS_SCHEMES[scheme]
+    return NBitsConfig(bits=bits, block_size=DEFAULT_BLOCK[bits])
+
+
+def nbits_or(quantize_pass):
+    """The pipeline's quantize step: MatMulNBits for w8 / w4, else `quantize_pass` (W8A8)."""
+    def run(model, qconfig, ranges, base_dir, consts, nbits: NBitsConfig | None = None):
+        if qconfig.scheme not in NBITS_SCHEMES:
+            return quantize_pass(model, qconfig, ranges, base_dir, consts)
+        cfg = nbits if nbits is not None else default_config(qconfig.scheme)
+        return _run_nbits(model, qconfig, cfg, base_dir, consts)
+    return run
+
+
+def _run_nbits(model, qconfig, cfg: NBitsConfig, base_dir, consts):
+    if cfg.bits != NBITS_SCHEMES[qconfig.scheme]:
+        raise GraphpassError(f"scheme '{qconfig.scheme}' is {NBITS_SCHEMES[qconfig.scheme]}-bit, "
+                             f"but --bits {cfg.bits} was given")
+    if qconfig.skip and not cfg.skip:
+        cfg = replace(cfg, skip=qconfig.skip)
+    return nbits(model, cfg, base_dir, consts)

@@ -1,0 +1,74 @@
+"""Per-site α for SmoothQuant before MatMulNBits, scored on the kernel's own arithmetic.
+
+For a site with sampled input rows X [R, C] and readers W_k [C, N_k], smoothing scales s_α:
+  err(α) = Σ_k ||X·W_k − A(X / s_α)·Q(diag(s_α)·W_k)||² / ||X·W_k||²
+Q is the MatMulNBits weight (onnxruntime's packer, dequantized: blocks of `block_size` along C).
+A is what accuracy_level 4 does to the activation (int8 per row and per block of `block_size`
+along C, scale = max|x| / 127); with accuracy_level 0, A is the identity. α = 0 is in the grid.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from graphpass.calibrate.stats import Stats
+from graphpass.match.sites import Analysis
+from graphpass.passes.nbits import NBitsConfig, pack, unpack_reference
+from graphpass.passes.smooth import site_scales
+
+GRID = tuple(np.round(np.arange(0.0, 1.0001, 0.1), 2))
+
+
+def fake_quant_act_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """int8 per row and per block of `block` channels (the kernel's int8 activation), dequantized."""
+    r, c = x.shape
+    kb = -(-c // block)
+    xp = np.pad(x, ((0, 0), (0, kb * block - c))).reshape(r, kb, block)
+    scale = np.maximum(np.abs(xp).max(-1, keepdims=True), 1e-30) / 127.0
+    return (np.clip(np.rint(xp / scale), -127, 127) * scale).reshape(r, kb * block)[:, :c]
+
+
+def fake_quant_weight_blocks(w: np.ndarray, cfg: NBitsConfig) -> np.ndarray:
+    return unpack_reference(pack(w, cfg.bits, cfg.block_size, cfg.symmetric), cfg.bits, cfg.block_size)
+
+
+def site_error_nbits(x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarray], s: np.ndarray,
+                     cfg: NBitsConfig) -> float:
+    xs = (x / s).astype(np.float32)
+    xq = fake_quant_act_blocks(xs, cfg.block_size) if cfg.accuracy_level == 4 else xs
+    err = 0.0
+    for w, y in zip(weights, ys):
+        yq = xq @ fake_quant_weight_blocks((w * s[:, None]).astype(np.float32), cfg)
+        err += float(((y - yq) ** 2).sum() / max(float((y ** 2).sum()), 1e-30))
+    return err
+
+
+def search_alpha_nbits(an: Analysis, stats: Stats, cfg: NBitsConfig, grid=GRID, progress: bool = True
+                       ) -> tuple[dict[str, float], list[dict]]:
+    """α per site (keyed by site name) and a row per site with the error at each grid point."""
+    from tqdm import tqdm
+
+    chosen, rows = {}, []
+    for site in tqdm(an.sites, desc="alpha search (MatMulNBits)", unit="site", disable=not progress):
+        x = stats.rows.get(site.act)
+        if x is None or not len(x):
+            continue
+        x = x.astype(np.float32)
+        weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
+        ys = [x @ w for w in weights]
+        act = stats.absmax(site.act).astype(np.float64)
+        errs = [site_error_nbits(x, weights, ys, site_scales(site, an.consts, act, float(a)).astype(np.float32), cfg)
+                for a in grid]
+        best = int(np.argmin(errs))
+        chosen[site.name] = float(grid[best])
+        rows.append({"site": site.name, "alpha": float(grid[best]), "errors": dict(zip(map(float, grid), errs))})
+    return chosen, rows
+
+
+def alpha_search_for(config, search_alpha):
+    """The pipeline's α search: on MatMulNBits arithmetic for w8 / w4, else `search_alpha` (W8A8)."""
+    from graphpass.passes.nbits import NBITS_SCHEMES, default_config
+
+    if config.scheme not in NBITS_SCHEMES:
+        return search_alpha
+    cfg = config.nbits if config.nbits is not None else default_config(config.scheme)
+    return lambda an, stats, scheme, progress=True: search_alpha_nbits(an, stats, cfg, progress=progress)
