@@ -126,3 +126,17 @@ def test_bad_input_is_one_line(models, tmp_path, capsys):
                                                       models["optimum"], *base, "--data", tmp_path / "big.npz"])
     assert "must be positive" in cli_error(capsys, ["bench", models["optimum"], "--reference",
                                                     models["optimum"], "--decode", "--steps", 0])
+
+
+@pytest.mark.parametrize("form", ["optimum", "genai"])
+def test_prefill_bench_of_a_with_past_graph_runs_over_an_empty_past(models, form, capsys):
+    from graphpass.graph.decode import load_layout as layout_of
+    from graphpass.graph.io import input_specs
+    from graphpass.validate.bench import _prefill_inputs
+
+    feeds = _prefill_inputs(input_specs(onnx.load(str(models[form]))), (2, 5), layout_of(models[form]))
+    assert feeds["past_key_values.0.key"].shape == (2, CFG.kv_heads, 0, CFG.head_dim)
+    assert feeds["attention_mask"].shape == (2, 5) and feeds["input_ids"].shape == (2, 5)
+    out, _ = cli_ok(capsys, ["bench", models[form], "--reference", models[form], "--shape", "2x5",
+                             "--threads", 1, "--seconds", SECONDS])
+    assert "2x5" in out

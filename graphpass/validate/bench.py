@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphpass.errors import GraphpassError
+from graphpass.graph.decode import load_layout
 from graphpass.graph.io import InputSpec, input_specs, load_model, model_size
 from graphpass.graph.runtime import make_session
 
@@ -58,6 +59,14 @@ def synthetic_inputs(specs: list[InputSpec], shape: tuple[int, int], seed: int =
     return out
 
 
+def _prefill_inputs(specs: list[InputSpec], shape: tuple[int, int], layout) -> dict[str, np.ndarray]:
+    """A with-past graph at [batch, seq]: a prefill over an empty past (past axis of length 0)."""
+    from graphpass.graph.decode import empty_cache, step_feeds
+
+    ids = synthetic_inputs([s for s in specs if s.name == layout.ids], shape)[layout.ids]
+    return step_feeds(layout, empty_cache(layout, shape[0]), ids)
+
+
 def _time_block(sess, feeds, runs: int) -> list[float]:
     times = []
     for _ in range(runs):
@@ -94,10 +103,11 @@ def bench(candidate: str | os.PathLike, reference: str | os.PathLike,
     cand_names = [s.name for s in input_specs(cand_model)]
     if cand_names != [s.name for s in specs]:
         raise GraphpassError(f"{candidate}: inputs {cand_names} differ from the reference's")
+    layout = load_layout(reference, ref_model)
     ref_sess, cand_sess = make_session(reference, threads), make_session(candidate, threads)
     timings = []
     for shape in shapes:
-        feeds = synthetic_inputs(specs, shape)
+        feeds = _prefill_inputs(specs, shape, layout) if layout else synthetic_inputs(specs, shape)
         r, c, n = time_pair(ref_sess, cand_sess, feeds, seconds)
         timings.append(Timing(shape, r, c, n))
     ref_size, cand_size = model_size(reference), model_size(candidate)
