@@ -155,16 +155,6 @@ def names(g: gs.Graph) -> set[str]:
     return out
 
 
-def unique_name(base: str, taken: set[str]) -> str:
-    """`base`, or `base_1`, `base_2`, ... : the first name not in `taken` (which records it)."""
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
-
-
 def opset_version(g: gs.Graph, default: int | None = 13) -> int | None:
     """The default-domain opset of the imported model."""
     ops = getattr(g, "graphpass_opsets", None) or {"": g.opset}
