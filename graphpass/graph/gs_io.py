@@ -11,6 +11,8 @@ export_graph(g)                -> (ModelProto, pending): large constants exporte
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -226,11 +228,23 @@ def export_into(model: onnx.ModelProto, g: gs.Graph) -> None:
 
 
 def tensor_bytes(c: gs.Constant) -> bytes:
-    """The raw little-endian bytes of a constant, as TensorProto.raw_data holds them."""
+    """The raw little-endian bytes of a constant, as TensorProto.raw_data holds them, with one
+    copy: a weight still in external data is read as bytes, not through numpy and a TensorProto."""
     v = c._values
-    if isinstance(v, LazyValues):
+    if isinstance(v, LazyValues) and isinstance(v.tensor, onnx.TensorProto):
+        t = v.tensor
+        if t.data_location == onnx.TensorProto.EXTERNAL and getattr(v, "base_dir", None):
+            info = {e.key: e.value for e in t.external_data}
+            with open(Path(v.base_dir) / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                return f.read(int(info["length"])) if "length" in info else f.read()
+        if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data"):
+            return t.raw_data
         v = v.load()
-    return onnx.numpy_helper.from_array(np.asarray(v), c.name).raw_data
+    a = np.asarray(v)
+    if a.dtype.kind in "biuf" and a.dtype.byteorder in "=<|":
+        return np.ascontiguousarray(a).tobytes()
+    return onnx.numpy_helper.from_array(a, c.name).raw_data
 
 
 def fill(t: onnx.TensorProto, c: gs.Constant, release: bool) -> None:
