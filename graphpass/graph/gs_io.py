@@ -135,6 +135,11 @@ def set_values(c: gs.Constant, value: np.ndarray) -> None:
     c.data_location = None
 
 
+def release(c: gs.Constant) -> None:
+    """Drop the value of a constant that left the graph (its type and shape stay)."""
+    c._values = LazyValues(_stub(c))
+
+
 def nbytes(c: gs.Constant) -> int:
     v = c._values
     return int(v.nbytes)
