@@ -13,7 +13,6 @@ from conftest import cli_error, cli_ok, write_folder
 from graphpass.validate.debug import debug
 from graphpass.validate.debug_graph import PREFIX, build_merged
 from graphpass.validate.debug_weights import INLINE_BYTES
-from graphpass.graph.io import producers
 
 LAST_DOWN = "/model/layers.1/mlp/down_proj/MatMul"   # its output feeds only the final norm
 MID_V = "/model/layers.0/self_attn/v_proj/MatMul"     # absorbs 1/s of the attention site
@@ -28,7 +27,7 @@ JITTER_SQNR_CEIL = 23.0   # dB: the jittered layer alone is below this (others: 
 def _perturbed(tmp_path, qpath, layer_output: str, seed: int = 0):
     """A copy of a token-quantized graph whose one layer (by output tensor) has wrong weight scales."""
     m = onnx.load(str(qpath))
-    prod = producers(m.graph)
+    prod = {o: n for n in m.graph.node for o in n.output}
     mul = prod[layer_output]                                  # Y = MatMulIntegerToFloat(...) * r
     mm = next(prod[i] for i in mul.input if i in prod and prod[i].op_type == "MatMulIntegerToFloat")
     t = next(t for t in m.graph.initializer if t.name == mm.input[3])

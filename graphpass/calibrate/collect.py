@@ -31,7 +31,7 @@ from graphpass.calibrate.stats import Stats
 from graphpass.errors import GraphpassError
 from graphpass.graph.decode import Cache, PastLayout, advance, past_layout, step_feeds
 from graphpass.graph.gs_io import export_into, import_graph, is_external, opset_version, to_model
-from graphpass.graph.io import load_model, save_graph
+from graphpass.graph.io import externalized, load_model, save_graph
 from graphpass.graph.runtime import make_session
 from graphpass.match.sites import analyze
 
@@ -107,6 +107,14 @@ def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, n
 def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads: int = 2,
               progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0,
               decode_steps: int = DECODE_STEPS) -> Stats:
+    """See _calibrate; a model with inline weights is read through an external-data copy."""
+    with externalized(model_path) as p:
+        return _calibrate(p, data, batch_size, threads, progress, targets, row_step, decode_steps,
+                          Path(model_path).parent)
+
+
+def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: bool,
+               targets: dict[str, int] | None, row_step: int, decode_steps: int, folder: Path) -> Stats:
     """Per-channel min/max of every linear layer's input over `data`, batch by batch.
 
     `data`: dict of arrays (first axis = samples) or a CalibrationDataReader. With row_step > 0,
@@ -116,7 +124,7 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
     p = Path(model_path)
     graph_only = load_model(p, load_weights=False)
     check_model = _inputs_only(graph_only)
-    layout = past_layout(graph_only, p.parent) if decode_steps > 0 else None
+    layout = past_layout(graph_only, folder) if decode_steps > 0 else None   # genai_config.json
     g = import_graph(graph_only, str(p.parent.resolve()))
     del graph_only
     if targets is None:

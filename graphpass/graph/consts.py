@@ -12,10 +12,10 @@ until io.save_graph writes it, one tensor at a time.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from graphpass.graph.gs_io import names, read, set_values, unique_name
+from graphpass.graph.gs_io import names, read, set_values
+from graphpass.graph.io import unique_name
 
 
 class Consts:
@@ -87,14 +87,3 @@ class Consts:
 def attr(node: gs.Node, name: str, default):
     v = node.attrs.get(name, default)
     return default if v is None else v
-
-
-def dtype_of(t: gs.Tensor) -> np.dtype | None:
-    """Element type of a variable from its value_info, if known."""
-    d = getattr(t, "dtype", None)
-    if d is None:
-        return None
-    try:
-        return np.dtype(d)
-    except TypeError:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(d)) if isinstance(d, int) else None

@@ -11,6 +11,8 @@ export_graph(g)                -> (ModelProto, pending): large constants exporte
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -133,6 +135,11 @@ def set_values(c: gs.Constant, value: np.ndarray) -> None:
     c.data_location = None
 
 
+def release(c: gs.Constant) -> None:
+    """Drop the value of a constant that left the graph (its type and shape stay)."""
+    c._values = LazyValues(_stub(c))
+
+
 def nbytes(c: gs.Constant) -> int:
     v = c._values
     return int(v.nbytes)
@@ -153,16 +160,6 @@ def names(g: gs.Graph) -> set[str]:
         out.update(t.name for t in (*graph.inputs, *graph.outputs))
     out.discard("")
     return out
-
-
-def unique_name(base: str, taken: set[str]) -> str:
-    """`base`, or `base_1`, `base_2`, ... : the first name not in `taken` (which records it)."""
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
 
 
 def opset_version(g: gs.Graph, default: int | None = 13) -> int | None:
@@ -236,11 +233,23 @@ def export_into(model: onnx.ModelProto, g: gs.Graph) -> None:
 
 
 def tensor_bytes(c: gs.Constant) -> bytes:
-    """The raw little-endian bytes of a constant, as TensorProto.raw_data holds them."""
+    """The raw little-endian bytes of a constant, as TensorProto.raw_data holds them, with one
+    copy: a weight still in external data is read as bytes, not through numpy and a TensorProto."""
     v = c._values
-    if isinstance(v, LazyValues):
+    if isinstance(v, LazyValues) and isinstance(v.tensor, onnx.TensorProto):
+        t = v.tensor
+        if t.data_location == onnx.TensorProto.EXTERNAL and getattr(v, "base_dir", None):
+            info = {e.key: e.value for e in t.external_data}
+            with open(Path(v.base_dir) / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                return f.read(int(info["length"])) if "length" in info else f.read()
+        if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data"):
+            return t.raw_data
         v = v.load()
-    return onnx.numpy_helper.from_array(np.asarray(v), c.name).raw_data
+    a = np.asarray(v)
+    if a.dtype.kind in "biuf" and a.dtype.byteorder in "=<|":
+        return np.ascontiguousarray(a).tobytes()
+    return onnx.numpy_helper.from_array(a, c.name).raw_data
 
 
 def fill(t: onnx.TensorProto, c: gs.Constant, release: bool) -> None:

@@ -5,7 +5,7 @@ load_model(path)            -> ModelProto with external data resolved, or a one-
 save_model(model, path)     -> atomic write (temp name + rename); external data past 1 GB
 model_size(path)            -> bytes on disk, external data files included
 input_specs(model)          -> [(name, numpy dtype, rank)] of the real graph inputs
-producers / consumers       -> tensor name -> node(s)
+save_graph(graph, path)     -> the same for a gs.Graph, one weight at a time
 """
 from __future__ import annotations
 
@@ -385,21 +385,6 @@ def output_names(model: onnx.ModelProto) -> list[str]:
     return [o.name for o in model.graph.output]
 
 
-def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output if o}
-
-
-def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor -> the nodes reading it; an If / Loop / Scan node reads what its subgraphs read."""
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        direct = list(n.input)
-        for i in direct + [i for i in dict.fromkeys(_all_inputs(n)[len(direct):]) if i not in direct]:
-            if i:
-                out.setdefault(i, []).append(n)
-    return out
-
-
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:200] if s else type(e).__name__
@@ -431,68 +416,6 @@ def unique_name(base: str, taken: set[str]) -> str:
         name = f"{base}_{k}"
     taken.add(name)
     return name
-
-
-def toposort(graph: onnx.GraphProto) -> None:
-    """Order nodes so every input is produced before it is read (stable for sorted graphs)."""
-    nodes = list(graph.node)
-    avail = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    prod = {o: k for k, n in enumerate(nodes) for o in n.output}
-    waiting: dict[int, int] = {}
-    readers: dict[int, list[int]] = {}
-    for k, n in enumerate(nodes):
-        deps = {prod[i] for i in _all_inputs(n) if i not in avail and i in prod}
-        waiting[k] = len(deps)
-        for d in deps:
-            readers.setdefault(d, []).append(k)
-    import heapq
-
-    ready = [k for k, w in waiting.items() if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        k = heapq.heappop(ready)
-        order.append(nodes[k])
-        for r in readers.get(k, []):
-            waiting[r] -= 1
-            if waiting[r] == 0:
-                heapq.heappush(ready, r)
-    if len(order) != len(nodes):
-        raise GraphpassError("graph has a cycle; cannot order its nodes")
-    graph.ClearField("node")
-    graph.node.extend(order)
-
-
-def _all_inputs(n: onnx.NodeProto) -> list[str]:
-    """Inputs of a node, including outer-scope names its subgraphs read."""
-    names = list(n.input)
-    for a in n.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            for sub in g.node:
-                names += _all_inputs(sub)
-    return names
-
-
-def prune_dead_nodes(graph: onnx.GraphProto) -> int:
-    """Drop nodes none of whose outputs is read (repeatedly); returns how many."""
-    dropped = 0
-    while True:
-        used = {i for n in graph.node for i in _all_inputs(n)} | {o.name for o in graph.output}
-        dead = [k for k, n in enumerate(graph.node) if not any(o in used for o in n.output if o)]
-        if not dead:
-            return dropped
-        for k in reversed(dead):
-            del graph.node[k]
-        dropped += len(dead)
-
-
-def prune_initializers(graph: onnx.GraphProto) -> int:
-    """Drop initializers no node reads; returns how many."""
-    used = {i for n in graph.node for i in _all_inputs(n)} | {o.name for o in graph.output}
-    unused = [k for k, t in enumerate(graph.initializer) if t.name not in used]
-    for k in reversed(unused):  # in place: no copy of the weights that stay
-        del graph.initializer[k]
-    return len(unused)
 
 
 INLINE_SPILL_BYTES = 64 << 20   # inline weights past this are moved to a data file first

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from graphpass.graph.gs_io import unique_name
+from graphpass.graph.io import unique_name
 
 MS = "com.microsoft"
 T = gs.Tensor

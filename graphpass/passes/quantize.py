@@ -18,7 +18,7 @@ from onnx import TensorProto
 
 from graphpass.errors import GraphpassError
 from graphpass.graph.consts import Consts, attr
-from graphpass.graph.gs_io import add_opset, export_into, opset_version
+from graphpass.graph.gs_io import add_opset, export_into, opset_version, release
 from graphpass.match.linears import Linear
 from graphpass.match.sites import analyze
 from graphpass.passes.qforms import (MS, Emitter, emit_dynamic, emit_static, emit_static_fused, emit_token,
@@ -99,10 +99,14 @@ def _skip_reason(lin: Linear, c: Consts, cfg: QuantConfig, ranges) -> str:
 
 
 def _detach(n: gs.Node) -> gs.Tensor:
-    """Disconnect a replaced node (its float weight leaves memory with it); returns its output."""
-    y = n.outputs[0]
+    """Disconnect a replaced node; returns its output. A weight no one reads any more leaves
+    memory now: gs tensors sit in reference cycles, which only the cyclic collector would free."""
+    y, ins = n.outputs[0], list(n.inputs)
     n.outputs.clear()
     n.inputs.clear()
+    for t in ins:
+        if isinstance(t, gs.Constant) and not t.outputs:
+            release(t)
     return y
 
 
