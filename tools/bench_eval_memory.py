@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2)
     a = ap.parse_args()
-    print(f"| vocabulary | model size | samples x tokens | logits per batch | eval peak memory | wall time |")
+    print("| vocabulary | model size | samples x tokens | logits per batch | eval peak memory | wall time |")
     print("|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="bench-eval-mem-") as tmp:
         for vocab in a.vocab or [32768, 262144]:
