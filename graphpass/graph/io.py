@@ -433,7 +433,7 @@ def externalized(path: str | os.PathLike):
     import tempfile
 
     p = Path(path)
-    if p.stat().st_size < INLINE_SPILL_BYTES:
+    if not p.is_file() or p.stat().st_size < INLINE_SPILL_BYTES:   # load_model names what is wrong
         yield p
         return
     from graphpass.graph.spill import spill
