@@ -68,3 +68,18 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int = 2,
     except Exception as e:
         name = "model" if isinstance(model, onnx.ModelProto) else Path(model).name
         raise GraphpassError(f"{name}: onnxruntime cannot load it ({_message(e)})") from None
+
+
+def fixed_mmap_threshold(nbytes: int = 1 << 17) -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which blocks of
+    attention-score size come from the heap and are not given back: on SmolLM2 that held ~1 GB
+    of freed activations at 1x512 (debug), and let eval grow by ~50 MB over 8 batches of
+    SmolLM2-sized logits. A fixed threshold keeps large blocks mmapped (freed at once)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)    # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass

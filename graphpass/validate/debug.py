@@ -29,6 +29,7 @@ from graphpass.calibrate.data import batches, check_data
 from graphpass.validate.debug_graph import Merged, build_merged
 from graphpass.errors import GraphpassError
 from graphpass.graph.io import load_model
+from graphpass.graph.runtime import fixed_mmap_threshold
 
 RESCALED = 0.05            # median |ln g_j| above which a tensor counts as rescaled per channel
 SORT_KEYS = ("sqnr", "layer")
@@ -134,7 +135,7 @@ def debug(reference: str | os.PathLike, candidate: str | os.PathLike, data: dict
     local=False skips the layer-alone comparison (one float MatMul less per layer).
     """
     n = check_data(data, load_model(reference, load_weights=False), "data")
-    _fixed_mmap_threshold()
+    fixed_mmap_threshold()
     mg = build_merged(Path(reference), Path(candidate), local)
     sess = _session(mg, threads)
     outs = mg.outputs()
@@ -212,20 +213,6 @@ def _session(mg: Merged, threads: int):
         raise GraphpassError(f"onnxruntime cannot run the two graphs together ({msg})") from None
     finally:
         mg.folder.remove()
-
-
-def _fixed_mmap_threshold(nbytes: int = 1 << 17) -> None:
-    """glibc raises its mmap threshold each time a large block is freed, after which blocks of
-    attention-score size come from the heap and are not given back: on SmolLM2 that held ~1 GB
-    of freed activations at 1x512. A fixed threshold keeps large blocks mmapped (freed at once)."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)    # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass
 
 
 def write_json(res: DebugResult, path: str | os.PathLike, by: str = "sqnr") -> None:

@@ -32,7 +32,7 @@ from graphpass.calibrate.data import batches, check_data
 from graphpass.errors import GraphpassError
 from graphpass.graph.decode import DecodeRunner, PastLayout, load_layout
 from graphpass.graph.io import load_model, output_names
-from graphpass.graph.runtime import make_session
+from graphpass.graph.runtime import fixed_mmap_threshold, make_session
 from graphpass.validate.metrics import (FileRows, RefRows, Sums, candidate_rows, encoder_keep, encoder_rows,
                                         error_rows, next_tokens, reference_rows, summary, write_rows)
 
@@ -89,6 +89,7 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
     _check_scorable(kind, data)
     del ref_model, cand_model          # a single-file model's protobuf holds every weight
     bs = list(batches(data, batch_size))
+    fixed_mmap_threshold()
     with tempfile.TemporaryDirectory(prefix="graphpass-eval-") as tmp:
         # One graph at a time: the reference's outputs wait on disk, so peak memory is that of the
         # larger session, not of both (a 2.4 GB model and its smoothed copy would need 2x).

@@ -19,8 +19,9 @@ Where float64 is used, and why (tests/test_eval_memory.py checks each choice):
   argmax and |r - c| stay float32: argmax is exact on the logits themselves, and |r - c| is
     rounded once (2^-24 relative), then summed in float64.
 
-The reference's side of a row (max, log-sum, argmax) is computed once, while its logits are in memory
-(RefRows); the candidate pass reads the reference's logits back a chunk at a time (Rows).
+The reference's side of a row (max, log-sum, argmax) is computed once, while its logits are in
+memory (RefRows); the candidate pass reads the reference's logits back a chunk at a time
+(FileRows).
 """
 from __future__ import annotations
 
@@ -139,15 +140,31 @@ def next_tokens(ids: np.ndarray) -> np.ndarray:
     return t.reshape(-1)
 
 
-def _log_softmax(z: np.ndarray, m: np.ndarray | None = None, log_sum: np.ndarray | None = None):
-    """(log softmax z in float64, max z, log sum exp(z - max z)) for float32 rows z; given m and
-    log_sum, the same operations without the exp pass."""
+class Work:
+    """Chunk-sized scratch arrays reused from chunk to chunk: no allocation per chunk (with glibc's
+    mmap threshold fixed, each new 8 MB block would be fresh pages to fault in)."""
+
+    def __init__(self):
+        self.bufs: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, shape: tuple[int, int], dtype=np.float64) -> np.ndarray:
+        b = self.bufs.get(key)
+        if b is None or b.size < shape[0] * shape[1] or b.dtype != dtype:
+            b = self.bufs[key] = np.empty(shape[0] * shape[1], dtype)
+        return b[: shape[0] * shape[1]].reshape(shape)
+
+
+def _log_softmax(z: np.ndarray, out: np.ndarray, tmp: np.ndarray, m: np.ndarray | None = None,
+                 log_sum: np.ndarray | None = None):
+    """(log softmax z in float64 (in `out`), max z, log sum exp(z - max z)) for float32 rows z;
+    given m and log_sum, the same operations without the exp pass. `tmp`: scratch like `out`."""
     if m is None:
         m = z.max(-1).astype(np.float64)
-    x = z.astype(np.float64)
+    x = out
+    np.copyto(x, z)
     x -= m[:, None]
     if log_sum is None:
-        log_sum = np.log(np.exp(x).sum(-1))
+        log_sum = np.log(np.exp(x, out=tmp).sum(-1))
     x -= log_sum[:, None]
     return x, m, log_sum
 
@@ -161,10 +178,11 @@ def reference_rows(logits: np.ndarray, targets: np.ndarray, sums: Sums) -> RefRo
     """Reference side, chunk by chunk: NLL_ref summed, per-row lse and argmax returned."""
     z = as_rows(logits)
     m, log_sum, top = np.empty(len(z)), np.empty(len(z)), np.empty(len(z), np.int64)
-    step = chunk_rows(z.shape[1])
+    step, w = chunk_rows(z.shape[1]), Work()
     for lo in range(0, len(z), step):
         hi = min(lo + step, len(z))
-        logp, m[lo:hi], log_sum[lo:hi] = _log_softmax(z[lo:hi])
+        shape = (hi - lo, z.shape[1])
+        logp, m[lo:hi], log_sum[lo:hi] = _log_softmax(z[lo:hi], w.get("x", shape), w.get("t", shape))
         top[lo:hi] = z[lo:hi].argmax(-1)
         nll, count = _target_nll(logp, targets[lo:hi])
         sums.add("nll_ref", nll)
@@ -180,24 +198,26 @@ def candidate_rows(logits: np.ndarray, targets: np.ndarray, ref, ref_rows: RefRo
     c = as_rows(logits)
     if ref.shape != c.shape:
         raise ValueError(f"{name}: reference rows {ref.shape} and candidate rows {c.shape} differ")
-    step = chunk_rows(c.shape[1])
+    step, w = chunk_rows(c.shape[1]), Work()
     for lo in range(0, len(c), step):
         hi = min(lo + step, len(c))
-        r, cc = ref.rows(lo, hi), c[lo:hi]
-        _error(sums, name, r, cc)
-        logq = _log_softmax(cc)[0]
+        r, cc, shape = ref.rows(lo, hi), c[lo:hi], (hi - lo, c.shape[1])
+        _error(sums, name, r, cc, w)
+        p = w.get("p", shape)
+        logq = _log_softmax(cc, w.get("q", shape), p)[0]
         sums.add("nll_cand", _target_nll(logq, targets[lo:hi])[0])
         sums.add("top1", (ref_rows.top[lo:hi] == cc.argmax(-1)).sum())
-        logp = _log_softmax(r, ref_rows.max[lo:hi], ref_rows.log_sum[lo:hi])[0]
-        p = np.exp(logp)
+        logp = _log_softmax(r, w.get("x", shape), p, ref_rows.max[lo:hi], ref_rows.log_sum[lo:hi])[0]
+        np.exp(logp, out=p)
         logp -= logq
         logp *= p
         sums.add("kl", logp.sum())
 
 
-def _error(sums: Sums, name: str, r: np.ndarray, c: np.ndarray) -> None:
+def _error(sums: Sums, name: str, r: np.ndarray, c: np.ndarray, w: Work | None = None) -> None:
     if r.dtype == np.float32 and c.dtype == np.float32:
-        d = np.abs(r - c)
+        d = np.subtract(r, c, out=(w or Work()).get("d", r.shape, np.float32))
+        np.abs(d, out=d)
     else:
         d = np.abs(r.astype(np.float64) - c.astype(np.float64))
     sums.max(f"max_abs:{name}", d.max() if d.size else 0.0)
@@ -214,21 +234,21 @@ def error_rows(name: str, ref, cand: np.ndarray, sums: Sums) -> None:
         sums.max(f"max_abs:{name}", 0.0)
         sums.add(f"count:{name}", 0)
         return
-    step = chunk_rows(c.shape[1])
+    step, w = chunk_rows(c.shape[1]), Work()
     for lo in range(0, len(c), step):
         hi = min(lo + step, len(c))
-        _error(sums, name, ref.rows(lo, hi), c[lo:hi])
+        _error(sums, name, ref.rows(lo, hi), c[lo:hi], w)
 
 
 # ---------------------------------------------------------------------------- encoder
 def encoder_rows(ref, cand: np.ndarray, keep: np.ndarray, sums: Sums, name: str) -> None:
     """Cosine of reference and candidate rows where `keep` (flattened mask), and |r - c|."""
     c = as_rows(cand)
-    step = chunk_rows(c.shape[1])
+    step, w = chunk_rows(c.shape[1]), Work()
     for lo in range(0, len(c), step):
         hi = min(lo + step, len(c))
         r, cc = ref.rows(lo, hi), c[lo:hi]
-        _error(sums, name, r, cc)
+        _error(sums, name, r, cc, w)
         k = keep[lo:hi]
         if not k.any():
             continue
