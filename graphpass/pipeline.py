@@ -84,6 +84,9 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     `stats`: calibration stats computed earlier for this model (graphpass.budget re-quantizes
     with them); calibration is then skipped and `data` is not read.
     """
+    from graphpass.graph.runtime import fixed_mmap_threshold
+
+    fixed_mmap_threshold()   # freed weights and activations go back to the OS, not to a heap hole
     with externalized(model) as src:     # inline weights: read once, then one at a time
         res = _quantize(src, output, data, config, progress, log, stats, Path(model))
     res.size_before = model_size(model)
