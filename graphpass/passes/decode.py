@@ -61,22 +61,13 @@ def fuse_decode_graph(g: gs.Graph, attention: bool = True, norms: bool = True,
 
 def fuse_decode(model: onnx.ModelProto, attention: bool = True, norms: bool = True,
                 rescales: bool = True) -> tuple[onnx.ModelProto, DecodeReport]:
-    rep = DecodeReport(nodes_before=len(model.graph.node))
+    """The same on a ModelProto: a new model when anything matched, else `model` itself."""
     g = gs.import_onnx(model)
-    if attention:
-        rep.attention, rep.skipped = fuse_gqa(g)
-    if norms:
-        rep.norms = fuse_rmsnorm(g)
-    if rescales:
-        rep.rescales = fold_rescales(g)
+    rep = fuse_decode_graph(g, attention, norms, rescales)
     if not (rep.attention or rep.norms or rep.rescales):
-        rep.nodes_after = rep.nodes_before
         return model, rep
     out = gs.export_onnx(g)
-    if not any(o.domain == "com.microsoft" for o in out.opset_import):
-        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", MS_OPSET))
     out.ir_version = model.ir_version
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
-    rep.nodes_after = len(out.graph.node)
     return out, rep
