@@ -52,17 +52,26 @@ def site_error(site: Site, an: Analysis, x: np.ndarray, weights: list[np.ndarray
 def search_alpha(an: Analysis, stats: Stats, scheme: str, grid=GRID, progress: bool = True
                  ) -> tuple[dict[str, float], list[dict]]:
     """α per site (keyed by site name) and a row per site with the error at each grid point."""
+    return search_sites(an, stats, lambda site, x, weights, ys, a: site_error(site, an, x, weights, ys, stats,
+                                                                               a, scheme),
+                        "alpha search", grid, progress)
+
+
+def search_sites(an: Analysis, stats: Stats, error, desc: str, grid=GRID, progress: bool = True
+                 ) -> tuple[dict[str, float], list[dict]]:
+    """The grid search over every site with sampled rows: `error(site, x, weights, ys, α)` scores
+    one α (the quantizer it models is the caller's); the smallest error wins."""
     from graphpass.progress import bar
 
     chosen, rows = {}, []
-    for site in bar(an.sites, "alpha search", "site", enabled=progress):
+    for site in bar(an.sites, desc, "site", enabled=progress):
         x = stats.rows.get(site.act)
         if x is None or not len(x):
             continue
         x = x.astype(np.float32)
         weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
         ys = [x @ w for w in weights]
-        errs = [site_error(site, an, x, weights, ys, stats, float(a), scheme) for a in grid]
+        errs = [error(site, x, weights, ys, float(a)) for a in grid]
         best = int(np.argmin(errs))
         chosen[site.name] = float(grid[best])
         rows.append({"site": site.name, "alpha": float(grid[best]), "errors": dict(zip(map(float, grid), errs))})

@@ -12,11 +12,9 @@ import numpy as np
 
 from graphpass.calibrate.stats import Stats
 from graphpass.match.sites import Analysis
+from graphpass.search.alpha import GRID, search_sites
 from graphpass.passes.nbits import NBitsConfig, pack, unpack_reference
 from graphpass.passes.smooth import site_scales
-
-GRID = tuple(np.round(np.arange(0.0, 1.0001, 0.1), 2))
-
 
 def fake_quant_act_blocks(x: np.ndarray, block: int) -> np.ndarray:
     """int8 per row and per block of `block` channels (the kernel's int8 activation), dequantized."""
@@ -45,23 +43,11 @@ def site_error_nbits(x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarr
 def search_alpha_nbits(an: Analysis, stats: Stats, cfg: NBitsConfig, grid=GRID, progress: bool = True
                        ) -> tuple[dict[str, float], list[dict]]:
     """α per site (keyed by site name) and a row per site with the error at each grid point."""
-    from tqdm import tqdm
-
-    chosen, rows = {}, []
-    for site in tqdm(an.sites, desc="alpha search (MatMulNBits)", unit="site", disable=not progress):
-        x = stats.rows.get(site.act)
-        if x is None or not len(x):
-            continue
-        x = x.astype(np.float32)
-        weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
-        ys = [x @ w for w in weights]
+    def error(site, x, weights, ys, alpha):
         act = stats.absmax(site.act).astype(np.float64)
-        errs = [site_error_nbits(x, weights, ys, site_scales(site, an.consts, act, float(a)).astype(np.float32), cfg)
-                for a in grid]
-        best = int(np.argmin(errs))
-        chosen[site.name] = float(grid[best])
-        rows.append({"site": site.name, "alpha": float(grid[best]), "errors": dict(zip(map(float, grid), errs))})
-    return chosen, rows
+        return site_error_nbits(x, weights, ys, site_scales(site, an.consts, act, alpha).astype(np.float32), cfg)
+
+    return search_sites(an, stats, error, "alpha search (MatMulNBits)", grid, progress)
 
 
 def alpha_search_for(config, search_alpha):
