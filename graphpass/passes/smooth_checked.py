@@ -78,11 +78,7 @@ def output_change(a: onnx.ModelProto, b: onnx.ModelProto, base_dir: str | None =
         return 0.0  # inputs we cannot synthesize: the caller's own tests must cover this graph
     ra = make_session(a, external_dir=base_dir).run(None, feeds)
     rb = make_session(b, external_dir=base_dir).run(None, feeds)
-    worst = 0.0
-    for x, y in zip(ra, rb):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)))
-    return worst
+    return _worst_relative(zip(ra, rb))
 
 
 def _decode_change(a, b, layout, base_dir, shape, steps: int = 2) -> float:
@@ -95,8 +91,13 @@ def _decode_change(a, b, layout, base_dir, shape, steps: int = 2) -> float:
     for k in range(steps):
         for r, o in zip(runs, outs):
             o.append(r.step(ids[:, shape[1] + k:shape[1] + k + 1]))
+    return _worst_relative(zip(*outs))
+
+
+def _worst_relative(pairs) -> float:
+    """max over (x, y) pairs of max |x - y| / max |x|."""
     worst = 0.0
-    for x, y in zip(*outs):
+    for x, y in pairs:
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)))
     return worst
