@@ -163,3 +163,22 @@ def test_spill_refuses_a_truncated_file(tmp_path):
     (tmp_path / "cut.onnx").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError):
         spill(tmp_path / "cut.onnx", tmp_path / "out.onnx")
+
+
+def test_model_size_counts_external_data_of_subgraph_weights(tmp_path):
+    """model_size reads data locations from the wire format; a weight inside an If branch counts
+    too (as onnx's own tensor walk counted it before)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphpass.graph.io import model_size
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "Wb")
+    br = helper.make_graph([helper.make_node("Identity", ["Wb"], ["o"])], "b", [],
+                           [helper.make_tensor_value_info("o", TensorProto.FLOAT, [64, 64])], [w])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=br, else_branch=br)], "g",
+                          [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])])
+    onnx.save(helper.make_model(g), tmp_path / "m.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+    assert (tmp_path / "m.data").stat().st_size >= 64 * 64 * 4
+    assert model_size(tmp_path / "m.onnx") == (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.data").stat().st_size

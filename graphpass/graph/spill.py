@@ -9,7 +9,8 @@ other field is copied byte for byte. Peak memory: the graph without its weights.
 
 Wire format (protobuf): a field is a varint key (number << 3 | type), then a varint (type 0),
 8 bytes (type 1), a varint length and that many bytes (type 2), or 4 bytes (type 5).
-ModelProto.graph is field 7, GraphProto.initializer field 5, TensorProto.raw_data field 9.
+ModelProto.graph is field 7, GraphProto.node field 1 and .initializer field 5, TensorProto.raw_data
+field 9.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import onnx
 
 GRAPH, INITIALIZER, RAW_DATA = 7, 5, 9
+NODE = 1                          # GraphProto.node
 CHUNK = 1 << 20
 
 
@@ -58,6 +60,22 @@ def external_locations(path: str | os.PathLike) -> set[str]:
                     t.ParseFromString(b"".join(_raw(f, n, w, s, e) for n, w, s, e in _fields(f, gstart, gend)
                                                if n != RAW_DATA))
                     out |= {e.value for e in t.external_data if e.key == "location"}
+                elif gnum == NODE and gwt == 2:   # If / Loop / Scan branches keep their own weights
+                    f.seek(gstart)
+                    node = onnx.NodeProto()
+                    node.ParseFromString(f.read(gend - gstart))
+                    out |= _subgraph_locations(node)
+    return out
+
+
+def _subgraph_locations(node: onnx.NodeProto) -> set[str]:
+    from onnx.external_data_helper import _get_all_tensors
+
+    out = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            m = onnx.ModelProto(graph=g)
+            out |= {e.value for t in _get_all_tensors(m) for e in t.external_data if e.key == "location"}
     return out
 
 
