@@ -17,6 +17,7 @@ from graphpass.graph.io import externalized, load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.decode import fuse_decode_graph
+from graphpass.passes.kv_cache import KV_CACHE_TYPES, quantize_kv_cache
 from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
 from graphpass.passes.smooth import SmoothConfig, SmoothReport
@@ -43,10 +44,17 @@ class PipelineConfig:
     decode_steps: int = 4                       # with-past graphs: decode steps per calibration window
     decode_fusions: bool = False                # attention with a KV cache -> GroupQueryAttention, ...
     nbits: NBitsConfig | None = None            # w8 / w4: MatMulNBits options (None: the scheme's defaults)
+    kv_cache: str | None = None                 # with-past graphs: "int8" cache (passes/kv_cache.py)
+    kv_fold: bool = True                        # int8 cache: scales folded into query / output
 
 
     def __post_init__(self):
-        QuantConfig(scheme=self.scheme)         # validates the scheme
+        if self.scheme != "none":               # "none": weights stay float (e.g. only --kv-cache)
+            QuantConfig(scheme=self.scheme)     # validates the scheme
+        if self.kv_cache not in (None, *KV_CACHE_TYPES):
+            raise GraphpassError(f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}, got '{self.kv_cache}'")
+        if self.scheme == "none" and (self.alpha is not None or not self.kv_cache):
+            raise GraphpassError("--scheme none quantizes no weight: use it with --no-smooth and --kv-cache")
         if self.decode_steps < 0:
             raise GraphpassError(f"--decode-steps must be >= 0, got {self.decode_steps}")
         if self.alpha is not None and self.alpha != "auto":
@@ -132,19 +140,35 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
              + (f"; {k} causal attention blocks in {config.attention_chunks} query chunks" if k else ""))
     t0 = time.perf_counter()
     ranges = _ranges(stats, res.smooth) if stats is not None else None
-    _, res.quant = nbits_or(quantize_pass)(g, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
-                                                          config.skip), ranges, None, None, nbits=config.nbits)
-    if not res.quant.quantized and not res.quant.tables:
-        log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
-    step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
+    if config.scheme == "none":
+        res.quant = QuantReport()
+    else:
+        _, res.quant = nbits_or(quantize_pass)(g, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
+                                                              config.skip), ranges, None, None, nbits=config.nbits)
+        if not res.quant.quantized and not res.quant.tables:
+            log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
+        step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
     if config.decode_fusions:
         t0 = time.perf_counter()
         step("decode", t0, fuse_decode_graph(g).format())
+    if config.kv_cache:
+        t0 = time.perf_counter()
+        step("kv cache", t0, _kv_cache(g, original, data, config, progress))
     t0 = time.perf_counter()
     save_graph(g, output, check=True)
     step("save", t0, "onnx.checker passed" + copy_sidecars(original, output))
     res.size_before, res.size_after = model_size(src), model_size(output)
     return res
+
+
+def _kv_cache(g, original: Path, data, config: PipelineConfig, progress: bool) -> str:
+    """Calibrate the float cache of `original` (prefill + decode steps), then int8 it in `g`."""
+    from graphpass.calibrate.kv import cache_absmax, cache_scales
+
+    if data is None:
+        raise GraphpassError("--kv-cache needs calibration data (--data) for its scales")
+    absmax = cache_absmax(original, data, max(config.decode_steps, 1), config.batch_size, config.threads, progress)
+    return quantize_kv_cache(g, cache_scales(absmax), config.kv_fold).format()
 
 
 def _smooth(an, stats, config: PipelineConfig, res: PipelineResult, step, progress) -> None:

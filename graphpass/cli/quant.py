@@ -29,7 +29,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          embedding_int8=a.embedding_int8, skip=tuple(a.skip or ()),
                          simplify_attention=not a.keep_attention, attention_chunks=a.attention_chunks,
                          batch_size=a.batch_size, threads=a.threads, decode_steps=a.decode_steps,
-                         decode_fusions=a.decode_fusions)
+                         decode_fusions=a.decode_fusions, kv_cache=a.kv_cache, kv_fold=not a.kv_no_fold)
     cfg = with_nbits(cfg, a)   # w8 / w4 options
     if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
@@ -82,8 +82,9 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("model")
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--data", help="calibration inputs (.npz)")
-    q.add_argument("--scheme", choices=["static", "dynamic", "token", "w8", "w4"], default="token",
-                   help="activation quantization: per tensor static / dynamic, or per token")
+    q.add_argument("--scheme", choices=["static", "dynamic", "token", "w8", "w4", "none"], default="token",
+                   help="activation quantization: per tensor static / dynamic, or per token "
+                        "(none: weights stay float; with --no-smooth --kv-cache int8)")
     q.add_argument("--alpha", type=_alpha, default="auto",
                    help="smoothing strength in [0, 1], or 'auto' to search it per site (default)")
     q.add_argument("--no-smooth", action="store_true", help="quantize without SmoothQuant")
@@ -106,6 +107,12 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--decode-steps", type=int, default=4, metavar="K",
                    help="with-past graphs: calibrate each window as a prefill plus K one-token decode "
                         "steps against the cache (0: prefill only)")
+    q.add_argument("--kv-cache", choices=["int8"],
+                   help="with-past graphs: store past/present in int8 with static per-(head, channel) "
+                        "scales calibrated on --data over prefill and decode steps")
+    q.add_argument("--kv-no-fold", action="store_true",
+                   help="int8 cache in decomposed attention: dequantize the cache (Cast, Mul) instead of "
+                        "folding the scales into the query and the output")
     q.add_argument("--threads", type=positive(int), default=2)
     q.add_argument("--max-kl", type=float, metavar="X",
                    help="accuracy budget: KL(FP32 || int8) on held-out data; over it, the most "

@@ -192,6 +192,20 @@ def check_past(layout: PastLayout, feeds: dict[str, np.ndarray], source: str = "
                                  f"expects [batch, {p.heads}, past, {p.head_dim}]")
 
 
+def conform_empty_past(layout: PastLayout | None, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`data` with each past input of length 0 in the graph's cache dtype: an empty past holds no
+    value, so a data file built for the float-cache graph also feeds its int8-cache copy. A past
+    that holds values is left as it is (check_past then names the mismatch)."""
+    if layout is None:
+        return data
+    out = dict(data)
+    for p in layout.past:
+        a = out.get(p.name)
+        if a is not None and a.ndim == 4 and a.shape[2] == 0 and a.dtype != p.dtype:
+            out[p.name] = np.zeros(a.shape, p.dtype)
+    return out
+
+
 def cache_from_feeds(layout: PastLayout, feeds: dict[str, np.ndarray]) -> Cache:
     """The cache a data batch starts from: its past inputs and the mask's first P columns."""
     check_past(layout, feeds)

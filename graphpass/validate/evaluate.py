@@ -30,7 +30,7 @@ from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
 from graphpass.errors import GraphpassError
-from graphpass.graph.decode import DecodeRunner, PastLayout, load_layout
+from graphpass.graph.decode import DecodeRunner, PastLayout, conform_empty_past, load_layout
 from graphpass.graph.io import load_model, output_names
 from graphpass.graph.runtime import fixed_mmap_threshold, make_session
 from graphpass.validate.metrics import (FileRows, RefRows, Sums, candidate_rows, encoder_keep, encoder_rows,
@@ -76,12 +76,15 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
     data, batch size and outputs."""
     ref_model = load_model(reference, load_weights=False)
     cand_model = load_model(candidate, load_weights=False)
+    ref_layout, cand_layout = load_layout(reference, ref_model), load_layout(candidate, cand_model)
+    cand_data = conform_empty_past(cand_layout, data)     # an int8-cache candidate, float data
+    data = conform_empty_past(ref_layout, data)
     n = check_data(data, ref_model, "data")
-    check_data(data, cand_model, "data")
+    check_data(cand_data, cand_model, "data")
     outs = output_names(ref_model)
     if output_names(cand_model) != outs:
         raise GraphpassError(f"{candidate}: outputs {output_names(cand_model)} differ from the reference's {outs}")
-    layout = load_layout(reference, ref_model)
+    layout = ref_layout
     outs = [layout.logits] if layout is not None else outs
     if decode_from and layout is None:
         raise GraphpassError(f"{reference}: decode-mode evaluation needs a with-past graph")
@@ -100,7 +103,8 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
             (ref_dir / "key.txt").unlink(missing_ok=True)
             _run_reference(reference, threads, outs, kind, bs, ref_dir, progress, layout, decode_from)
             (ref_dir / "key.txt").write_text(key)
-        st = _run_candidate(candidate, threads, outs, kind, bs, ref_dir, progress, layout, decode_from)
+        st = _run_candidate(candidate, threads, outs, kind, list(batches(cand_data, batch_size)), ref_dir, progress,
+                            cand_layout if layout is not None else None, decode_from)
     res = summary(st.s, kind, n, outs)
     if decode_from:
         res["decode_from"] = decode_from
