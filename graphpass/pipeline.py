@@ -17,6 +17,7 @@ from graphpass.graph.io import externalized, load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.decode import fuse_decode_graph
+from graphpass.calibrate.kv import cache_absmax, cache_scales
 from graphpass.passes.kv_cache import KV_CACHE_TYPES, quantize_kv_cache
 from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
@@ -46,6 +47,8 @@ class PipelineConfig:
     nbits: NBitsConfig | None = None            # w8 / w4: MatMulNBits options (None: the scheme's defaults)
     kv_cache: str | None = None                 # with-past graphs: "int8" cache (passes/kv_cache.py)
     kv_fold: bool = True                        # int8 cache: scales folded into query / output
+    kv_scales: str = "channel"                  # int8 cache scales per (head, channel) or per head
+    kv_smooth: float | None = None              # key-channel smoothing strength (None: off)
 
 
     def __post_init__(self):
@@ -130,6 +133,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
                           decode_steps=config.decode_steps)
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples")
+    kv_absmax = _kv_calibrate(g, original, data, config, step, progress) if config.kv_cache else None
     if config.alpha is not None:
         _smooth(an, stats, config, res, step, progress)
     if config.simplify_attention:
@@ -153,7 +157,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         step("decode", t0, fuse_decode_graph(g).format())
     if config.kv_cache:
         t0 = time.perf_counter()
-        step("kv cache", t0, _kv_cache(g, original, data, config, progress))
+        step("kv cache", t0, quantize_kv_cache(g, cache_scales(kv_absmax, config.kv_scales), config.kv_fold).format())
     t0 = time.perf_counter()
     save_graph(g, output, check=True)
     step("save", t0, "onnx.checker passed" + copy_sidecars(original, output))
@@ -161,14 +165,25 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     return res
 
 
-def _kv_cache(g, original: Path, data, config: PipelineConfig, progress: bool) -> str:
-    """Calibrate the float cache of `original` (prefill + decode steps), then int8 it in `g`."""
-    from graphpass.calibrate.kv import cache_absmax, cache_scales
+def _kv_calibrate(g, original: Path, data, config: PipelineConfig, step, progress: bool) -> dict:
+    """The float cache's statistic of `original` (prefill + decode steps); with key smoothing,
+    σ folded into g's q / k weights (before they are quantized) and the statistic divided by it."""
+    from graphpass.passes.kv_smooth import key_factors, smooth_keys
 
     if data is None:
         raise GraphpassError("--kv-cache needs calibration data (--data) for its scales")
+    t0 = time.perf_counter()
     absmax = cache_absmax(original, data, max(config.decode_steps, 1), config.batch_size, config.threads, progress)
-    return quantize_kv_cache(g, cache_scales(absmax), config.kv_fold).format()
+    step("kv calibrate", t0, f"{len(absmax)} cache tensors")
+    if config.kv_smooth is not None:
+        t0 = time.perf_counter()
+        sig = key_factors(absmax, config.kv_smooth)
+        n, why = smooth_keys(g, sig)
+        if n < len(sig):
+            raise GraphpassError(f"--kv-smooth: {why[0] if why else 'a layer was not smoothed'}")
+        absmax = {k: a / sig[k] if k in sig else a for k, a in absmax.items()}
+        step("kv smooth", t0, f"{n} layers: key channels moved into the query (alpha {config.kv_smooth})")
+    return absmax
 
 
 def _smooth(an, stats, config: PipelineConfig, res: PipelineResult, step, progress) -> None:

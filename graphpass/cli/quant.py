@@ -29,7 +29,8 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          embedding_int8=a.embedding_int8, skip=tuple(a.skip or ()),
                          simplify_attention=not a.keep_attention, attention_chunks=a.attention_chunks,
                          batch_size=a.batch_size, threads=a.threads, decode_steps=a.decode_steps,
-                         decode_fusions=a.decode_fusions, kv_cache=a.kv_cache, kv_fold=not a.kv_no_fold)
+                         decode_fusions=a.decode_fusions, kv_cache=a.kv_cache, kv_fold=not a.kv_no_fold,
+                         kv_scales=a.kv_scales, kv_smooth=a.kv_smooth)
     cfg = with_nbits(cfg, a)   # w8 / w4 options
     if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
@@ -113,6 +114,12 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--kv-no-fold", action="store_true",
                    help="int8 cache in decomposed attention: dequantize the cache (Cast, Mul) instead of "
                         "folding the scales into the query and the output")
+    q.add_argument("--kv-scales", choices=["channel", "head"], default="channel",
+                   help="int8 cache: one scale per (kv head, channel) (default) or per kv head")
+    q.add_argument("--kv-smooth", type=float, metavar="ALPHA",
+                   help="int8 cache: move key-channel ranges into the query through the q/k projection "
+                        "weights, strength ALPHA in [0, 1] (exact in float; RoPE pairs share a factor); "
+                        "useful with --kv-scales head")
     q.add_argument("--threads", type=positive(int), default=2)
     q.add_argument("--max-kl", type=float, metavar="X",
                    help="accuracy budget: KL(FP32 || int8) on held-out data; over it, the most "
