@@ -133,7 +133,8 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
                           decode_steps=config.decode_steps)
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples")
-    kv_absmax = _kv_calibrate(g, original, data, config, step, progress) if config.kv_cache else None
+    if config.kv_cache and config.kv_smooth is not None:
+        _kv_smooth(g, original, data, config, step, progress)    # on the float q / k weights
     if config.alpha is not None:
         _smooth(an, stats, config, res, step, progress)
     if config.simplify_attention:
@@ -155,35 +156,46 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     if config.decode_fusions:
         t0 = time.perf_counter()
         step("decode", t0, fuse_decode_graph(g).format())
-    if config.kv_cache:
-        t0 = time.perf_counter()
-        step("kv cache", t0, quantize_kv_cache(g, cache_scales(kv_absmax, config.kv_scales), config.kv_fold).format())
     t0 = time.perf_counter()
     save_graph(g, output, check=True)
     step("save", t0, "onnx.checker passed" + copy_sidecars(original, output))
+    if config.kv_cache:
+        _kv_cache(Path(output), data, config, step, progress)
     res.size_before, res.size_after = model_size(src), model_size(output)
     return res
 
 
-def _kv_calibrate(g, original: Path, data, config: PipelineConfig, step, progress: bool) -> dict:
-    """The float cache's statistic of `original` (prefill + decode steps); with key smoothing,
-    σ folded into g's q / k weights (before they are quantized) and the statistic divided by it."""
+def _kv_smooth(g, original: Path, data, config: PipelineConfig, step, progress: bool) -> None:
+    """Key-channel smoothing: σ from the float cache of `original` folded into g's q / k weights
+    before they are quantized (passes/kv_smooth.py)."""
     from graphpass.passes.kv_smooth import key_factors, smooth_keys
 
+    t0 = time.perf_counter()
+    absmax = cache_absmax(original, _kv_data(data), max(config.decode_steps, 1), config.batch_size,
+                          config.threads, progress)
+    sig = key_factors(absmax, config.kv_smooth)
+    n, why = smooth_keys(g, sig)
+    if n < len(sig):
+        raise GraphpassError(f"--kv-smooth: {why[0] if why else 'a layer was not smoothed'}")
+    step("kv smooth", t0, f"{n} layers: key channels moved into the query (alpha {config.kv_smooth})")
+
+
+def _kv_cache(output: Path, data, config: PipelineConfig, step, progress: bool) -> None:
+    """The written graph's cache calibrated as it runs (after smoothing moved value channels and
+    weights were rounded), then rewritten to int8 in place."""
+    t0 = time.perf_counter()
+    absmax = cache_absmax(output, _kv_data(data), max(config.decode_steps, 1), config.batch_size,
+                          config.threads, progress)
+    g = import_graph(load_model(output, load_weights=False), str(output.parent.resolve()))
+    what = quantize_kv_cache(g, cache_scales(absmax, config.kv_scales), config.kv_fold).format()
+    save_graph(g, output, check=True)
+    step("kv cache", t0, what)
+
+
+def _kv_data(data):
     if data is None:
         raise GraphpassError("--kv-cache needs calibration data (--data) for its scales")
-    t0 = time.perf_counter()
-    absmax = cache_absmax(original, data, max(config.decode_steps, 1), config.batch_size, config.threads, progress)
-    step("kv calibrate", t0, f"{len(absmax)} cache tensors")
-    if config.kv_smooth is not None:
-        t0 = time.perf_counter()
-        sig = key_factors(absmax, config.kv_smooth)
-        n, why = smooth_keys(g, sig)
-        if n < len(sig):
-            raise GraphpassError(f"--kv-smooth: {why[0] if why else 'a layer was not smoothed'}")
-        absmax = {k: a / sig[k] if k in sig else a for k, a in absmax.items()}
-        step("kv smooth", t0, f"{n} layers: key channels moved into the query (alpha {config.kv_smooth})")
-    return absmax
+    return data
 
 
 def _smooth(an, stats, config: PipelineConfig, res: PipelineResult, step, progress) -> None:

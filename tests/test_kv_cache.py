@@ -268,3 +268,22 @@ def test_smoothing_lets_one_scale_per_head_round_keys_like_per_channel(pair, tmp
                            "--kv-cache", "int8", "--kv-scales", "head", "--kv-smooth", "1",
                            "--data", src.parent / "data.npz"])
     assert f"{CFG.layers} layers: key channels moved into the query" in o
+
+
+def test_kv_cache_composes_with_w8a8_and_decode_fusions(tmp_path, capsys):
+    """token W8A8 (+ --decode-fusions, whose attention rule does not match this builder's form) +
+    --kv-cache int8: the W8A8 graph's cache in int8, decoding as closely to the W8A8 float-cache
+    graph as the bounds above say."""
+    from conftest import write_folder
+
+    m = build_optimum_past(CFG)
+    src = write_folder(tmp_path / "src", m, "causal-lm", build_data(_tokens(8 * CALIB_LEN), CALIB_LEN, 8, m))
+    common = ["--scheme", "token", "--alpha", "0.5", "--decode-fusions", "--data", src.parent / "data.npz"]
+    cli_ok(capsys, ["quantize", src, "-o", tmp_path / "w8.onnx", *common])
+    o, _ = cli_ok(capsys, ["quantize", src, "-o", tmp_path / "w8kv.onnx", *common, "--kv-cache", "int8"])
+    assert f"{2 * CFG.layers} decomposed caches in int8" in o and "linear layers in int8 (token)" in o
+    ids = _tokens(100, seed=9)
+    lf, _ = _decode(tmp_path / "w8.onnx", ids)
+    lq, rq = _decode(tmp_path / "w8kv.onnx", ids)
+    assert {a.dtype for a in rq.cache.past.values()} == {np.dtype(np.int8)}
+    assert np.abs(lq - lf).mean() <= MEAN_REL * np.abs(lf).mean()
