@@ -56,6 +56,8 @@ class PipelineConfig:
             QuantConfig(scheme=self.scheme)     # validates the scheme
         if self.kv_cache not in (None, *KV_CACHE_TYPES):
             raise GraphpassError(f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}, got '{self.kv_cache}'")
+        if not self.kv_cache and (self.kv_smooth is not None or self.kv_scales != "channel" or not self.kv_fold):
+            raise GraphpassError("--kv-smooth, --kv-scales and --kv-no-fold go with --kv-cache int8")
         if self.scheme == "none" and (self.alpha is not None or not self.kv_cache):
             raise GraphpassError("--scheme none quantizes no weight: use it with --no-smooth and --kv-cache")
         if self.decode_steps < 0:

@@ -198,6 +198,8 @@ def test_quantize_cli_kv_cache_alone_and_eval_in_decode_mode(tmp_path, capsys):
     assert 0.9 < ratio < 1.1, o
     assert "--kv-cache" in cli_error(capsys, ["quantize", src, "-o", tmp_path / "x.onnx", "--scheme", "none",
                                               "--no-smooth", "--data", src.parent / "data.npz"])
+    assert "go with --kv-cache" in cli_error(capsys, ["quantize", src, "-o", tmp_path / "x.onnx", "--kv-smooth", "1",
+                                                      "--data", src.parent / "data.npz"])
 
 
 @pytest.mark.parametrize("form", BUILDS)
