@@ -289,3 +289,23 @@ def test_kv_cache_composes_with_w8a8_and_decode_fusions(tmp_path, capsys):
     lq, rq = _decode(tmp_path / "w8kv.onnx", ids)
     assert {a.dtype for a in rq.cache.past.values()} == {np.dtype(np.int8)}
     assert np.abs(lq - lf).mean() <= MEAN_REL * np.abs(lf).mean()
+
+
+def test_a_cache_read_outside_the_repeat_kv_chain_is_dequantized_with_the_reason(pair, tmp_path):
+    """An identity Transpose between present.0.value and its MatMul: the scale cannot be folded
+    (it says why), the cache is read back as Cast · s instead, and the logits match the folded graph."""
+    fp, folded, scales, _ = pair["optimum"]
+    g = gs.import_onnx(onnx.load(str(fp)))
+    present = next(t for t in g.outputs if t.name == "present.0.value")
+    reader = next(n for n in present.outputs)
+    moved = gs.Variable("present0v_t", np.float32)
+    g.nodes.append(gs.Node("Transpose", inputs=[present], outputs=[moved], attrs={"perm": [0, 1, 2, 3]}))
+    reader.inputs[reader.inputs.index(present)] = moved
+    rep = quantize_kv_cache(g, scales)
+    assert (rep.concat, rep.folded) == (2 * CFG.layers, 2 * CFG.layers - 1)
+    assert "past_key_values.0.value': scale not folded (Transpose" in rep.skipped[0]
+    onnx.save(gs.export_onnx(g), tmp_path / "odd.onnx")
+    ids = _tokens(30, seed=8)
+    a, _ = _decode(tmp_path / "odd.onnx", ids)
+    b, _ = _decode(folded, ids)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()

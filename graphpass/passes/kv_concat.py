@@ -60,9 +60,9 @@ def _attention_matmul(t: gs.Variable, key: bool) -> gs.Node:
             if n.inputs[0] is not t or scalar(n.inputs[1]) is None:
                 raise NoMatch(f"{n.op} '{n.name}' is not by a scalar constant")
         elif n.op == "Reshape":
-            shape = const(n.inputs[1])
-            if shape is not None and int(shape.reshape(-1)[-1]) not in (-1, 0) and \
-                    n.inputs[0].shape and shape.reshape(-1)[-1] != n.inputs[0].shape[-1]:
+            shape, last = const(n.inputs[1]), (n.inputs[0].shape or [None])[-1]
+            if shape is not None and isinstance(last, (int, np.integer)) and \
+                    int(shape.reshape(-1)[-1]) not in (-1, 0, int(last)):
                 raise NoMatch(f"Reshape '{n.name}' changes the channel axis")
         elif n.op not in CHAIN:
             raise NoMatch(f"'{t.name}' feeds {n.op} '{n.name}', not a repeat-kv chain to a MatMul")
