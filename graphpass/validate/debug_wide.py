@@ -76,17 +76,20 @@ def wide_sums(w: Wide, head, x: np.ndarray, yq: np.ndarray, xq: np.ndarray | Non
                         ([f"gp_dbg_loc{w.i}_l", f"gp_dbg_loc{w.i}_m"] if xq is not None else []), 0.0)
     for lo in range(0, q.shape[0], step):
         qc = q[lo:lo + step]
+        tmp = np.empty_like(qc)
         y = head.run(["y"], {"x": np.ascontiguousarray(xs[lo:lo + step])})[0].reshape(qc.shape)
-        out[f"gp_dbg_{w.k}_s"] += _ss(y)
-        out[f"gp_dbg_{w.k}_e"] += _ss(np.subtract(qc, y, out=y))
+        out[f"gp_dbg_{w.k}_s"] += _ss(y, tmp)
+        out[f"gp_dbg_{w.k}_e"] += _ss(np.subtract(qc, y, out=y), tmp)
         if xq is not None:
             xc = xq.reshape(-1, xq.shape[-1])[lo:lo + step] * gx
             y = head.run(["y"], {"x": np.ascontiguousarray(xc, dtype=np.float32)})[0].reshape(qc.shape)
-            out[f"gp_dbg_loc{w.i}_l"] += _ss(y)
-            out[f"gp_dbg_loc{w.i}_m"] += _ss(np.subtract(qc, y, out=y))
+            out[f"gp_dbg_loc{w.i}_l"] += _ss(y, tmp)
+            out[f"gp_dbg_loc{w.i}_m"] += _ss(np.subtract(qc, y, out=y), tmp)
     return out
 
 
-def _ss(v: np.ndarray) -> float:
-    """Σ v² with a float64 result (float32 products, as the graph's ReduceSumSquare)."""
-    return float(np.einsum("ij,ij->", v, v, dtype=np.float64))
+def _ss(v: np.ndarray, tmp: np.ndarray) -> float:
+    """Σ v²: squares in float32 (as the graph's ReduceSumSquare), pairwise row sums, rows summed
+    in float64 (5e-9 relative on a chunk of 128 x 262,144, against 1e-4 for one float32 dot)."""
+    np.square(v, out=tmp)
+    return float(tmp.sum(axis=1).sum(dtype=np.float64))
