@@ -82,9 +82,9 @@ LONG_SEQ = 512                   # one sample: 512 x 262,144 x 4 B = 512 MiB of 
 
 
 def test_debug_memory_is_bounded_at_512_tokens(big):
-    """Batches of one 512-token sample: the merged graph that compared the LM head inside it held
-    0.90 GiB after one batch and 1.78 GiB after four on this 67 MB model, over the 1.13 GiB bound;
-    the head is now compared in row chunks by a session of its own (debug_wide)."""
+    """Batches of one 512-token sample, 512 MiB of logits per model: the reference's, the
+    candidate's and their difference must never sit in memory together, nor pile up per batch
+    (the LM head is compared in row chunks by a session of its own, debug_wide)."""
     d, ref, _, cand = big
     m = build_big_vocab_decoder()
     runs = {}

@@ -1,8 +1,9 @@
 """Sums of very wide layers (an LM head over a 262k vocabulary), reduced row chunk by row chunk.
 
-In the merged debug graph a wide layer Y = X·W [rows, V] holds the reference's Y, the
-candidate's Ŷ and their difference at once: 3 x 512 x 262,144 x 4 B = 1.5 GiB at one sample of
-512 tokens, more than the whole model. For such a layer (V >= WIDE, and no gain to fit on Y)
+In the merged debug graph a wide layer Y = X·W [rows, V] makes the reference's Y, the
+candidate's Ŷ and their difference tensors of one session: 3 x 512 x 262,144 x 4 B = 1.5 GiB at
+one sample of 512 tokens, more than the whole model, whenever onnxruntime keeps them alive
+together (one run of 4 x 512 tokens on the 67 MB fixture read 1.78 GiB). For such a layer (V >= WIDE, and no gain to fit on Y)
 the merged graph returns X, the candidate's Ŷ and, for the layer-alone sums, X̂ instead; a
 session holding the reference layer alone (the node and its constant inputs) computes Y over
 row chunks R_c of CHUNK_BYTES of output:
