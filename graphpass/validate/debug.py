@@ -12,7 +12,9 @@ the median |ln g_j| passes 0.05. A per-channel gain error on those outputs is no
   input SQNR : the same measure on X
   layer SQNR : Ŷ against the reference layer run on the candidate's own input,
                Y_loc = (g·X̂)·W, i.e. 10·log10(Σ Y_loc² / Σ (g·Ŷ − Y_loc)²)
-Both graphs run in ONE onnxruntime session (graphpass.debug_graph) whose outputs are sums only.
+Both graphs run in ONE onnxruntime session (graphpass.debug_graph) whose outputs are sums only,
+but for layers of >= 16k outputs (an LM head): those return X and Ŷ, and the reference layer
+alone is rerun on X in row chunks (graphpass.debug_wide).
 """
 from __future__ import annotations
 
