@@ -78,6 +78,27 @@ def test_debug_memory_is_flat_in_samples(big):
     _flat_and_bounded(runs, _bound(ref))
 
 
+LONG_SEQ = 512                   # one sample: 512 x 262,144 x 4 B = 512 MiB of logits per model
+
+
+def test_debug_memory_is_bounded_at_512_tokens(big):
+    """Batches of one 512-token sample, 512 MiB of logits per model: the reference's, the
+    candidate's and their difference must never sit in memory together, nor pile up per batch
+    (the LM head is compared in row chunks by a session of its own, debug_wide)."""
+    d, ref, _, cand = big
+    m = build_big_vocab_decoder()
+    runs = {}
+    for n in (1, 4):
+        np.savez(d / f"long{n}.npz", **random_inputs(m, n, LONG_SEQ, seed=200 + n))
+        runs[n] = cli_peak_memory(["debug", ref, cand, "--data", d / f"long{n}.npz", "--batch-size", 1])
+    bound = 2 * model_size(ref) + GIB                       # 2 x 67 MB + 1 GiB = 1.13 GiB
+    for n, r in runs.items():
+        assert r["rc"] == 0, r["stderr"]
+        assert r["peak_bytes"] <= bound, (n, r["peak_bytes"] >> 20, bound >> 20)
+    assert runs[4]["peak_bytes"] - runs[1]["peak_bytes"] <= FLAT, {n: r["peak_bytes"] >> 20 for n, r in runs.items()}
+    assert "kept in float: /lm_head/MatMul" in runs[4]["stdout"]
+
+
 def test_report_memory_is_bounded(big):
     """report = debug + eval (flat above) + a fixed number of calibration samples for its plots."""
     d, ref, _, cand = big

@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
+from graphpass.calibrate.rows import RowSpill
 from graphpass.calibrate.stats import Stats
 from graphpass.errors import GraphpassError
 from graphpass.graph.decode import Cache, PastLayout, advance, past_layout, step_feeds
@@ -142,7 +143,6 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
                             if isinstance(src, onnx.ModelProto) else None)
     stats, per = Stats(), 3 if row_step else 2
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
-    rows: dict[str, list[np.ndarray]] = {t: [] for t in names} if row_step else {}
     rng = np.random.default_rng(0)
 
     def start(f: dict) -> dict:     # where this run's row samples begin
@@ -152,16 +152,18 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
         return {"gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
 
     pairs = with_next_tokens(feeds(data, batch_size, check_model), decode_steps if layout else 0)
-    for b, nxt in bar(pairs, "calibrate", "batch", total, enabled=progress):
-        for vals in run_window(sess, outs, b, layout, nxt, start):
-            for k, t in enumerate(names):
-                stats.update(t, vals[per * k], vals[per * k + 1])
-                if row_step:
-                    rows[t].append(vals[per * k + 2])
-        stats.samples += next(iter(b.values())).shape[0]
-    stats.require(targets, "calibration")
-    for t in list(rows):               # one tensor at a time: never two copies of all rows
-        stats.rows[t] = np.concatenate(rows.pop(t))
+    with RowSpill() as rows:           # sampled rows wait on disk while the session holds memory
+        for b, nxt in bar(pairs, "calibrate", "batch", total, enabled=progress):
+            for vals in run_window(sess, outs, b, layout, nxt, start):
+                for k, t in enumerate(names):
+                    stats.update(t, vals[per * k], vals[per * k + 1])
+                    if row_step:
+                        rows.add(t, vals[per * k + 2])
+            stats.samples += next(iter(b.values())).shape[0]
+        del sess, vals                 # weights and activations go before the rows come back
+        stats.require(targets, "calibration")
+        for t in rows.names():
+            stats.rows[t] = rows.take(t)
     return stats
 
 

@@ -74,8 +74,11 @@ def weight_absmax(site_readers, c: Consts) -> np.ndarray:
     return np.max([np.abs(lin.weight(c)).max(axis=1) for lin in site_readers], axis=0)
 
 
-def site_scales(site: Site, c: Consts, act_max: np.ndarray, alpha: float) -> np.ndarray:
-    w_max = weight_absmax(site.consumers, c)
+def site_scales(site: Site, c: Consts, act_max: np.ndarray, alpha: float,
+                w_max: np.ndarray | None = None) -> np.ndarray:
+    """`w_max`: weight_absmax of the readers when the caller has it (else read from the graph)."""
+    if w_max is None:
+        w_max = weight_absmax(site.consumers, c)
     cmap = site.fold.channel_map if isinstance(site.fold, LinearFold) else None
     if cmap is None:
         return smoothing_scales(act_max, w_max, alpha)
@@ -105,8 +108,8 @@ def smooth(model: onnx.ModelProto | gs.Graph, act_absmax: dict[str, np.ndarray],
         alpha = config.alpha_for(site)
         act_name = site.act
         act = act_absmax[site.act].astype(np.float64)
-        s = site_scales(site, c, act, alpha)
         w_before = weight_absmax(site.consumers, c)
+        s = site_scales(site, c, act, alpha, w_before)
         for lin in site.consumers:
             lin.set_weight(c, lin.weight(c) * s[:, None].astype(np.float32))
         if isinstance(site.fold, NormFold):

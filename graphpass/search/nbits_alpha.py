@@ -12,7 +12,7 @@ import numpy as np
 
 from graphpass.calibrate.stats import Stats
 from graphpass.match.sites import Analysis
-from graphpass.search.alpha import GRID, search_sites
+from graphpass.search.alpha import GRID, search_sites, weights_absmax
 from graphpass.passes.nbits import NBitsConfig, pack, unpack_reference
 from graphpass.passes.smooth import site_scales
 
@@ -45,7 +45,8 @@ def search_alpha_nbits(an: Analysis, stats: Stats, cfg: NBitsConfig, grid=GRID, 
     """α per site (keyed by site name) and a row per site with the error at each grid point."""
     def error(site, x, weights, ys, alpha):
         act = stats.absmax(site.act).astype(np.float64)
-        return site_error_nbits(x, weights, ys, site_scales(site, an.consts, act, alpha).astype(np.float32), cfg)
+        s = site_scales(site, an.consts, act, alpha, weights_absmax(weights))
+        return site_error_nbits(x, weights, ys, s.astype(np.float32), cfg)
 
     return search_sites(an, stats, error, "alpha search (MatMulNBits)", grid, progress)
 

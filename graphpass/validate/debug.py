@@ -12,7 +12,9 @@ the median |ln g_j| passes 0.05. A per-channel gain error on those outputs is no
   input SQNR : the same measure on X
   layer SQNR : Ŷ against the reference layer run on the candidate's own input,
                Y_loc = (g·X̂)·W, i.e. 10·log10(Σ Y_loc² / Σ (g·Ŷ − Y_loc)²)
-Both graphs run in ONE onnxruntime session (graphpass.debug_graph) whose outputs are sums only.
+Both graphs run in ONE onnxruntime session (graphpass.debug_graph) whose outputs are sums only,
+but for layers of >= 16k outputs (an LM head): those return X and Ŷ, and the reference layer
+alone is rerun on X in row chunks (graphpass.debug_wide).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import numpy as np
 from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
-from graphpass.validate.debug_graph import Merged, build_merged
+from graphpass.validate.debug_graph import PREFIX, Merged, build_merged
+from graphpass.validate.debug_wide import wide_sums
 from graphpass.errors import GraphpassError
 from graphpass.graph.io import load_model
 from graphpass.graph.runtime import fixed_mmap_threshold
@@ -137,25 +140,40 @@ def debug(reference: str | os.PathLike, candidate: str | os.PathLike, data: dict
     n = check_data(data, load_model(reference, load_weights=False), "data")
     fixed_mmap_threshold()
     mg = build_merged(Path(reference), Path(candidate), local)
-    sess = _session(mg, threads)
-    outs = mg.outputs()
+    sess, heads = _session(mg, threads)
+    outs, fetch = mg.outputs(), mg.outputs() + mg.wide_outputs()
     at = {o: j for j, o in enumerate(outs)}
     ones = np.ones(1, np.float32)
     gains = {f"gp_dbg_{k}_gain": g if (g := mg.gains.get(t)) is not None and _rescaled(g) else ones
              for k, t in enumerate(mg.tensors)}
     if mg.fit:                     # gains the weights do not give: fitted on the first batch
-        vals = _run(sess, outs, {**next(batches(data, batch_size)), **gains}, 0)
+        vals = _run(sess, outs, {**next(batches(data, batch_size)), **_fed(mg, gains)}, 0)
         for k, t in enumerate(mg.tensors):
             if t in mg.fit:
                 g = _gain(*(vals[at[f"gp_dbg_{k}_{x}"]] for x in "abc"))
                 if g is not None:
                     gains[f"gp_dbg_{k}_gain"] = g
     sums = np.zeros(len(outs))
+    wide: dict[str, float] = {}
+    fed = _fed(mg, gains)
     for k, b in enumerate(bar(batches(data, batch_size), "debug", "batch", -(-n // batch_size), enabled=progress)):
-        vals = _run(sess, outs, {**b, **gains}, k)
-        sums += [float(np.sum(v, dtype=np.float64)) for v in vals]
-    sums = dict(zip(outs, sums))
-    return _collect(mg, sums, gains, n)
+        vals = _run(sess, fetch, {**b, **fed}, k)
+        sums += [float(np.sum(v, dtype=np.float64)) for v in vals[:len(outs)]]
+        got = dict(zip(fetch[len(outs):], vals[len(outs):]))
+        del vals
+        for w, head in zip(mg.wide, heads):
+            gx = gains[mg.gain_input(mg.pairs[w.i].act)] if w.cand_act else None
+            part = wide_sums(w, head, got[w.act], got[PREFIX + w.tensor], got.get(w.cand_act), gx)
+            for key, v in part.items():
+                wide[key] = wide.get(key, 0.0) + v
+        del got
+    return _collect(mg, {**dict(zip(outs, sums)), **wide}, gains, n)
+
+
+def _fed(mg: Merged, gains: dict) -> dict:
+    """The gain inputs the merged graph has: a wide layer's output is compared outside it."""
+    outside = {mg.gain_input(w.tensor) for w in mg.wide}
+    return {key: v for key, v in gains.items() if key not in outside}
 
 
 def _run(sess, outs: list[str], feeds: dict, k: int) -> list:
@@ -199,7 +217,8 @@ def _rescaled(g: np.ndarray) -> bool:
 
 
 def _session(mg: Merged, threads: int):
-    """The session over the merged model; its folder goes as soon as onnxruntime has mapped it."""
+    """The session over the merged model and one per wide layer alone (debug_wide); the folder
+    goes as soon as onnxruntime has mapped them."""
     import onnxruntime as ort
 
     from graphpass.graph.runtime import session_options
@@ -207,7 +226,8 @@ def _session(mg: Merged, threads: int):
     so = session_options(threads, prepack=False)   # no prepacked copies: weights stay mapped once
     so.enable_cpu_mem_arena = False                # freed activations go back at once
     try:
-        return ort.InferenceSession(str(mg.path), so, providers=["CPUExecutionProvider"])
+        return (ort.InferenceSession(str(mg.path), so, providers=["CPUExecutionProvider"]),
+                [ort.InferenceSession(str(w.head), so, providers=["CPUExecutionProvider"]) for w in mg.wide])
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
         raise GraphpassError(f"onnxruntime cannot run the two graphs together ({msg})") from None

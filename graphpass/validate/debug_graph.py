@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 
 from graphpass.validate.debug_gains import weight_gains
 from graphpass.validate.debug_weights import WeightFolder, move_initializers, shared_weights
+from graphpass.validate.debug_wide import WIDE, Wide, head_model
 from graphpass.errors import GraphpassError
 from graphpass.graph.consts import Consts
 from graphpass.graph.gs_io import export_into, import_graph, metadata
@@ -59,14 +60,21 @@ class Merged:
     gains: dict[str, np.ndarray] = field(default_factory=dict)  # of those, read from the weights
 
     fit: set[str] = field(default_factory=set)          # rescalable, gain not in the weights
+    wide: list[Wide] = field(default_factory=list)      # layers reduced in row chunks (debug_wide)
 
     def outputs(self) -> list[str]:
         """Per tensor: Σ T², Σ (g·T̂ − T)² (+ the three channel vectors when its gain is fitted);
-        then per local copy: Σ Y_loc², Σ (g·Ŷ − Y_loc)²."""
+        then per local copy: Σ Y_loc², Σ (g·Ŷ − Y_loc)². Wide layers' sums are not among them."""
+        ks, iw = {w.k for w in self.wide}, {w.i for w in self.wide}
         outs = []
         for k, t in enumerate(self.tensors):
-            outs += [f"gp_dbg_{k}_{x}" for x in ("se" + ("abc" if t in self.fit else ""))]
-        return outs + [f"gp_dbg_loc{i}_{x}" for i in self.local for x in "lm"]
+            if k not in ks:
+                outs += [f"gp_dbg_{k}_{x}" for x in ("se" + ("abc" if t in self.fit else ""))]
+        return outs + [f"gp_dbg_loc{i}_{x}" for i in self.local if i not in iw for x in "lm"]
+
+    def wide_outputs(self) -> list[str]:
+        """What the wide layers' sums read from the merged graph: X, Ŷ (and X̂) of each."""
+        return list(dict.fromkeys(t for w in self.wide for t in (w.act, PREFIX + w.tensor, w.cand_act) if t))
 
     def gain_input(self, tensor: str) -> str:
         return f"gp_dbg_{self.tensors.index(tensor)}_gain"
@@ -230,16 +238,19 @@ def build_merged(ref_path: Path, cand_path: Path, local: bool = True) -> Merged:
     g.value_info.extend(ref.graph.value_info)
     scalable = rescalable(an)
     gains = weight_gains(pairs, an.consts, cand, str(cand_path.parent.resolve()), scalable)
+    acts = {p.act for p in pairs}
+    wide = {p.tensor for p in pairs if p.lin.shape(an.consts)[1] >= WIDE and p.tensor not in scalable | acts}
     folder = WeightFolder(ref_path.parent.resolve())
     try:
         return _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local,
-                     scalable, gains)
+                     scalable, gains, wide)
     except BaseException:
         folder.remove()
         raise
 
 
-def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local, scalable, gains) -> Merged:
+def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local, scalable, gains,
+          wide) -> Merged:
     ref_base, cand_base = ref_path.parent.resolve(), cand_path.parent.resolve()
     shared = shared_weights(ref.graph, cand.graph, ref_base, cand_base)
     keep = {i.name: i.name for i in g.input} | shared
@@ -258,21 +269,28 @@ def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, lo
     res = Merged(folder.path, folder, pairs, unmatched, tensors, rescalable=scalable & set(tensors),
                  gains={t: v for t, v in gains.items() if t in tensors})
     res.fit = res.rescalable - set(res.gains)
+    opsets = {o.domain: o.version for o in list(cand.opset_import) + list(ref.opset_import)}
+    opset_ids = [helper.make_opsetid(d, v) for d, v in opsets.items()]
+    res.wide = _wide(g, pairs, tensors, wide, local, keep, folder, opset_ids, max(ref.ir_version, cand.ir_version))
+    wide_k, wide_i = {w.k for w in res.wide}, {w.i for w in res.wide}
     groups = []                                  # (depth, scratch graph holding one group's nodes)
     for k, t in enumerate(tensors):
-        groups.append((depth.get(t, -1), _scratch(g, lambda h: _tensor_sums(h, k, t, opset, t in res.fit))))
+        if k not in wide_k:
+            groups.append((depth.get(t, -1), _scratch(g, lambda h: _tensor_sums(h, k, t, opset, t in res.fit))))
     for i, pair in enumerate(pairs):
         if local and pair.act and pair.quantized:
+            res.local.append(i)
+            if i in wide_i:
+                continue
             gx, gy = res.gain_input(pair.act), res.gain_input(pair.tensor)
             groups.append((depth.get(pair.tensor, -1) + 0.5,
                            _scratch(g, lambda h: _local_sums(h, i, pair, gx, gy, opset))))
-            res.local.append(i)
     # onnxruntime orders nodes by a depth-first walk up from the leaves, the last leaf first: the
     # shallowest sums go last so each runs as soon as its tensors exist and they are freed early.
     for _, h in sorted(groups, key=lambda x: -x[0]):
         g.node.extend(h.node)
-    opsets = {o.domain: o.version for o in list(cand.opset_import) + list(ref.opset_import)}
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    g.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in res.wide_outputs())
+    m = helper.make_model(g, opset_imports=opset_ids)
     m.ir_version = max(ref.ir_version, cand.ir_version)
     m.functions.extend(ref.functions)
     known = {(f.domain, f.name) for f in ref.functions}
@@ -281,3 +299,21 @@ def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, lo
     export_into(m, gm.cleanup())                 # drops nodes no sum depends on (unmatched heads, ...)
     onnx.save_model(m, str(res.path))
     return res
+
+
+def _wide(g, pairs, tensors, wide, local, keep, folder, opsets, ir_version) -> list[Wide]:
+    """The wide pairs whose reference layer stands alone (debug_wide), each saved in `folder`."""
+    out = []
+    producers = {o: n for n in g.node for o in n.output}
+    for i, pair in enumerate(pairs):
+        if pair.tensor not in wide or producers.get(pair.tensor) is None:
+            continue
+        m = head_model(g, producers[pair.tensor], opsets, ir_version)
+        if m is None:
+            continue
+        path = folder.path.with_suffix(f".head{i}.onnx")
+        folder.created.append(path)
+        onnx.save_model(m, str(path))
+        xq = _rename(pair.act, keep) if local and pair.act and pair.quantized else ""
+        out.append(Wide(tensors.index(pair.tensor), i, pair.tensor, pair.node.input[0], xq, path))
+    return out
