@@ -106,3 +106,17 @@ def test_report_memory_is_bounded(big):
                          "--bench-seconds", "0"])
     assert r["rc"] == 0, r["stderr"]
     assert r["peak_bytes"] <= _bound(ref), (r["peak_bytes"] >> 20, _bound(ref) >> 20)
+
+
+def test_eval_batch_is_capped_by_the_size_of_its_logits():
+    """512 tokens x 262,144 x 4 B = 512 MiB of logits per sample: a batch of 2 (1 GiB per model)
+    would break the bound of a small model, so eval runs such data one sample at a time; at 32
+    tokens (32 MiB per sample) the batch stays as asked."""
+    from graphpass.validate.evaluate import OUTPUT_BUDGET, capped_batch
+
+    m = build_big_vocab_decoder()
+    long = {"input_ids": np.zeros((4, 512), np.int64)}
+    short = {"input_ids": np.zeros((4, SEQ), np.int64)}
+    assert capped_batch(m, ["logits"], long, 2) == 1
+    assert capped_batch(m, ["logits"], short, 2) == 2
+    assert capped_batch(m, ["logits"], short, 64) == OUTPUT_BUDGET // (SEQ * BIG_VOCAB * 4)

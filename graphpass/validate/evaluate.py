@@ -39,6 +39,9 @@ from graphpass.validate.metrics import (FileRows, RefRows, Sums, candidate_rows,
 CACHE_FORMAT = "graphpass-eval-reference-2"   # the layout of a reference cache folder (ref_cache)
 
 
+OUTPUT_BUDGET = 256 << 20            # bytes of outputs per batch and model (see capped_batch)
+
+
 def model_kind(path: str | os.PathLike, model=None) -> str:
     """'causal-lm' or 'encoder': model.json beside the file if present, else inferred from names."""
     meta = Path(path).parent / "model.json"
@@ -90,6 +93,7 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
         raise GraphpassError(f"{reference}: decode-mode evaluation needs a with-past graph")
     kind = kind or model_kind(reference, ref_model)
     _check_scorable(kind, data)
+    batch_size = capped_batch(ref_model, outs, data, batch_size)
     del ref_model, cand_model          # a single-file model's protobuf holds every weight
     bs = list(batches(data, batch_size))
     fixed_mmap_threshold()
@@ -109,6 +113,27 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
     if decode_from:
         res["decode_from"] = decode_from
     return res
+
+
+def capped_batch(model, outs: list[str], data: dict[str, np.ndarray], batch_size: int,
+                 budget: int = OUTPUT_BUDGET) -> int:
+    """The largest batch <= `batch_size` whose outputs fit `budget` bytes per model (at least 1).
+
+    A sample's outputs are the product of each output's dims after the batch axis, a symbolic one
+    read as the data's sequence length (the second axis of its first 2-D input), at 4 bytes each.
+    At 512 tokens x 262,144 a sample holds 512 MiB of logits: batch 2 would hold 1 GiB per model,
+    over 2 x a small model + 1 GiB. Unknown sizes leave the batch as given."""
+    seq = next((int(v.shape[1]) for v in data.values() if np.ndim(v) == 2), 1)
+    per = 0
+    for o in model.graph.output:
+        if o.name not in outs:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (seq if d.dim_param else 0)
+                for d in o.type.tensor_type.shape.dim[1:]]
+        if not dims or 0 in dims:
+            return batch_size
+        per += 4 * int(np.prod(dims))
+    return max(1, min(batch_size, budget // per)) if per else batch_size
 
 
 def _run_reference(reference, threads: int, outs: list[str], kind: str, bs: list[dict], ref_dir: Path,
