@@ -50,6 +50,11 @@ def _rel(got, want) -> float:
     return float(np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
 
 
+def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray) -> bool:
+    ya, yb = run(a, {"x": x}), run(b, {"x": x})
+    return all(np.array_equal(ya[k], yb[k]) for k in ya)
+
+
 def test_split_in_float_is_exact_on_llama(synth):
     """Every layer of the llama split on random columns, R part kept in float: the same function."""
     s = synth("llama")
@@ -102,9 +107,7 @@ def test_no_outlier_degrades_to_token():
     q, rep = split_outliers(copy_model(m), TOKEN, {})
     t, _ = quantize(copy_model(m), TOKEN)
     assert op_counts(q) == op_counts(t) and rep.float_share == 0.0
-    x = _x(rng)
-    a, b = run(q, {"x": x}), run(t, {"x": x})
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert _same_outputs(q, t, _x(rng))
 
 
 def test_every_column_an_outlier_keeps_the_float_matmul():
@@ -113,9 +116,7 @@ def test_every_column_an_outlier_keeps_the_float_matmul():
     q, rep = split_outliers(copy_model(m), TOKEN, {"x": np.arange(K)})
     assert op_counts(q) == Counter({"MatMul": 3}) and not rep.quantized
     assert all("every input column is an outlier" in why for _, why in rep.skipped)
-    x = _x(rng)
-    a, b = run(q, {"x": x}), run(m, {"x": x})
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert _same_outputs(q, m, _x(rng))
 
 
 def test_readers_of_one_activation_with_different_outliers():
@@ -188,13 +189,14 @@ def test_cli_outlier_options(synth, tmp_path, capsys):
         quantize(s.fresh(), QuantConfig("outlier"))
 
 
-def test_with_past_graph_decodes_as_it_prefills(tmp_path):
+@pytest.mark.parametrize("form", ["optimum", "genai"])
+def test_with_past_graph_decodes_as_it_prefills(tmp_path, form):
     from graphpass.calibrate.data import build_data
     from graphpass.graph.decode import DecodeRunner, past_layout
     from graphpass.graph.runtime import make_session
-    from graphpass.testing.past import build_optimum_past
+    from graphpass.testing.past import build_genai_past, build_optimum_past
 
-    m = build_optimum_past()
+    m = (build_optimum_past if form == "optimum" else build_genai_past)()
     save_model(m, tmp_path / "model.onnx")
     ids = np.random.default_rng(9).integers(0, 256, 12 * 16)
     calib, held = build_data(ids[:6 * 16], 16, 6, m), build_data(ids[6 * 16:], 16, 2, m)

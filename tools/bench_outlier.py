@@ -32,14 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402
-from bench_quant import code_version, describe, log, one_line, private_copy  # noqa: E402
+from bench_quant import code_version, describe, latency, log, one_line, private_copy  # noqa: E402
 
 from graphpass.calibrate.data import check_data, load_data  # noqa: E402
-from graphpass.graph.io import input_specs, load_model  # noqa: E402
-from graphpass.graph.runtime import make_session  # noqa: E402
+from graphpass.graph.io import load_model  # noqa: E402
 from graphpass.passes.outlier import OutlierConfig  # noqa: E402
 from graphpass.pipeline import PipelineConfig, quantize  # noqa: E402
-from graphpass.validate.bench import synthetic_inputs, time_pair  # noqa: E402
 from graphpass.validate.evaluate import evaluate  # noqa: E402
 
 SHAPES = ((1, 512), (1, 1))
@@ -57,13 +55,7 @@ def _extra(text: str) -> tuple[str, tuple]:
 
 
 def _latency(ref: str, cand: Path, seconds: float) -> dict:
-    specs = input_specs(load_model(ref, load_weights=False))
-    a, b = make_session(ref, 2), make_session(cand, 2)
-    out = {}
-    for shape in SHAPES:
-        r, c, n = time_pair(a, b, synthetic_inputs(specs, shape), seconds)
-        out[f"{shape[0]}x{shape[1]}"] = {"reference_ms": r, "candidate_ms": c, "ratio": c / r, "runs": n}
-    del a, b
+    out = latency(cand, ref, seconds, SHAPES)
     gc.collect()
     return out
 

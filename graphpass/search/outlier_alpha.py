@@ -48,13 +48,17 @@ def search_alpha_outlier(an: Analysis, stats: Stats, cfg: OutlierConfig, alphas=
     """(α, threshold) per site name, and a row per site with every grid point's error and |O|."""
     grid = joint_grid(cfg, alphas)
     counts: dict[tuple[str, int], int] = {}
+    seen: dict[tuple, float] = {}   # thresholds that give the same O at one α share one score
 
     def error(site, x, weights, ys, i):
         alpha, t = grid[int(i)]
         s = site_scales(site, an.consts, stats.absmax(site.act).astype(np.float64), alpha).astype(np.float32)
         o = outlier_columns(stats.absmax(site.act) / s, cfg, t)
         counts[(site.name, int(i))] = int(o.size)
-        return split_error(x, weights, ys, s, o)
+        key = (site.name, alpha, o.tobytes())
+        if key not in seen:
+            seen[key] = split_error(x, weights, ys, s, o)
+        return seen[key]
 
     _, rows = search_sites(an, stats, error, "alpha + outlier threshold search",
                            np.arange(len(grid), dtype=np.float64), progress)
