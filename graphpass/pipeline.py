@@ -23,6 +23,7 @@ from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
 from graphpass.passes.smooth import SmoothConfig, SmoothReport
 from graphpass.passes.nbits import NBitsConfig, nbits_or
+from graphpass.passes.outlier import OutlierConfig, calibrated_columns, split_outliers
 from graphpass.passes.sidecars import copy_sidecars
 from graphpass.passes.smooth import smooth as smooth_pass
 from graphpass.match.sites import analyze
@@ -49,6 +50,7 @@ class PipelineConfig:
     kv_fold: bool = True                        # int8 cache: scales folded into query / output
     kv_scales: str = "channel"                  # int8 cache scales per (head, channel) or per head
     kv_smooth: float | None = None              # key-channel smoothing strength (None: off)
+    outlier: OutlierConfig = OutlierConfig()    # scheme outlier: which columns stay in float
 
 
     def __post_init__(self):
@@ -77,6 +79,7 @@ class PipelineResult:
     smooth: SmoothReport | None = None
     quant: QuantReport | None = None
     alphas: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)   # scheme outlier, searched per site
     size_before: int = 0
     size_after: int = 0
 
@@ -111,7 +114,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     from graphpass.calibrate.collect import calibrate
 
     res = PipelineResult(Path(output))
-    needs_stats = (config.alpha is not None or config.scheme == "static") and stats is None
+    needs_stats = (config.alpha is not None or config.scheme in ("static", "outlier")) and stats is None
 
     def step(name: str, t0: float, what: str) -> None:
         res.steps.append((name, time.perf_counter() - t0, what))
@@ -150,8 +153,12 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     if config.scheme == "none":
         res.quant = QuantReport()
     else:
-        _, res.quant = nbits_or(quantize_pass)(g, QuantConfig(config.scheme, config.lm_head, config.embedding_int8,
-                                                              config.skip), ranges, None, None, nbits=config.nbits)
+        qcfg = QuantConfig(config.scheme, config.lm_head, config.embedding_int8, config.skip)
+        if config.scheme == "outlier":
+            cols = calibrated_columns(an, stats, res.smooth, config.outlier, res.thresholds)
+            _, res.quant = split_outliers(g, qcfg, cols)
+        else:
+            _, res.quant = nbits_or(quantize_pass)(g, qcfg, ranges, None, None, nbits=config.nbits)
         if not res.quant.quantized and not res.quant.tables:
             log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
         step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
@@ -215,6 +222,9 @@ def _smooth(an, stats, config: PipelineConfig, res: PipelineResult, step, progre
         from graphpass.search.nbits_alpha import alpha_search_for   # w8 / w4: the kernel's arithmetic
 
         chosen, _ = alpha_search_for(config, search_alpha)(an, stats, config.scheme, progress=progress)
+        if config.scheme == "outlier":   # (α, threshold) per site: search/outlier_alpha.py
+            res.thresholds = {k: t for k, (_, t) in chosen.items() if not _overridden(an.site(k), config.site_alpha)}
+            chosen = {k: a for k, (a, _) in chosen.items()}
         overrides = {**dict(config.site_alpha), **{k: v for k, v in chosen.items()
                                                      if not _overridden(an.site(k), config.site_alpha)}}
         step("alpha", t0, f"searched {len(chosen)} sites, mean alpha "

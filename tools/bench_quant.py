@@ -93,11 +93,11 @@ def quantize(row: Row, a: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     return out, {"quantize_s": wall, "peak_gb": peak}
 
 
-def latency(cand: Path, ref: str, seconds: float) -> dict:
+def latency(cand: Path, ref: str, seconds: float, shapes=SHAPES) -> dict:
     specs = input_specs(load_model(ref, load_weights=False))
     ref_sess, cand_sess = make_session(ref, 2), make_session(cand, 2)
     res = {}
-    for shape in SHAPES:
+    for shape in shapes:
         r, c, n = time_pair(ref_sess, cand_sess, synthetic_inputs(specs, shape), seconds)
         res[f"{shape[0]}x{shape[1]}"] = {"reference_ms": r, "candidate_ms": c, "ratio": c / r, "runs": n}
     return res

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from graphpass.cli.nbits import add_nbits_args, with_nbits
+from graphpass.cli.outlier import add_outlier_args, with_outlier
 from graphpass.errors import GraphpassError
 
 
@@ -31,7 +32,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          batch_size=a.batch_size, threads=a.threads, decode_steps=a.decode_steps,
                          decode_fusions=a.decode_fusions, kv_cache=a.kv_cache, kv_fold=not a.kv_no_fold,
                          kv_scales=a.kv_scales, kv_smooth=a.kv_smooth)
-    cfg = with_nbits(cfg, a)   # w8 / w4 options
+    cfg = with_outlier(with_nbits(cfg, a), a)   # w8 / w4, outlier options
     if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
                              "a dynamic scheme)")
@@ -83,9 +84,10 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("model")
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--data", help="calibration inputs (.npz)")
-    q.add_argument("--scheme", choices=["static", "dynamic", "token", "w8", "w4", "none"], default="token",
-                   help="activation quantization: per tensor static / dynamic, or per token "
-                        "(none: weights stay float; with --no-smooth --kv-cache int8)")
+    q.add_argument("--scheme", choices=["static", "dynamic", "token", "w8", "w4", "outlier", "none"], default="token",
+                   help="activation quantization: per tensor static / dynamic, or per token; outlier: per "
+                        "token with the calibrated outlier columns in float (LLM.int8()); none: weights "
+                        "stay float (with --no-smooth --kv-cache int8)")
     q.add_argument("--alpha", type=_alpha, default="auto",
                    help="smoothing strength in [0, 1], or 'auto' to search it per site (default)")
     q.add_argument("--no-smooth", action="store_true", help="quantize without SmoothQuant")
@@ -136,4 +138,5 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--report", help="write a JSON summary")
     q.add_argument("--overwrite", action="store_true")
     add_nbits_args(q)   # w8 / w4 options
+    add_outlier_args(q)
     q.set_defaults(func=_cmd_quantize)

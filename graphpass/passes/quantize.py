@@ -24,7 +24,7 @@ from graphpass.match.sites import analyze
 from graphpass.passes.qforms import (MS, Emitter, emit_dynamic, emit_static, emit_static_fused, emit_token,
                                      quantize_weight, static_qparams)
 
-SCHEMES = ("static", "dynamic", "token", "w8", "w4")   # w8 / w4: weight-only, passes/nbits.py
+SCHEMES = ("static", "dynamic", "token", "w8", "w4", "outlier")   # w8 / w4: passes/nbits.py; outlier: passes/outlier.py
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ def quantize(model: onnx.ModelProto | gs.Graph, config: QuantConfig,
     and quantized, and its float value leaves memory with the node it fed. A ModelProto is
     imported, rewritten and written back into the same object.
     """
+    if config.scheme == "outlier":
+        raise GraphpassError("scheme 'outlier' needs calibrated columns: use passes/outlier.split_outliers")
     an = analyze(model, base_dir, consts)
     names = {lin.name for lin in an.linears}   # uncovered-by-smoothing layers still get quantized
     g, c, rep = an.graph, an.consts, QuantReport(skipped=[u for u in an.uncovered if u[0] not in names])

@@ -55,6 +55,10 @@ def alpha_search_for(config, search_alpha):
     """The pipeline's α search: on MatMulNBits arithmetic for w8 / w4, else `search_alpha` (W8A8)."""
     from graphpass.passes.nbits import NBITS_SCHEMES, default_config
 
+    if config.scheme == "outlier":   # (α, threshold) per site, on the split's arithmetic
+        from graphpass.search.outlier_alpha import search_alpha_outlier
+        return lambda an, stats, scheme, progress=True: search_alpha_outlier(an, stats, config.outlier,
+                                                                             progress=progress)
     if config.scheme not in NBITS_SCHEMES:
         return search_alpha
     cfg = config.nbits if config.nbits is not None else default_config(config.scheme)

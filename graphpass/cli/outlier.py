@@ -1,0 +1,33 @@
+"""Options of `graphpass quantize --scheme outlier` (float outlier columns + int8, passes/outlier.py)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from graphpass.errors import GraphpassError
+
+
+def add_outlier_args(q: argparse.ArgumentParser) -> None:
+    g = q.add_argument_group("scheme outlier (LLM.int8(): outlier input columns in float, the rest int8 per token)")
+    g.add_argument("--outlier-threshold", type=float, metavar="T",
+                   help="float columns: calibrated max|x_j| > T after smoothing (default 6.0; with --alpha auto, "
+                        "searched per site among T, 2T, 4T, 8T and none)")
+    g.add_argument("--outlier-topk", type=int, metavar="K", help="float columns: the K largest max|x_j| per layer")
+    g.add_argument("--outlier-fraction", type=float, metavar="F",
+                   help="float columns: the largest fraction F of the columns per layer")
+    g.add_argument("--outlier-slack", type=float, metavar="S",
+                   help="--alpha auto: the fewest float columns whose error is within (1 + S) x the site's best "
+                        "(default 0.1)")
+
+
+def with_outlier(cfg, a: argparse.Namespace):
+    """The pipeline config with the outlier options (an error if they are given to another scheme)."""
+    from graphpass.passes.outlier import OutlierConfig
+
+    given = {k: v for k, v in (("threshold", a.outlier_threshold), ("topk", a.outlier_topk),
+                               ("fraction", a.outlier_fraction), ("slack", a.outlier_slack)) if v is not None}
+    if cfg.scheme != "outlier":
+        if given:
+            raise GraphpassError("--outlier-threshold / -topk / -fraction / -slack apply to --scheme outlier")
+        return cfg
+    return replace(cfg, outlier=OutlierConfig(**given))
