@@ -17,6 +17,7 @@ from graphpass.graph.io import externalized, load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.decode import fuse_decode_graph
+from graphpass.passes.decode_route import route_decode
 from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
 from graphpass.passes.smooth import SmoothConfig, SmoothReport
@@ -43,6 +44,7 @@ class PipelineConfig:
     decode_steps: int = 4                       # with-past graphs: decode steps per calibration window
     decode_fusions: bool = False                # attention with a KV cache -> GroupQueryAttention, ...
     nbits: NBitsConfig | None = None            # w8 / w4: MatMulNBits options (None: the scheme's defaults)
+    decode_route: bool = False                  # token + decode fusions: one token through MatMulNBits (If)
 
 
     def __post_init__(self):
@@ -55,6 +57,8 @@ class PipelineConfig:
             check_alpha(self.alpha)
         for key, a in self.site_alpha:
             check_alpha(a, f"alpha for site '{key}'")
+        if self.decode_route and (self.scheme != "token" or not self.decode_fusions):
+            raise GraphpassError("--decode-route needs --scheme token and --decode-fusions")
 
 
 @dataclass
@@ -140,6 +144,9 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     if config.decode_fusions:
         t0 = time.perf_counter()
         step("decode", t0, fuse_decode_graph(g).format())
+    if config.decode_route:
+        t0 = time.perf_counter()
+        step("route", t0, route_decode(g).format())
     t0 = time.perf_counter()
     save_graph(g, output, check=True)
     step("save", t0, "onnx.checker passed" + copy_sidecars(original, output))

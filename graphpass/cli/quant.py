@@ -29,7 +29,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          embedding_int8=a.embedding_int8, skip=tuple(a.skip or ()),
                          simplify_attention=not a.keep_attention, attention_chunks=a.attention_chunks,
                          batch_size=a.batch_size, threads=a.threads, decode_steps=a.decode_steps,
-                         decode_fusions=a.decode_fusions)
+                         decode_fusions=a.decode_fusions, decode_route=a.decode_route)
     cfg = with_nbits(cfg, a)   # w8 / w4 options
     if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
@@ -98,6 +98,10 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--attention-chunks", type=positive(int), default=3, metavar="N",
                    help="causal attention: N query chunks, each reading only the keys it sees (1: off)")
     q.add_argument("--batch-size", type=positive(int), default=1)
+    q.add_argument("--decode-route", action="store_true",
+                   help="with --scheme token --decode-fusions: one top-level If on the new-token count; "
+                        "one token runs the int8 weights through MatMulNBits, several through "
+                        "MatMulIntegerToFloat (the bytes stored once)")
     q.add_argument("--decode-fusions", action="store_true",
                    help="with-past graphs: attention with its cache -> GroupQueryAttention + RotaryEmbedding, "
                         "residual + RMSNorm -> SkipSimplifiedLayerNormalization, row rescales folded "

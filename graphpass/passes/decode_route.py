@@ -1,0 +1,205 @@
+"""Prefill and decode on the kernels each runs fastest on, the int8 weights stored once.
+
+The `token` form of a linear layer (after decode_rowscale), with Wq [K, N] int8 and w [N]:
+    Y = MatMulIntegerToFloat(QuantizeLinear(X / r, 1, 128), Wq, r, w, 128)
+runs well at many tokens (u8 x s8 GEMM) but not at one token, where MatMulNBits' 8-bit GEMV
+is faster and needs no activation quantizer nodes (tools/bench_kernels.py). The same weights in
+MatMulNBits layout, blocks of `block_size` along K with the per-channel scale repeated in
+every block and the implied zero point 128:
+    B[n, b, j] = Wq[b·bs + j, n] + 128   (uint8; 128 in the padding),  scales[n, b] = w[n]
+    MatMulNBits(X, B, scales) = X·(Wq·diag(w))      (accuracy_level 4: X in int8 per block)
+so the graph becomes
+    If(Shape(input_ids)[1] == 1,
+       then: the graph with every such layer as MatMulNBits(X, B, scales)   (decode)
+       else: the graph as it was, Wq read from B)                          (prefill)
+with one copy of the bytes: B and scales are main-graph initializers, and the prefill body
+reads Wq = Cast(Cast(Transpose(Reshape(B)[:, :K]), int16) - 128, int8) (or the [N, K] table
+without the Transpose, for a tied head / lookup), a chain of constants onnxruntime folds at
+session load. The prefill branch computes what the graph computed before, bit for bit; the
+decode branch differs only by MatMulNBits' per-block activation rounding.
+Every other node is in both bodies; outer-scope graph inputs are read by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphpass.errors import GraphpassError
+from graphpass.graph.gs_io import add_opset, read
+from graphpass.graph.io import unique_name
+from graphpass.passes.decode_match import NoMatch, expect, producer, scalar
+
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    block_size: int = 64          # MatMulNBits block along K (scales repeat per block: size only)
+    accuracy_level: int = 4       # 4: int8 activations per block (VNNI); 0: float compute
+    token_input: str = "input_ids"
+
+    def __post_init__(self):
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise GraphpassError(f"decode route: block size must be a power of two in 16..256, got {self.block_size}")
+
+
+@dataclass
+class RouteReport:
+    routed: list[str] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    weights: int = 0
+
+    def format(self) -> str:
+        s = (f"{len(self.routed)} int8 layers read through MatMulNBits at one token, "
+             f"{self.weights} weights stored once")
+        return s + (f"; kept: {self.kept[0][0]}: {self.kept[0][1]}" if self.kept else "")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    node: gs.Node
+    x: gs.Tensor             # the float activation X
+    weight: gs.Constant      # Wq [K, N], or the table [N, K] behind a Transpose
+    transposed: bool
+    scale: np.ndarray        # w [N]
+
+
+def match_layer(n: gs.Node) -> _Layer:
+    """MatMulIntegerToFloat(QuantizeLinear(X / r, 1, 128), Wq, r, w, 128) with constant Wq, w."""
+    if n.op != "MatMulIntegerToFloat" or len(n.inputs) != 5:
+        raise NoMatch("not a MatMulIntegerToFloat without zero point for B and without bias")
+    a, b, a_scale, b_scale, a_zp = n.inputs
+    q = expect(a, "QuantizeLinear")
+    if scalar(q.inputs[1]) != 1.0 or len(q.inputs) < 3 or scalar(q.inputs[2]) != 128 or scalar(a_zp) != 128:
+        raise NoMatch("activation is not QuantizeLinear(X / r, 1, 128) with zero point 128")
+    div = expect(q.inputs[0], "Div")
+    if div.inputs[1] is not a_scale:
+        raise NoMatch("activation scale is not the row scale X was divided by (run decode fusions first)")
+    transposed = isinstance(b, gs.Variable)
+    if transposed:
+        t = expect(b, "Transpose")
+        if list(t.attrs.get("perm", [1, 0])) != [1, 0]:
+            raise NoMatch("weight is a Transpose with another perm")
+        b = t.inputs[0]
+    if not isinstance(b, gs.Constant) or b.dtype != np.int8 or len(b.shape) != 2:
+        raise NoMatch("weight is not a constant 2-D int8 tensor")
+    n_out = b.shape[0] if transposed else b.shape[1]
+    if not isinstance(b_scale, gs.Constant) or int(np.prod(b_scale.shape)) not in (1, n_out):
+        raise NoMatch("weight scale is not a constant per output channel")
+    scale = np.broadcast_to(np.asarray(read(b_scale), np.float32).reshape(-1), (n_out,))
+    return _Layer(n, div.inputs[0], b, transposed, scale)
+
+
+def nbits_layout(table: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Int8 table [N, K] and scale [N] -> MatMulNBits B [N, k_blocks, block] uint8, scales [N, k_blocks]."""
+    n, k = table.shape
+    kb = -(-k // block)
+    b = np.full((n, kb * block), 128, np.uint8)
+    b[:, :k] = (table.astype(np.int16) + 128).astype(np.uint8)
+    return b.reshape(n, kb, block), np.repeat(scale[:, None], kb, 1).astype(np.float32)
+
+
+def route_decode(g: gs.Graph, cfg: RouteConfig = RouteConfig()) -> RouteReport:
+    """Rewrite g in place into the If form above; a graph with no matching layer is left as is."""
+    rep, layers = RouteReport(), []
+    for n in g.nodes:
+        if n.op == "MatMulIntegerToFloat":
+            try:
+                layers.append(match_layer(n))
+            except NoMatch as e:
+                rep.kept.append((n.name, str(e)))
+    tokens = next((t for t in g.inputs if t.name == cfg.token_input), None)
+    if not layers:
+        return rep
+    if tokens is None:
+        raise GraphpassError(f"decode route: the graph has no input '{cfg.token_input}' to tell decode from prefill")
+    taken = {t for t in g.tensors()} | {n.name for n in g.nodes}
+    top, packed = [], {}
+    for lay in layers:
+        key = lay.weight.name
+        if key not in packed:
+            packed[key] = _pack(lay, cfg, taken, top)
+    dec, pre = g.copy(), g.copy()
+    for body in (dec, pre):      # every reader of a weight now reads its view from the main graph
+        views = {k: v[2].copy() for k, v in packed.items()}    # one outer-scope reference per body
+        for n in body.nodes:
+            for i, t in enumerate(n.inputs):
+                if isinstance(t, gs.Constant) and t.name in views:
+                    n.inputs[i] = views[t.name]
+    for lay in layers:
+        rep.routed.append(lay.node.name)
+        _to_nbits(dec, lay, packed[lay.weight.name], cfg)
+    rep.weights = len(packed)
+    _assemble(g, dec, pre, tokens, top, taken)
+    return rep
+
+
+def _pack(lay: _Layer, cfg: RouteConfig, taken: set, top: list) -> tuple[gs.Constant, gs.Constant, gs.Variable]:
+    """B and scales as constants, and the top-level chain giving back the int8 weight as stored."""
+    w = np.asarray(read(lay.weight))
+    table = w if lay.transposed else w.T
+    b, s = nbits_layout(table, lay.scale, cfg.block_size)
+    n, k = table.shape
+    base = lay.weight.name
+    name = lambda suffix: unique_name(f"{base}_{suffix}", taken)  # noqa: E731
+    bc, sc = gs.Constant(name("nbits"), b), gs.Constant(name("nbits_scales"), s)
+    i64 = lambda suffix, v: gs.Constant(name(suffix), np.array(v, np.int64))  # noqa: E731
+
+    def node(op, inputs, dtype, **attrs):
+        out = gs.Variable(name(op.lower()), dtype=dtype)
+        top.append(gs.Node(op, name(op), attrs, inputs, [out]))
+        return out
+
+    v = node("Reshape", [bc, i64("flat", [n, b.shape[1] * b.shape[2]])], np.uint8)
+    if b.shape[1] * b.shape[2] != k:
+        v = node("Slice", [v, i64("lo", [0]), i64("hi", [k]), i64("ax", [1])], np.uint8)
+    if not lay.transposed:
+        v = node("Transpose", [v], np.uint8, perm=[1, 0])
+    v = node("Cast", [v], np.int16, to=5)
+    v = node("Sub", [v, gs.Constant(name("zp"), np.array(128, np.int16))], np.int16)
+    v = node("Cast", [v], np.int8, to=3)
+    v.shape = list(w.shape)
+    return bc, sc, gs.Variable(v.name, dtype=np.int8, shape=list(w.shape))
+
+
+def _to_nbits(dec: gs.Graph, lay: _Layer, packed, cfg: RouteConfig) -> None:
+    """In the decode body: the layer -> MatMulNBits(X, B, scales); its quantizer goes at cleanup."""
+    node = next(n for n in dec.nodes if n.name == lay.node.name)
+    bc, sc, _ = packed
+    x = producer(producer(node.inputs[0]).inputs[0]).inputs[0]     # QuantizeLinear <- Div <- X
+    n_out, k_blocks, block = bc.shape
+    y = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    dec.nodes.append(gs.Node("MatMulNBits", f"{lay.node.name}_nbits",
+                             dict(K=int(lay.weight.shape[0 if not lay.transposed else 1]), N=int(n_out), bits=8,
+                                  block_size=int(block), accuracy_level=cfg.accuracy_level),
+                             [x, bc, sc], [y], domain=MS))
+
+
+def _assemble(g: gs.Graph, dec: gs.Graph, pre: gs.Graph, tokens, top: list, taken: set) -> None:
+    """g := the view chains, cond = (Shape(tokens)[1] == 1), If(cond, dec, pre) -> g's outputs."""
+    outs = list(g.outputs)
+    for body, tag in ((dec, "decode"), (pre, "prefill")):
+        body.inputs = []
+        for t in body.outputs:
+            t.name = unique_name(f"{t.name}_{tag}", taken)
+        body.name = f"{g.name or 'graph'}_{tag}"
+        body.cleanup().toposort()
+    name = lambda s: unique_name(s, taken)  # noqa: E731
+    seq = gs.Variable(name("route_seq_len"), dtype=np.int64, shape=[1])
+    eq = gs.Variable(name("route_is_decode1"), dtype=np.bool_, shape=[1])
+    cond = gs.Variable(name("route_is_decode"), dtype=np.bool_, shape=[])
+    one = gs.Constant(name("route_one"), np.array([1], np.int64))
+    nodes = top + [gs.Node("Shape", name("route_Shape"), {"start": 1, "end": 2}, [tokens], [seq]),
+                   gs.Node("Equal", name("route_Equal"), {}, [seq, one], [eq]),
+                   gs.Node("Squeeze", name("route_Squeeze"), {}, [eq], [cond]),
+                   gs.Node("If", name("route_If"), {"then_branch": dec, "else_branch": pre}, [cond], outs)]
+    for t in outs:
+        t.inputs.clear()
+    g.nodes = nodes
+    for t in outs:
+        t.inputs.append(nodes[-1])
+    add_opset(g, MS, 1)
