@@ -143,11 +143,20 @@ def stack(form: str, layers: int, rng, head: bool = True) -> tuple[onnx.ModelPro
     inits.update({"ax": np.array([-1], np.int64), "eps": np.float32(1e-30), "inv": np.float32(1 / 127),
                   "one": np.float32(1), "z": np.uint8(128)})
     h = "x"
+    packed = form.endswith("_packed")
+    form = form.removesuffix("_packed")
+    inits["qkv_split"], inits["gu_split"] = np.array([576, 192, 192], np.int64), np.array([1536, 1536], np.int64)
     for i in range(layers):
         w = lambda k, n: (rng.standard_normal((k, n)) * (1 / np.sqrt(k))).astype(np.float32)  # noqa: E731
-        for name, src, (k, n) in (("q", h, (576, 576)), ("k", h, (576, 192)), ("v", h, (576, 192)),
-                                   ("o", f"q{i}", (576, 576)), ("g", f"o{i}", (576, 1536)),
-                                   ("u", f"o{i}", (576, 1536))):
+        if packed:     # q/k/v as one 576x960 layer, gate/up as one 576x3072, then Split
+            total += _linear(form, w(576, 960), h, f"qkv{i}", nodes, inits, f"qkv{i}", shared)
+            nodes.append(helper.make_node("Split", [f"qkv{i}", "qkv_split"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1))
+            total += _linear(form, w(576, 576), f"q{i}", f"o{i}", nodes, inits, f"o{i}", shared)
+            total += _linear(form, w(576, 3072), f"o{i}", f"gu{i}_", nodes, inits, f"gu{i}", shared)
+            nodes.append(helper.make_node("Split", [f"gu{i}_", "gu_split"], [f"g{i}", f"u{i}"], axis=-1))
+        layer = () if packed else (("q", h, (576, 576)), ("k", h, (576, 192)), ("v", h, (576, 192)),
+                                   ("o", f"q{i}", (576, 576)), ("g", f"o{i}", (576, 1536)), ("u", f"o{i}", (576, 1536)))
+        for name, src, (k, n) in layer:
             total += _linear(form, w(k, n), src, f"{name}{i}", nodes, inits, f"{name}{i}", shared)
         nodes.append(helper.make_node("Mul", [f"g{i}", f"u{i}"], [f"gu{i}"]))
         total += _linear(form, w(1536, 576), f"gu{i}", f"d{i}", nodes, inits, f"d{i}", shared)
@@ -170,7 +179,7 @@ def main_stack(args) -> int:
     print(f"| form | weights MB | " + " | ".join(f"M={m}" for m in args.m) + " |")
     print("|---|---:|" + "---:|" * len(args.m))
     for form in args.forms:
-        if form == "mitof":
+        if form not in FORMS and form.removesuffix("_packed") not in FORMS or form == "mitof":
             continue
         model, nbytes = stack(form, args.layers, rng, head=not args.no_head)
         sess = make_session(model, args.threads)

@@ -13,7 +13,8 @@ so the graph becomes
        then: the graph with every such layer as MatMulNBits(X, B, scales)   (decode)
        else: the graph as it was, Wq read from B)                          (prefill)
 with one copy of the bytes: B and scales are main-graph initializers, and the prefill body
-reads Wq = Cast(Cast(Transpose(Reshape(B)[:, :K]), int16) - 128, int8) (or the [N, K] table
+reads Wq = Cast(Transpose(Reshape(B)[:, :K]) XOR 0x80, int8) (onnxruntime casts wrapping: (q + 128) XOR
+0x80 = q mod 256) (or the [N, K] table
 without the Transpose, for a tied head / lookup), a chain of constants onnxruntime folds at
 session load. The prefill branch computes what the graph computed before, bit for bit; the
 decode branch differs only by MatMulNBits' per-block activation rounding.
@@ -39,6 +40,7 @@ class RouteConfig:
     block_size: int = 64          # MatMulNBits block along K (scales repeat per block: size only)
     accuracy_level: int = 4       # 4: int8 activations per block (VNNI); 0: float compute
     token_input: str = "input_ids"
+    store_once: bool = True       # False: the int8 [K, N] copy stored too (no folding at load)
 
     def __post_init__(self):
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -145,6 +147,8 @@ def _pack(lay: _Layer, cfg: RouteConfig, taken: set, top: list) -> tuple[gs.Cons
     base = lay.weight.name
     name = lambda suffix: unique_name(f"{base}_{suffix}", taken)  # noqa: E731
     bc, sc = gs.Constant(name("nbits"), b), gs.Constant(name("nbits_scales"), s)
+    if not cfg.store_once:
+        return bc, sc, gs.Constant(name("int8"), w)
     i64 = lambda suffix, v: gs.Constant(name(suffix), np.array(v, np.int64))  # noqa: E731
 
     def node(op, inputs, dtype, **attrs):
@@ -157,9 +161,8 @@ def _pack(lay: _Layer, cfg: RouteConfig, taken: set, top: list) -> tuple[gs.Cons
         v = node("Slice", [v, i64("lo", [0]), i64("hi", [k]), i64("ax", [1])], np.uint8)
     if not lay.transposed:
         v = node("Transpose", [v], np.uint8, perm=[1, 0])
-    v = node("Cast", [v], np.int16, to=5)
-    v = node("Sub", [v, gs.Constant(name("zp"), np.array(128, np.int16))], np.int16)
-    v = node("Cast", [v], np.int8, to=3)
+    v = node("BitwiseXor", [v, gs.Constant(name("sign"), np.array(128, np.uint8))], np.uint8)   # u ^ 0x80 = q mod 256
+    v = node("Cast", [v], np.int8, to=3)                       # onnxruntime's Cast wraps: q
     v.shape = list(w.shape)
     return bc, sc, gs.Variable(v.name, dtype=np.int8, shape=list(w.shape))
 
