@@ -41,6 +41,7 @@ class RouteConfig:
     accuracy_level: int = 4       # 4: int8 activations per block (VNNI); 0: float compute
     token_input: str = "input_ids"
     store_once: bool = True       # False: the int8 [K, N] copy stored too (no folding at load)
+    pack: bool = True             # the layers reading one X (q/k/v, gate/up) as one MatMulNBits + Split
 
     def __post_init__(self):
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -118,68 +119,115 @@ def route_decode(g: gs.Graph, cfg: RouteConfig = RouteConfig()) -> RouteReport:
     if tokens is None:
         raise GraphpassError(f"decode route: the graph has no input '{cfg.token_input}' to tell decode from prefill")
     taken = {t for t in g.tensors()} | {n.name for n in g.nodes}
-    top, packed = [], {}
-    for lay in layers:
-        key = lay.weight.name
-        if key not in packed:
-            packed[key] = _pack(lay, cfg, taken, top)
+    top: list[gs.Node] = []
+    groups = [_pack(grp, cfg, taken, top) for grp in _groups(layers, cfg)]
+    views = {k: v for grp in groups for k, v in grp.views.items()}
     dec, pre = g.copy(), g.copy()
     for body in (dec, pre):      # every reader of a weight now reads its view from the main graph
-        views = {k: v[2].copy() for k, v in packed.items()}    # one outer-scope reference per body
+        mine = {k: v.copy() for k, v in views.items()}    # one outer-scope reference per body
         for n in body.nodes:
             for i, t in enumerate(n.inputs):
-                if isinstance(t, gs.Constant) and t.name in views:
-                    n.inputs[i] = views[t.name]
-    for lay in layers:
-        rep.routed.append(lay.node.name)
-        _to_nbits(dec, lay, packed[lay.weight.name], cfg)
-    rep.weights = len(packed)
+                if isinstance(t, gs.Constant) and t.name in mine:
+                    n.inputs[i] = mine[t.name]
+    for grp in groups:
+        _to_nbits(dec, grp, cfg)
+        rep.routed += [lay.node.name for lay in grp.layers]
+    rep.weights = len(views)
     _assemble(g, dec, pre, tokens, top, taken)
     return rep
 
 
-def _pack(lay: _Layer, cfg: RouteConfig, taken: set, top: list) -> tuple[gs.Constant, gs.Constant, gs.Variable]:
-    """B and scales as constants, and the top-level chain giving back the int8 weight as stored."""
-    w = np.asarray(read(lay.weight))
-    table = w if lay.transposed else w.T
-    b, s = nbits_layout(table, lay.scale, cfg.block_size)
-    n, k = table.shape
-    base = lay.weight.name
+@dataclass
+class _Group:
+    """Layers sharing one MatMulNBits weight: the readers of one X (q/k/v, gate/up) packed along N,
+    or the readers of one weight. rows[name] = (n0, n1) of each weight in B."""
+    layers: list[_Layer]
+    b: gs.Constant | None = None
+    s: gs.Constant | None = None
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    views: dict[str, gs.Tensor] = field(default_factory=dict)
+
+
+def _groups(layers: list[_Layer], cfg: RouteConfig) -> list[_Group]:
+    uses: dict[str, int] = {}
+    for lay in layers:
+        uses[lay.weight.name] = uses.get(lay.weight.name, 0) + 1
+    out: dict[str, _Group] = {}
+    for lay in layers:
+        key = f"x:{lay.x.name}" if cfg.pack and uses[lay.weight.name] == 1 else f"w:{lay.weight.name}"
+        out.setdefault(key, _Group([])).layers.append(lay)
+    return list(out.values())
+
+
+def _pack(grp: _Group, cfg: RouteConfig, taken: set, top: list) -> _Group:
+    """B and scales of the group's weights stacked along N, and per weight the main-graph chain
+    giving back its int8 value as stored (folded by onnxruntime at load)."""
+    tables, scales, n0 = [], [], 0
+    for lay in {lay.weight.name: lay for lay in grp.layers}.values():
+        w = np.asarray(read(lay.weight))
+        tables.append(w if lay.transposed else w.T)
+        scales.append(lay.scale)
+        grp.rows[lay.weight.name] = (n0, n0 + tables[-1].shape[0])
+        n0 += tables[-1].shape[0]
+    b, s = nbits_layout(np.concatenate(tables), np.concatenate(scales), cfg.block_size)
+    k = tables[0].shape[1]
+    del tables
+    base = grp.layers[0].weight.name
     name = lambda suffix: unique_name(f"{base}_{suffix}", taken)  # noqa: E731
-    bc, sc = gs.Constant(name("nbits"), b), gs.Constant(name("nbits_scales"), s)
-    if not cfg.store_once:
-        return bc, sc, gs.Constant(name("int8"), w)
+    grp.b, grp.s = gs.Constant(name("nbits"), b), gs.Constant(name("nbits_scales"), s)
     i64 = lambda suffix, v: gs.Constant(name(suffix), np.array(v, np.int64))  # noqa: E731
 
-    def node(op, inputs, dtype, **attrs):
-        out = gs.Variable(name(op.lower()), dtype=dtype)
+    def node(op, inputs, **attrs):
+        out = gs.Variable(name(op.lower()), dtype=np.int8 if op == "Cast" else np.uint8)
         top.append(gs.Node(op, name(op), attrs, inputs, [out]))
         return out
 
-    v = node("Reshape", [bc, i64("flat", [n, b.shape[1] * b.shape[2]])], np.uint8)
-    if b.shape[1] * b.shape[2] != k:
-        v = node("Slice", [v, i64("lo", [0]), i64("hi", [k]), i64("ax", [1])], np.uint8)
-    if not lay.transposed:
-        v = node("Transpose", [v], np.uint8, perm=[1, 0])
-    v = node("BitwiseXor", [v, gs.Constant(name("sign"), np.array(128, np.uint8))], np.uint8)   # u ^ 0x80 = q mod 256
-    v = node("Cast", [v], np.int8, to=3)                       # onnxruntime's Cast wraps: q
-    v.shape = list(w.shape)
-    return bc, sc, gs.Variable(v.name, dtype=np.int8, shape=list(w.shape))
+    flat = node("Reshape", [grp.b, i64("flat", [b.shape[0], b.shape[1] * b.shape[2]])])
+    for lay in {lay.weight.name: lay for lay in grp.layers}.values():
+        lo, hi = grp.rows[lay.weight.name]
+        shape = list(lay.weight.shape)
+        if not cfg.store_once:
+            grp.views[lay.weight.name] = gs.Constant(name("int8"), np.asarray(read(lay.weight)))
+            continue
+        v = flat
+        if (lo, hi) != (0, b.shape[0]):
+            v = node("Slice", [v, i64("lo", [lo]), i64("hi", [hi]), i64("ax", [0])])
+        if b.shape[1] * b.shape[2] != k:
+            v = node("Slice", [v, i64("lo", [0]), i64("hi", [k]), i64("ax", [1])])
+        if not lay.transposed:
+            v = node("Transpose", [v], perm=[1, 0])
+        v = node("BitwiseXor", [v, gs.Constant(name("sign"), np.array(128, np.uint8))])   # u ^ 0x80 = q mod 256
+        v = node("Cast", [v], to=3)                            # onnxruntime's Cast wraps: q
+        v.shape = shape
+        grp.views[lay.weight.name] = gs.Variable(v.name, dtype=np.int8, shape=shape)
+    return grp
 
 
-def _to_nbits(dec: gs.Graph, lay: _Layer, packed, cfg: RouteConfig) -> None:
-    """In the decode body: the layer -> MatMulNBits(X, B, scales); its quantizer goes at cleanup."""
-    node = next(n for n in dec.nodes if n.name == lay.node.name)
-    bc, sc, _ = packed
-    x = producer(producer(node.inputs[0]).inputs[0]).inputs[0]     # QuantizeLinear <- Div <- X
-    n_out, k_blocks, block = bc.shape
-    y = node.outputs[0]
-    node.outputs.clear()
-    node.inputs.clear()
-    dec.nodes.append(gs.Node("MatMulNBits", f"{lay.node.name}_nbits",
-                             dict(K=int(lay.weight.shape[0 if not lay.transposed else 1]), N=int(n_out), bits=8,
-                                  block_size=int(block), accuracy_level=cfg.accuracy_level),
-                             [x, bc, sc], [y], domain=MS))
+def _to_nbits(dec: gs.Graph, grp: _Group, cfg: RouteConfig) -> None:
+    """In the decode body: the group's layers -> MatMulNBits(X, B, scales) (+ Split back to each
+    layer's output when several share B); their quantizers go at cleanup."""
+    nodes = {n.name: n for n in dec.nodes}
+    n_all, _, block = grp.b.shape
+    k = grp.layers[0].weight.shape[1 if grp.layers[0].transposed else 0]
+    attrs = dict(K=int(k), N=int(n_all), bits=8, block_size=int(block), accuracy_level=cfg.accuracy_level)
+    packed = len(grp.rows) > 1
+    outs = []
+    for lay in grp.layers:
+        node = nodes[lay.node.name]
+        x = producer(producer(node.inputs[0]).inputs[0]).inputs[0]     # QuantizeLinear <- Div <- X
+        outs.append(node.outputs[0])
+        node.outputs.clear()
+        node.inputs.clear()
+        if not packed:
+            dec.nodes.append(gs.Node("MatMulNBits", f"{lay.node.name}_nbits", attrs, [x, grp.b, grp.s], [outs[-1]],
+                                     domain=MS))
+    if packed:
+        base = grp.layers[0].node.name
+        y = gs.Variable(f"{base}_nbits_packed", dtype=np.float32)
+        dec.nodes.append(gs.Node("MatMulNBits", f"{base}_nbits", attrs, [x, grp.b, grp.s], [y], domain=MS))
+        split = gs.Constant(f"{base}_nbits_split", np.array([hi - lo for lo, hi in
+                                                             (grp.rows[lay.weight.name] for lay in grp.layers)], np.int64))
+        dec.nodes.append(gs.Node("Split", f"{base}_nbits_Split", {"axis": -1}, [y, split], outs))
 
 
 def _assemble(g: gs.Graph, dec: gs.Graph, pre: gs.Graph, tokens, top: list, taken: set) -> None:
