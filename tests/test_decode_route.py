@@ -138,3 +138,48 @@ def test_int8_head_of_the_tiny_decoder_is_reported_by_name(tmp_path):
                    PipelineConfig(scheme="token", alpha=None, lm_head=True, embedding_int8=True),
                    progress=False, log=lambda *_: None)
     assert res.quant.quantized and all(res.quant.quantized)
+
+
+@pytest.mark.parametrize("pack,once", [(False, True), (True, False)])
+def test_unpacked_and_stored_twice_keep_prefill_exact(tmp_path, pack, once):
+    """RouteConfig(pack=False): one MatMulNBits per layer; store_once=False: the int8 copy stored
+    beside the MatMulNBits bytes (no folding at load). Prefill stays the token graph's."""
+    from graphpass.graph.gs_io import import_graph
+    from graphpass.graph.io import load_model, save_graph
+    from graphpass.passes.decode_route import RouteConfig, route_decode
+
+    fp32, token, _ = _quantize(tmp_path, tiny_decoder())
+    g = import_graph(load_model(token, load_weights=False), str(tmp_path))
+    rep = route_decode(g, RouteConfig(block_size=16, pack=pack, store_once=once))
+    save_graph(g, tmp_path / "r.onnx", check=True)
+    m = onnx.load(tmp_path / "r.onnx")
+    dec = next(a.g for n in m.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert _nbits_layers(dec) == len(rep.routed)
+    assert ("Split" in _ops(dec)) == pack
+    assert any(x.data_type == T.INT8 and np.prod(x.dims) >= 64 for x in initializers(m)) == (not once)
+    _check(fp32, token, tmp_path / "r.onnx", 64)
+
+
+def _tied(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The head reads Transpose(embedding table), as torch exports of tied heads do."""
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    head = next(n for n in model.graph.node if n.op_type == "MatMul" and n.output[0] == "logits")
+    old = head.input[1]
+    model.graph.node.insert(0, h.make_node("Transpose", [gather.input[0]], ["tied_head_w"], perm=[1, 0]))
+    head.input[1] = "tied_head_w"
+    keep = [t for t in model.graph.initializer if t.name != old]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
+
+
+def test_float_head_on_the_int8_table_goes_to_nbits_at_decode(tmp_path):
+    """--embedding-int8 without --lm-head: the head is a float MatMul over DequantizeLinear(table);
+    at one token it reads the table's MatMulNBits bytes, in prefill the float head is untouched."""
+    fp32, token, route = _quantize(tmp_path, _tied(tiny_decoder(vocab=256)), embedding_int8=True)   # tables >= 256 rows go int8
+    m = onnx.load(route)
+    dec = next(a.g for n in m.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    t_ops = _ops(onnx.load(token).graph)
+    assert _nbits_layers(dec) == t_ops.count("MatMulIntegerToFloat") + 1
+    assert "DequantizeLinear" not in _ops(dec)
+    _check(fp32, token, route, 64)

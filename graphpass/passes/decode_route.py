@@ -8,7 +8,10 @@ MatMulNBits layout, blocks of `block_size` along K with the per-channel scale re
 every block and the implied zero point 128:
     B[n, b, j] = Wq[b·bs + j, n] + 128   (uint8; 128 in the padding),  scales[n, b] = w[n]
     MatMulNBits(X, B, scales) = X·(Wq·diag(w))      (accuracy_level 4: X in int8 per block)
-so the graph becomes
+A float head reading the int8 token table (--embedding-int8 without --lm-head),
+    Y = MatMul(X, Transpose(DequantizeLinear(T, t, 0, axis=0))),   T [N, K] int8, t [N],
+is the same layer with Wq = T^T and w = t: at one token it becomes MatMulNBits too.
+So the graph becomes
     If(Shape(input_ids)[1] == 1,
        then: the graph with every such layer as MatMulNBits(X, B, scales)   (decode)
        else: the graph as it was, Wq read from B)                          (prefill)
@@ -30,7 +33,7 @@ import onnx_graphsurgeon as gs
 from graphpass.errors import GraphpassError
 from graphpass.graph.gs_io import add_opset, read
 from graphpass.graph.io import unique_name
-from graphpass.passes.decode_match import NoMatch, expect, producer, scalar
+from graphpass.passes.decode_match import NoMatch, expect, scalar
 
 MS = "com.microsoft"
 
@@ -95,6 +98,25 @@ def match_layer(n: gs.Node) -> _Layer:
     return _Layer(n, div.inputs[0], b, transposed, scale)
 
 
+def match_float_head(n: gs.Node) -> _Layer:
+    """MatMul(X, Transpose(DequantizeLinear(T, s, 0, axis=0))): a float head reading an int8 table
+    T [N, K] with a scale per row (--embedding-int8 without --lm-head)."""
+    if n.op != "MatMul":
+        raise NoMatch("not a MatMul")
+    t = expect(n.inputs[1], "Transpose")
+    if list(t.attrs.get("perm", [1, 0])) != [1, 0]:
+        raise NoMatch("weight is a Transpose with another perm")
+    dq = expect(t.inputs[0], "DequantizeLinear")
+    table, scale = dq.inputs[0], dq.inputs[1]
+    if not isinstance(table, gs.Constant) or table.dtype != np.int8 or len(table.shape) != 2:
+        raise NoMatch("table is not a constant 2-D int8 tensor")
+    zp = np.asarray(read(dq.inputs[2])) if len(dq.inputs) > 2 and isinstance(dq.inputs[2], gs.Constant) else None
+    if int(dq.attrs.get("axis", 1)) != 0 or not isinstance(scale, gs.Constant) or \
+            int(np.prod(scale.shape)) != table.shape[0] or (len(dq.inputs) > 2 and (zp is None or zp.any())):
+        raise NoMatch("table is not dequantized symmetrically with one scale per row")
+    return _Layer(n, n.inputs[0], table, True, np.asarray(read(scale), np.float32).reshape(-1))
+
+
 def nbits_layout(table: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Int8 table [N, K] and scale [N] -> MatMulNBits B [N, k_blocks, block] uint8, scales [N, k_blocks]."""
     n, k = table.shape
@@ -113,6 +135,11 @@ def route_decode(g: gs.Graph, cfg: RouteConfig = RouteConfig()) -> RouteReport:
                 layers.append(match_layer(n))
             except NoMatch as e:
                 rep.kept.append((n.name, str(e)))
+        elif n.op == "MatMul":
+            try:
+                layers.append(match_float_head(n))
+            except NoMatch:
+                pass                  # attention and other float MatMuls: not weights
     tokens = next((t for t in g.inputs if t.name == cfg.token_input), None)
     if not layers:
         return rep
@@ -129,12 +156,29 @@ def route_decode(g: gs.Graph, cfg: RouteConfig = RouteConfig()) -> RouteReport:
             for i, t in enumerate(n.inputs):
                 if isinstance(t, gs.Constant) and t.name in mine:
                     n.inputs[i] = mine[t.name]
+    _local_dq_params(g, pre, {v.name for v in views.values()}, taken)
     for grp in groups:
         _to_nbits(dec, grp, cfg)
         rep.routed += [lay.node.name for lay in grp.layers]
     rep.weights = len(views)
     _assemble(g, dec, pre, tokens, top, taken)
     return rep
+
+
+def _local_dq_params(g: gs.Graph, body: gs.Graph, views: set[str], taken: set) -> None:
+    """A DequantizeLinear of a weight view keeps its scale and zero point as the body's own
+    initializers: onnxruntime's DQ -> MatMulNBits fusion looks for them in the body's scope only
+    (and fails the session load when they are outer-scope initializers)."""
+    local = getattr(g, "graphpass_local", None)
+    if local is None:
+        local = g.graphpass_local = set()
+    for n in body.nodes:
+        if n.op == "DequantizeLinear" and n.inputs[0].name in views:
+            for i in range(1, len(n.inputs)):
+                if isinstance(n.inputs[i], gs.Constant):
+                    c = n.inputs[i]
+                    n.inputs[i] = gs.Constant(unique_name(f"{c.name}_local", taken), c.values)
+                    local.add(n.inputs[i].name)
 
 
 @dataclass
@@ -206,7 +250,7 @@ def _pack(grp: _Group, cfg: RouteConfig, taken: set, top: list) -> _Group:
 def _to_nbits(dec: gs.Graph, grp: _Group, cfg: RouteConfig) -> None:
     """In the decode body: the group's layers -> MatMulNBits(X, B, scales) (+ Split back to each
     layer's output when several share B); their quantizers go at cleanup."""
-    nodes = {n.name: n for n in dec.nodes}
+    nodes, tensors = {n.name: n for n in dec.nodes}, dec.tensors()
     n_all, _, block = grp.b.shape
     k = grp.layers[0].weight.shape[1 if grp.layers[0].transposed else 0]
     attrs = dict(K=int(k), N=int(n_all), bits=8, block_size=int(block), accuracy_level=cfg.accuracy_level)
@@ -214,7 +258,7 @@ def _to_nbits(dec: gs.Graph, grp: _Group, cfg: RouteConfig) -> None:
     outs = []
     for lay in grp.layers:
         node = nodes[lay.node.name]
-        x = producer(producer(node.inputs[0]).inputs[0]).inputs[0]     # QuantizeLinear <- Div <- X
+        x = tensors[lay.x.name]       # X itself: the int8 layer's quantizer goes at cleanup
         outs.append(node.outputs[0])
         node.outputs.clear()
         node.inputs.clear()
