@@ -8,6 +8,7 @@ Graphs (built into --work, reused when a row's folder already holds its model):
     token         graphpass quantize --scheme token --decode-fusions  (alpha auto)
     token_head    ... --lm-head --embedding-int8 --decode-fusions
     route         ... --lm-head --embedding-int8 --decode-fusions --decode-route
+    token_emb / route_emb   ... --embedding-int8 --decode-fusions [--decode-route]  (float head)
     w8 / w4 / w4_b32   --scheme w8|w4 [--block-size 32] --no-smooth --decode-fusions  (RTN)
     ort_dynamic   onnxruntime quantize_dynamic (per-channel, MatMul)
   genai form (models/smollm2_genai.py), also timed in plain onnxruntime beside the optimum rows,
@@ -38,6 +39,7 @@ MODELS = Path("/work/models")
 TOKEN = ["--scheme", "token", "--decode-fusions"]
 HEAD = ["--lm-head", "--embedding-int8"]
 OPTIMUM = {"token": TOKEN, "token_head": TOKEN + HEAD, "route": TOKEN + HEAD + ["--decode-route"],
+           "token_emb": TOKEN + ["--embedding-int8"], "route_emb": TOKEN + ["--embedding-int8", "--decode-route"],
            "w8": ["--scheme", "w8", "--no-smooth", "--decode-fusions"],
            "w4": ["--scheme", "w4", "--no-smooth", "--decode-fusions"],
            "w4_b32": ["--scheme", "w4", "--block-size", "32", "--no-smooth", "--decode-fusions"]}
@@ -47,6 +49,8 @@ GENAI = {"gp_w8": ["--scheme", "w8", "--block-size", "64", "--no-smooth"],
 LABEL = {"fp32": "FP32 (reference)", "token": "graphpass token, α auto, `--decode-fusions`",
          "token_head": "graphpass token, α auto, `--lm-head --embedding-int8 --decode-fusions`",
          "route": "**graphpass token, α auto, `--lm-head --embedding-int8 --decode-fusions --decode-route`**",
+         "token_emb": "graphpass token, α auto, `--embedding-int8 --decode-fusions` (float head over the int8 table)",
+         "route_emb": "**the same + `--decode-route`**",
          "w8": "graphpass w8 RTN, block 32, `--decode-fusions`", "w4": "graphpass w4 RTN, block 128, `--decode-fusions`",
          "w4_b32": "graphpass w4 RTN, block 32, `--decode-fusions`",
          "ort_dynamic": "onnxruntime quantize_dynamic (per-channel, MatMul)",
@@ -89,7 +93,7 @@ def build(work: Path) -> dict[str, Path]:
     """Every row's model path (optimum rows) or folder (genai rows), building what is missing."""
     paths = {"fp32": MODELS / "smollm2_optimum/model.onnx", "genai_fp32": MODELS / "smollm2_genai"}
     token_alphas: dict = {}
-    for key in ["token_head", "token", "route", "w8", "w4", "w4_b32"]:
+    for key in ["token_head", "token", "route", "token_emb", "route_emb", "w8", "w4", "w4_b32"]:
         out = work / key
         if not (out / "model.onnx").is_file():
             out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +148,8 @@ def accuracy(paths: dict[str, Path], work: Path) -> dict[str, dict]:
 def plain_speed(paths: dict[str, Path], rounds: int) -> list[dict]:
     from bench_decode import bench, prompt_ids
 
-    keys = ["fp32", "token", "token_head", "route", "w8", "w4", "w4_b32", "ort_dynamic", "genai_int8", "genai_int4"]
+    keys = ["fp32", "token", "token_head", "route", "token_emb", "route_emb", "w8", "w4", "w4_b32", "ort_dynamic",
+            "genai_int8", "genai_int4"]
     prompt, _ = prompt_ids(str(paths["fp32"]), None, 256)
     rows = bench([str(_model(paths[k])) for k in keys], prompt, 64, rounds, 2)
     for k, r in zip(keys, rows):
