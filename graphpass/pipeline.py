@@ -19,6 +19,7 @@ from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.decode import fuse_decode_graph
 from graphpass.calibrate.kv import cache_absmax, cache_scales
 from graphpass.passes.kv_cache import KV_CACHE_TYPES, quantize_kv_cache
+from graphpass.passes.decode_route import route_decode
 from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
 from graphpass.passes.smooth import SmoothConfig, SmoothReport
@@ -51,6 +52,7 @@ class PipelineConfig:
     kv_scales: str = "channel"                  # int8 cache scales per (head, channel) or per head
     kv_smooth: float | None = None              # key-channel smoothing strength (None: off)
     outlier: OutlierConfig = OutlierConfig()    # scheme outlier: which columns stay in float
+    decode_route: bool = False                  # token + decode fusions: one token through MatMulNBits (If)
 
 
     def __post_init__(self):
@@ -70,6 +72,10 @@ class PipelineConfig:
             check_alpha(self.alpha)
         for key, a in self.site_alpha:
             check_alpha(a, f"alpha for site '{key}'")
+        if self.decode_route and (self.scheme != "token" or not self.decode_fusions):
+            raise GraphpassError("--decode-route needs --scheme token and --decode-fusions")
+        if self.decode_route and self.kv_cache:   # the cache rewrite reads attention outside an If body
+            raise GraphpassError("--decode-route and --kv-cache are not combined yet: choose one")
 
 
 @dataclass
@@ -165,6 +171,9 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     if config.decode_fusions:
         t0 = time.perf_counter()
         step("decode", t0, fuse_decode_graph(g).format())
+    if config.decode_route:
+        t0 = time.perf_counter()
+        step("route", t0, route_decode(g).format())
     t0 = time.perf_counter()
     save_graph(g, output, check=True)
     step("save", t0, "onnx.checker passed" + copy_sidecars(original, output))

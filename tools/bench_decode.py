@@ -66,6 +66,10 @@ class Decoder:
             raise SystemExit(f"{path}: no output {missing[0]} for its past input")
         meta = self.inputs[self.past[0]]
         self.kv_shape = [d if isinstance(d, int) else None for d in meta.shape]
+        cfg = Path(path).with_name("genai_config.json")
+        if self.kv_shape[3] is None and cfg.is_file():     # the builder's int8 / int4 graphs: 'kv_cache_dim'
+            dec = json.loads(cfg.read_text())["model"]["decoder"]
+            self.kv_shape[1], self.kv_shape[3] = dec["num_key_value_heads"], dec["head_size"]
         self.fdtype = np.float16 if "float16" in meta.type else np.float32
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:

@@ -31,7 +31,8 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          simplify_attention=not a.keep_attention, attention_chunks=a.attention_chunks,
                          batch_size=a.batch_size, threads=a.threads, decode_steps=a.decode_steps,
                          decode_fusions=a.decode_fusions, kv_cache=a.kv_cache, kv_fold=not a.kv_no_fold,
-                         kv_scales=a.kv_scales, kv_smooth=a.kv_smooth)
+                         kv_scales=a.kv_scales, kv_smooth=a.kv_smooth,
+                         decode_route=a.decode_route)
     cfg = with_outlier(with_nbits(cfg, a), a)   # w8 / w4, outlier options
     if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
@@ -102,6 +103,10 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--attention-chunks", type=positive(int), default=3, metavar="N",
                    help="causal attention: N query chunks, each reading only the keys it sees (1: off)")
     q.add_argument("--batch-size", type=positive(int), default=1)
+    q.add_argument("--decode-route", action="store_true",
+                   help="with --scheme token --decode-fusions: one top-level If on the new-token count; "
+                        "one token runs the int8 weights through MatMulNBits, several through "
+                        "MatMulIntegerToFloat (the bytes stored once)")
     q.add_argument("--decode-fusions", action="store_true",
                    help="with-past graphs: attention with its cache -> GroupQueryAttention + RotaryEmbedding, "
                         "residual + RMSNorm -> SkipSimplifiedLayerNormalization, row rescales folded "

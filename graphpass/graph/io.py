@@ -104,14 +104,25 @@ def _skeleton(model: onnx.ModelProto, remap: bool = True) -> onnx.ModelProto:
             weights.append(onnx.TensorProto(name=n.output[0], data_type=v.data_type, dims=v.dims))
             continue
         sk.graph.node.append(n)
-        if remap and n.domain in ("", "ai.onnx") and n.op_type in _ort_only_ops():
-            sk.graph.node[-1].domain = _ORT_DOMAIN
+        if remap:     # the node and the nodes of its branches (If / Loop / Scan bodies)
+            for m in _nodes(sk.graph.node[-1]):
+                if m.domain in ("", "ai.onnx") and m.op_type in _ort_only_ops():
+                    m.domain = _ORT_DOMAIN
     for t in weights:
         sk.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return sk
 
 
 _ORT_DOMAIN = "graphpass.onnxruntime_only"
+
+
+def _nodes(n: onnx.NodeProto):
+    """n and every node inside its subgraph attributes, recursively."""
+    yield n
+    for a in n.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for m in sub.node:
+                yield from _nodes(m)
 
 
 @lru_cache(maxsize=1)
@@ -233,8 +244,8 @@ def _commit(model: onnx.ModelProto, p: Path, tmp: str, tmp_data: Path | None, ch
     payload = model.SerializeToString()
     if check:    # external tensors: the checker would look for their file beside the cwd
         try:
-            ort_only = any(n.domain in ("", "ai.onnx") and n.op_type in _ort_only_ops()
-                           for n in model.graph.node)   # SimplifiedLayerNormalization (genai)
+            ort_only = any(m.domain in ("", "ai.onnx") and m.op_type in _ort_only_ops()   # SimplifiedLayerNormalization
+                           for n in model.graph.node for m in _nodes(n))                   # (genai), in branches too
             onnx.checker.check_model(_skeleton(model, remap=ort_only) if external_refs or ort_only
                                      else payload)
         except onnx.checker.ValidationError as e:

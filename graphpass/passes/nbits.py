@@ -114,11 +114,12 @@ def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig()
             rep.skipped.append((lin.name, why))
             continue
         gathers = _tied_gathers(lin) if is_lm_head(lin, c) else []
+        name = lin.name          # before the rewrite detaches the node
         p = _rewrite(lin, c, e, config)
         for gather in gathers:
             rep.tables.append(gather.inputs[0].name)
             _shared_lookup(gather, p, e, config)
-        rep.quantized.append(lin.name)
+        rep.quantized.append(name)
     if rep.quantized:
         add_opset(g, MS, 1)
     g.cleanup().toposort()

@@ -78,8 +78,9 @@ def quantize(model: onnx.ModelProto | gs.Graph, config: QuantConfig,
         if why:
             rep.skipped.append((lin.name, why))
             continue
+        name = lin.name          # before the rewrite detaches the node (an unnamed one is named by its output)
         _rewrite(lin, c, e, config, act_ranges, tables)
-        rep.quantized.append(lin.name)
+        rep.quantized.append(name)
     if any(n.domain == MS for n in g.nodes):
         add_opset(g, MS, 1)
     g.cleanup().toposort()     # drops e.g. the Transpose that fed a quantized weight
