@@ -83,7 +83,7 @@ def test_calibration_graph_drops_the_lm_head(synth):
         m = copy_model(synth(variant).model)
         targets = sorted(calibration_targets(m))
         outs = add_reductions(m, targets)
-        assert len(outs) == 2 * len(targets) == len(m.graph.output)
+        assert len(outs) == 4 * len(targets) == len(m.graph.output)   # min, max, Σ|x|, shape
         assert [o.name for o in m.graph.output] == outs
         names = {n.name for n in m.graph.node}
         assert not any(n.startswith("/lm_head") for n in names), variant
