@@ -21,6 +21,8 @@ from graphpass.passes.smooth import fold_site
 from graphpass.search.awq import SiteChoice, search_awq
 from graphpass.search.clip import search_clip
 
+CLIP_ROWS = 64     # sampled rows the clipping search scores per site (evenly thinned)
+
 
 @dataclass
 class AwqReport:
@@ -62,7 +64,8 @@ def clip_readers(an: Analysis, stats: Stats, cfg: NBitsConfig, rep: AwqReport, p
 
     c = an.consts
     for site in bar([s for s in an.sites if s.name in rep.choices], "clip search", "site", enabled=progress):
-        x = stats.rows[site.act].astype(np.float32) / rep.choices[site.name].scales
+        x = stats.rows[site.act]
+        x = x[::-(-len(x) // CLIP_ROWS)].astype(np.float32) / rep.choices[site.name].scales
         for lin in site.consumers:
             w = lin.weight(c).astype(np.float32)
             ratio, before, after = search_clip(x, w, cfg)

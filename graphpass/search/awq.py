@@ -26,7 +26,8 @@ from graphpass.passes.smooth import site_scales, weight_absmax
 from graphpass.search.alpha import GRID as ALPHA_GRID
 from graphpass.search.nbits_alpha import site_error_nbits
 
-MAX_COLUMNS = 256                                           # output channels scored per reader
+MAX_COLUMNS = 128                                           # output channels scored per reader
+MAX_ROWS = 128                                              # sampled rows scored per site
 RATIOS = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2))    # 20 points, as llm-awq's n_grid
 
 
@@ -82,7 +83,7 @@ def search_awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | 
                progress: bool = True, max_columns: int = MAX_COLUMNS) -> dict[str, SiteChoice]:
     """The best candidate per site that has sampled rows, keyed by site name.
 
-    Each reader is scored on at most `max_columns` of its output channels (a fixed random subset,
+    At most MAX_ROWS rows are scored; each reader on at most `max_columns` of its output channels (a fixed random subset,
     the same for every candidate): columns quantize independently, so the error summed over a
     subset estimates the full one at a fraction of the cost; s keeps every input channel.
     """
@@ -93,7 +94,7 @@ def search_awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | 
         x = stats.rows.get(site.act)
         if x is None or not len(x):
             continue
-        x = x.astype(np.float32)
+        x = x[::-(-len(x) // MAX_ROWS)].astype(np.float32)             # evenly thinned to <= MAX_ROWS
         weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
         w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         weights = [w if w.shape[1] <= max_columns else w[:, np.sort(rng.choice(w.shape[1], max_columns, False))]
