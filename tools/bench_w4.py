@@ -108,7 +108,8 @@ def measure(row: Row, a, work: Path, data: dict) -> dict:
         if row.name != "fp32":
             cand, q = quantize(row, a, work)
             res.update(q)
-        ev = evaluate(cand, a.model, data, batch_size=2, threads=2, progress=False)
+        ev = evaluate(cand, a.model, data, batch_size=2, threads=2, progress=False,
+                      ref_cache=work / "fp32_outputs")      # FP32 logits computed once per run
         res.update(ppl=ev["perplexity_candidate"], kl=ev["kl"], top1=ev["top1"])
         log(f"{row.name}: perplexity {res['ppl']:.2f}, KL {res['kl']:.4f}, top-1 {res['top1']:.3f}")
         res["size_ratio"] = model_size(cand) / model_size(a.model)
