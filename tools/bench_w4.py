@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import NpzReader, machine, run_measured  # noqa: E402
+import bench_quant  # noqa: E402
 from bench_quant import Row, code_version, describe, fmt, log, one_line, private_copy  # noqa: E402
 
 PEERS = {"ort-rtn-b128": "onnxruntime MatMulNBitsQuantizer default (RTN, block 128, asymmetric)",
@@ -81,17 +82,14 @@ def run_peer(kind: str, model: str, out: str, calib: str) -> None:
 
 
 def quantize(row: Row, a, work: Path) -> tuple[Path, dict]:
-    d = work / row.name
-    d.mkdir(parents=True, exist_ok=True)
-    out = d / "model.onnx"
-    for f in d.glob("model.onnx*"):
-        f.unlink()
+    """graphpass rows as tools/bench_quant.py runs them; a peer as `bench_w4.py --peer` in a child."""
     if row.args is not None:
-        cmd = [sys.executable, "-m", "graphpass", "quantize", a.model, "-o", str(out), "--data", a.calib, *row.args]
-    else:
-        cmd = [sys.executable, __file__, "--peer", row.name, a.model, str(out), a.calib]
+        return bench_quant.quantize(row, a, work)
+    out = work / row.name / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--peer", row.name, a.model, str(out), a.calib]
     log(f"{row.name}: {' '.join(cmd)}")
-    wall, peak = run_measured(cmd, d / "quantize.log")
+    wall, peak = run_measured(cmd, out.parent / "quantize.log")
     log(f"{row.name}: quantized in {wall:.1f} s, peak {peak:.2f} GB")
     return out, {"quantize_s": wall, "peak_gb": peak}
 

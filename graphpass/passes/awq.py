@@ -19,6 +19,7 @@ from graphpass.passes.clip import clip_blocks
 from graphpass.passes.nbits import NBitsConfig
 from graphpass.passes.smooth import fold_site
 from graphpass.search.awq import SiteChoice, search_awq
+from graphpass.search.blas import one_blas_thread
 from graphpass.search.clip import search_clip
 
 CLIP_ROWS = 64     # sampled rows the clipping search scores per site (evenly thinned)
@@ -53,7 +54,8 @@ def awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | str | N
         if ch is not None:
             fold_site(g, c, site, ch.scales)
     if clip:
-        clip_readers(an, stats, cfg, rep, progress)
+        with one_blas_thread():
+            clip_readers(an, stats, cfg, rep, progress)
     g.toposort()
     return rep
 

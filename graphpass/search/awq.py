@@ -24,6 +24,7 @@ from graphpass.match.sites import Analysis, Site
 from graphpass.passes.nbits import NBitsConfig
 from graphpass.passes.smooth import site_scales, weight_absmax
 from graphpass.search.alpha import GRID as ALPHA_GRID
+from graphpass.search.blas import one_blas_thread
 from graphpass.search.nbits_alpha import site_error_nbits
 
 MAX_COLUMNS = 128                                           # output channels scored per reader
@@ -87,6 +88,11 @@ def search_awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | 
     the same for every candidate): columns quantize independently, so the error summed over a
     subset estimates the full one at a fraction of the cost; s keeps every input channel.
     """
+    with one_blas_thread():
+        return _search(an, stats, cfg, smoothing, progress, max_columns)
+
+
+def _search(an, stats, cfg, smoothing, progress, max_columns) -> dict[str, SiteChoice]:
     from graphpass.progress import bar
 
     grid, out, rng = candidates(smoothing), {}, np.random.default_rng(0)
