@@ -185,3 +185,15 @@ def test_awq_lowers_kl_against_rtn_on_outlier_channels(tmp_path):
         quantize(tmp_path / "fp32.onnx", tmp_path / f"{name}.onnx", calib, cfg, progress=False, log=lambda s: None)
         kl[name] = evaluate(tmp_path / f"{name}.onnx", tmp_path / "fp32.onnx", held, progress=False)["kl"]
     assert kl["awq"] * AWQ_GAIN <= kl["rtn"], kl
+
+
+def test_one_blas_thread_restores_the_thread_count():
+    from graphpass.search.blas import _openblas, one_blas_thread
+
+    get, _ = _openblas()
+    if get is None:
+        pytest.skip("numpy is not linked to OpenBLAS here")
+    before = int(get())
+    with one_blas_thread():
+        assert int(get()) == 1
+    assert int(get()) == before

@@ -59,8 +59,8 @@ class Stats:
                 raise GraphpassError(f"stats disagree on the channels of '{t}'")
             out.min[t] = np.minimum(self.min[t], other.min[t])
             out.max[t] = np.maximum(self.max[t], other.max[t])
-        for src in (self, other):
-            for t in src.abs_sum:
+        for t in set(self.abs_sum) & set(other.abs_sum):   # mean|x| only where both shards have it
+            for src in (self, other):
                 out.add_abs(t, src.abs_sum[t], src.count[t])
         return out
 
@@ -107,6 +107,8 @@ class Stats:
                 if kind == "abssum":
                     out.abs_sum[t] = v.astype(np.float64)
                 elif kind == "count":
+                    if v.size != 1 or not np.isfinite(v).all() or v.reshape(-1)[0] < 1:
+                        raise ValueError(k)
                     out.count[t] = int(v.reshape(-1)[0])
                 else:
                     getattr(out, {"min": "min", "max": "max"}[kind])[t] = v.astype(np.float32)
@@ -114,6 +116,9 @@ class Stats:
             raise GraphpassError(f"{path}: not a graphpass stats file") from None
         if set(out.min) != set(out.max) or out.samples < 0:
             raise GraphpassError(f"{path}: corrupted stats file (min and max entries do not pair up)")
+        if set(out.abs_sum) != set(out.count) or not set(out.abs_sum) <= set(out.min) or any(
+                out.abs_sum[t].shape != out.min[t].shape for t in out.abs_sum):
+            raise GraphpassError(f"{path}: corrupted stats file (mean|x| entries do not pair up with min / max)")
         for t in out.min:
             if out.min[t].ndim != 1 or out.min[t].shape != out.max[t].shape:
                 raise GraphpassError(f"{path}: corrupted stats file (tensor '{t}': min {list(out.min[t].shape)}, "
