@@ -250,3 +250,14 @@ def test_mean_abs_is_numpys_over_every_row_and_merges_and_saves(tmp_path):
     np.testing.assert_allclose(Stats.load(tmp_path / "s.npz").mean_abs("x"), want, rtol=1e-5)
     with pytest.raises(GraphpassError, match="no mean"):
         Stats().mean_abs("x")
+
+
+def test_merge_keeps_mean_abs_only_where_both_shards_have_it():
+    a, b = Stats(samples=1), Stats(samples=1)
+    for st in (a, b):
+        st.update("x", np.zeros(3, np.float32), np.ones(3, np.float32))
+    a.add_abs("x", np.ones(3), 4)
+    with pytest.raises(GraphpassError, match="no mean"):
+        a.merge(b).mean_abs("x")          # an older shard without it: no mean over part of the rows
+    b.add_abs("x", 3 * np.ones(3), 4)
+    np.testing.assert_allclose(a.merge(b).mean_abs("x"), 0.5)
