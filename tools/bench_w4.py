@@ -53,6 +53,10 @@ def rows() -> list[Row]:
             Row("w4-awq-smooth-b128-l4", "graphpass w4 AWQ + clip + smoothing, block 128, level 4", w4(128, 4)),
             Row("w4-smooth-b128-l0", "graphpass w4 RTN + smoothing (α auto), block 128, level 0",
                 (*w4(128, 0), "--no-awq")),
+            Row("w4-rtn-fh-b128-l4", "graphpass w4 RTN, block 128, level 4, --float-head",
+                (*w4(128, 4), "--no-smooth", "--no-awq", "--float-head")),
+            Row("w4-awq-fh-b128-l4", "graphpass w4 AWQ + clip, block 128, level 4, --float-head",
+                (*w4(128, 4), "--no-smooth", "--float-head")),
             Row("w8-rtn-b32", "graphpass w8 RTN, block 32, level 4", ("--scheme", "w8", "--no-smooth", "--no-awq")),
             Row("w8-awq-b32", "graphpass w8 AWQ + clip, block 32, level 4", ("--scheme", "w8", "--no-smooth")),
             Row("token-auto", "graphpass W8A8 token, α auto", ("--scheme", "token", "--alpha", "auto"))]
