@@ -53,6 +53,8 @@ class PipelineConfig:
     kv_smooth: float | None = None              # key-channel smoothing strength (None: off)
     outlier: OutlierConfig = OutlierConfig()    # scheme outlier: which columns stay in float
     decode_route: bool = False                  # token + decode fusions: one token through MatMulNBits (If)
+    awq: bool = True                            # w8 / w4 with data: AWQ scales (smoothing α joins their grid)
+    awq_clip: bool = True                       # ... and the clipping search per channel and block
 
 
     def __post_init__(self):
@@ -120,7 +122,8 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     from graphpass.calibrate.collect import calibrate
 
     res = PipelineResult(Path(output))
-    needs_stats = (config.alpha is not None or config.scheme in ("static", "outlier")) and stats is None
+    awq = _awq_on(config, data, stats)
+    needs_stats = (config.alpha is not None or config.scheme in ("static", "outlier") or awq) and stats is None
 
     def step(name: str, t0: float, what: str) -> None:
         res.steps.append((name, time.perf_counter() - t0, what))
@@ -140,13 +143,15 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         if data is None:
             raise GraphpassError(f"scheme '{config.scheme}' with smoothing needs calibration data (--data)")
         t0 = time.perf_counter()
-        row_step = config.row_step if config.alpha == "auto" else 0
+        row_step = config.row_step if config.alpha == "auto" or awq else 0
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
                           decode_steps=config.decode_steps)
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples")
     if config.kv_cache and config.kv_smooth is not None:
         _kv_smooth(g, original, data, config, step, progress)    # on the float q / k weights
-    if config.alpha is not None:
+    if awq:
+        _awq(an, stats, config, step, progress)
+    elif config.alpha is not None:
         _smooth(an, stats, config, res, step, progress)
     if config.simplify_attention:
         t0 = time.perf_counter()
@@ -255,3 +260,21 @@ def _ranges(stats, rep: SmoothReport | None) -> dict[str, tuple[float, float]]:
     for new, (old, s) in (rep.scales.items() if rep else ()):
         out[new] = (float((stats.min[old] / s).min()), float((stats.max[old] / s).max()))
     return out
+
+
+def _awq_on(config: PipelineConfig, data, stats) -> bool:
+    from graphpass.passes.nbits import NBITS_SCHEMES
+
+    return config.awq and config.scheme in NBITS_SCHEMES and (data is not None or stats is not None and stats.rows)
+
+
+def _awq(an, stats, config: PipelineConfig, step, progress) -> None:
+    """AWQ scales (with SmoothQuant's α in their grid unless --no-smooth) folded, readers clipped."""
+    from graphpass.passes.awq import awq
+    from graphpass.passes.nbits import default_config
+
+    t0 = time.perf_counter()
+    stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "calibration")
+    cfg = config.nbits if config.nbits is not None else default_config(config.scheme)
+    rep = awq(an, stats, cfg, config.alpha, config.awq_clip, progress)
+    step("awq", t0, rep.summary())

@@ -83,7 +83,7 @@ def test_calibration_graph_drops_the_lm_head(synth):
         m = copy_model(synth(variant).model)
         targets = sorted(calibration_targets(m))
         outs = add_reductions(m, targets)
-        assert len(outs) == 2 * len(targets) == len(m.graph.output)
+        assert len(outs) == 4 * len(targets) == len(m.graph.output)   # min, max, Σ|x|, shape
         assert [o.name for o in m.graph.output] == outs
         names = {n.name for n in m.graph.node}
         assert not any(n.startswith("/lm_head") for n in names), variant
@@ -229,3 +229,35 @@ def test_damaged_zip_header_is_one_line(capsys, synth, calibrated, tmp_path, fie
     calibrated("prenorm").save(p)
     p.write_bytes(_patch_zip(p.read_bytes(), fields))
     cli_error(capsys, ["calibrate", "--merge", p, p, "-o", tmp_path / "m.npz"], [tmp_path / "m.npz"])
+
+
+# ---------------------------------------------------------------------------- mean|x| (AWQ)
+def test_mean_abs_is_numpys_over_every_row_and_merges_and_saves(tmp_path):
+    """A linear layer reads the graph input: calibration's mean|x_j| is numpy's over every row of
+    every batch (batches of different sizes weigh by their rows), shards merge, files keep it."""
+    rng = np.random.default_rng(0)
+    m = make_model([node("MatMul", ["x", "W"], "y")], [("x", ["b", "s", 8])], [("y", ["b", "s", 3])],
+                   {"W": rng.normal(size=(8, 3)).astype(np.float32)})
+    save_model(m, tmp_path / "m.onnx")
+    x = rng.normal(size=(5, 6, 8)).astype(np.float32) * np.arange(1, 9, dtype=np.float32)
+    st = calibrate(tmp_path / "m.onnx", {"x": x}, batch_size=2, progress=False)   # batches of 2, 2, 1
+    want = np.abs(x).reshape(-1, 8).mean(0)
+    np.testing.assert_allclose(st.mean_abs("x"), want, rtol=1e-5)
+    a = calibrate(tmp_path / "m.onnx", {"x": x[:1]}, progress=False)
+    b = calibrate(tmp_path / "m.onnx", {"x": x[1:]}, progress=False)
+    np.testing.assert_allclose(a.merge(b).mean_abs("x"), want, rtol=1e-5)
+    st.save(tmp_path / "s.npz")
+    np.testing.assert_allclose(Stats.load(tmp_path / "s.npz").mean_abs("x"), want, rtol=1e-5)
+    with pytest.raises(GraphpassError, match="no mean"):
+        Stats().mean_abs("x")
+
+
+def test_merge_keeps_mean_abs_only_where_both_shards_have_it():
+    a, b = Stats(samples=1), Stats(samples=1)
+    for st in (a, b):
+        st.update("x", np.zeros(3, np.float32), np.ones(3, np.float32))
+    a.add_abs("x", np.ones(3), 4)
+    with pytest.raises(GraphpassError, match="no mean"):
+        a.merge(b).mean_abs("x")          # an older shard without it: no mean over part of the rows
+    b.add_abs("x", 3 * np.ones(3), 4)
+    np.testing.assert_allclose(a.merge(b).mean_abs("x"), 0.5)

@@ -2,7 +2,8 @@
 
 For every tensor X that feeds a linear layer, the calibration graph computes
   F = Flatten(X, axis=-1)           [rows, C]
-  min_j = ReduceMin(F, axes=[0]),   max_j = ReduceMax(F, axes=[0])
+  min_j = ReduceMin(F, axes=[0]),   max_j = ReduceMax(F, axes=[0]),
+  Σ|F|_j = ReduceSum(Abs(F), axes=[0]),   rows = Shape(F)   (mean|X_j| for AWQ)
 and returns only those vectors; the original outputs (and nodes only they need, e.g. the LM
 head) are dropped. Batches are merged with np.minimum / np.maximum.
 
@@ -69,11 +70,17 @@ def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_st
     for k, t in enumerate(targets):
         flat = gs.Variable(f"gp_calib_flat_{k}")
         g.nodes.append(gs.Node("Flatten", f"gp_calib_Flatten_{k}", {"axis": -1}, [tensors[t]], [flat]))
-        for red in ("Min", "Max"):
+        absf = gs.Variable(f"gp_calib_abs_{k}")
+        g.nodes.append(gs.Node("Abs", f"gp_calib_Abs_{k}", {}, [flat], [absf]))
+        for red, src in (("Min", flat), ("Max", flat), ("Sum", absf)):
             o = gs.Variable(f"gp_calib_{red.lower()}_{k}", F32)
-            ins, kw = ([flat, axes], {}) if new18 else ([flat], {"axes": [0]})
+            new = new18 or red == "Sum"        # ReduceSum takes axes as an input from opset 13
+            ins, kw = ([src, axes], {}) if new else ([src], {"axes": [0]})
             g.nodes.append(gs.Node(f"Reduce{red}", f"gp_calib_Reduce{red}_{k}", {"keepdims": 0, **kw}, ins, [o]))
             outs.append(o)
+        o = gs.Variable(f"gp_calib_shape_{k}", np.int64)
+        g.nodes.append(gs.Node("Shape", f"gp_calib_Shape_{k}", {}, [flat], [o]))
+        outs.append(o)
         if row_step:
             o = gs.Variable(f"gp_calib_rows_{k}", F32)
             g.nodes.append(gs.Node("Slice", f"gp_calib_Slice_{k}", {}, [flat, start, end, axes, step], [o]))
@@ -141,7 +148,7 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
         del g   # inline weights now sit in tmp: their protobuf copy goes back to the OS
         sess = make_session(src, threads, prepack=False, external_dir=str(p.parent.resolve())
                             if isinstance(src, onnx.ModelProto) else None)
-    stats, per = Stats(), 3 if row_step else 2
+    stats, per = Stats(), 5 if row_step else 4
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rng = np.random.default_rng(0)
 
@@ -157,8 +164,9 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
             for vals in run_window(sess, outs, b, layout, nxt, start):
                 for k, t in enumerate(names):
                     stats.update(t, vals[per * k], vals[per * k + 1])
+                    stats.add_abs(t, vals[per * k + 2], int(vals[per * k + 3][0]))
                     if row_step:
-                        rows.add(t, vals[per * k + 2])
+                        rows.add(t, vals[per * k + 4])
             stats.samples += next(iter(b.values())).shape[0]
         del sess, vals                 # weights and activations go before the rows come back
         stats.require(targets, "calibration")

@@ -18,6 +18,13 @@ def add_nbits_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--asymmetric", action="store_true", help="a zero point per block (default symmetric)")
     g.add_argument("--float-head", action="store_true",
                    help="keep the LM head (and a tied token table) in float")
+    g.add_argument("--no-awq", action="store_true",
+                   help="plain round-to-nearest. By default, with --data, AWQ searches per site a scale "
+                        "s = mean|x|^r or mean|x|^r / max|w|^(1-r) (r in 0..0.95 by 0.05; with smoothing on, "
+                        "also SmoothQuant's max|x|^a / max|w|^(1-a)) by the error of the site's MatMulNBits "
+                        "outputs on sampled calibration rows, folds it exactly into the producer (norm, "
+                        "up_proj, v_proj, linear), then a clipping ratio (1.0..0.55) per output channel and block")
+    g.add_argument("--no-clip", action="store_true", help="AWQ scales without the clipping search")
 
 
 def with_nbits(cfg, a: argparse.Namespace):
@@ -25,12 +32,13 @@ def with_nbits(cfg, a: argparse.Namespace):
     from graphpass.passes.nbits import DEFAULT_BLOCK, NBITS_SCHEMES, NBitsConfig
 
     if cfg.scheme not in NBITS_SCHEMES:
-        if a.bits is not None or a.block_size is not None or a.asymmetric or a.float_head:
-            raise GraphpassError("--bits, --block-size, --asymmetric and --float-head apply to --scheme w8 / w4")
+        if a.bits is not None or a.block_size is not None or a.asymmetric or a.float_head or a.no_awq or a.no_clip:
+            raise GraphpassError("--bits, --block-size, --asymmetric, --float-head, --no-awq and --no-clip "
+                                 "apply to --scheme w8 / w4")
         return cfg
     bits = NBITS_SCHEMES[cfg.scheme]
     if a.bits is not None and a.bits != bits:
         raise GraphpassError(f"--scheme {cfg.scheme} is {bits}-bit, but --bits {a.bits} was given")
     nb = NBitsConfig(bits=bits, block_size=a.block_size or DEFAULT_BLOCK[bits], accuracy_level=a.accuracy_level,
                      symmetric=not a.asymmetric, lm_head=not a.float_head, skip=cfg.skip)
-    return replace(cfg, nbits=nb)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)
+    return replace(cfg, nbits=nb, awq=not a.no_awq, awq_clip=not a.no_clip)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)

@@ -76,9 +76,8 @@ def weight_absmax(site_readers, c: Consts) -> np.ndarray:
 
 def site_scales(site: Site, c: Consts, act_max: np.ndarray, alpha: float,
                 w_max: np.ndarray | None = None) -> np.ndarray:
-    """`w_max`: weight_absmax of the readers when the caller has it (else read from the graph)."""
-    if w_max is None:
-        w_max = weight_absmax(site.consumers, c)
+    """s = act^α / w_max^(1-α) per channel (w_max: the readers' max|W| unless given)."""
+    w_max = weight_absmax(site.consumers, c) if w_max is None else w_max
     cmap = site.fold.channel_map if isinstance(site.fold, LinearFold) else None
     if cmap is None:
         return smoothing_scales(act_max, w_max, alpha)
@@ -110,12 +109,7 @@ def smooth(model: onnx.ModelProto | gs.Graph, act_absmax: dict[str, np.ndarray],
         act = act_absmax[site.act].astype(np.float64)
         w_before = weight_absmax(site.consumers, c)
         s = site_scales(site, c, act, alpha, w_before)
-        for lin in site.consumers:
-            lin.set_weight(c, lin.weight(c) * s[:, None].astype(np.float32))
-        if isinstance(site.fold, NormFold):
-            _fold_norm(g, c, site, s)
-        else:
-            _fold_linear(c, site.fold, s)
+        fold_site(g, c, site, s)
         rep.scales[site.consumers[0].act] = (act_name, s)
         rep.rows.append(dict(site=site.name, kind=site.kind, act=site.act,
                              consumers=[lin.name for lin in site.consumers], alpha=alpha,
@@ -135,6 +129,16 @@ def smooth(model: onnx.ModelProto | gs.Graph, act_absmax: dict[str, np.ndarray],
     if isinstance(model, onnx.ModelProto):
         export_into(model, g)
     return model, rep
+
+
+def fold_site(g: gs.Graph, c: Consts, site: Site, s: np.ndarray) -> None:
+    """X -> X·diag(s)^-1 into the site's producer, W_k -> diag(s)·W_k into its readers (exact)."""
+    for lin in site.consumers:
+        lin.set_weight(c, lin.weight(c) * s[:, None].astype(np.float32))
+    if isinstance(site.fold, NormFold):
+        _fold_norm(g, c, site, s)
+    else:
+        _fold_linear(c, site.fold, s)
 
 
 def _fold_norm(g: gs.Graph, c: Consts, site: Site, s: np.ndarray) -> None:

@@ -72,17 +72,23 @@ def search_sites(an: Analysis, stats: Stats, error, desc: str, grid=GRID, progre
     """The grid search over every site with sampled rows: `error(site, x, weights, ys, α)` scores
     one α (the quantizer it models is the caller's); the smallest error wins."""
     from graphpass.progress import bar
+    from graphpass.search.blas import one_blas_thread
 
     chosen, rows = {}, []
-    for site in bar(an.sites, desc, "site", enabled=progress):
-        x = stats.rows.get(site.act)
-        if x is None or not len(x):
-            continue
-        x = x.astype(np.float32)
-        weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
-        ys = [x @ w for w in weights]
-        errs = [error(site, x, weights, ys, float(a)) for a in grid]
-        best = int(np.argmin(errs))
-        chosen[site.name] = float(grid[best])
-        rows.append({"site": site.name, "alpha": float(grid[best]), "errors": dict(zip(map(float, grid), errs))})
+    with one_blas_thread():     # many small products: BLAS threads only synchronize (search/blas.py)
+        for site in bar(an.sites, desc, "site", enabled=progress):
+            _search_site(site, stats, an, error, grid, chosen, rows)
     return chosen, rows
+
+
+def _search_site(site, stats, an, error, grid, chosen, rows) -> None:
+    x = stats.rows.get(site.act)
+    if x is None or not len(x):
+        return
+    x = x.astype(np.float32)
+    weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
+    ys = [x @ w for w in weights]
+    errs = [error(site, x, weights, ys, float(a)) for a in grid]
+    best = int(np.argmin(errs))
+    chosen[site.name] = float(grid[best])
+    rows.append({"site": site.name, "alpha": float(grid[best]), "errors": dict(zip(map(float, grid), errs))})

@@ -13,7 +13,7 @@ import numpy as np
 from graphpass.calibrate.stats import Stats
 from graphpass.match.sites import Analysis
 from graphpass.search.alpha import GRID, search_sites, weights_absmax
-from graphpass.passes.nbits import NBitsConfig, pack, unpack_reference
+from graphpass.passes.nbits import NBitsConfig
 from graphpass.passes.smooth import site_scales
 
 def fake_quant_act_blocks(x: np.ndarray, block: int) -> np.ndarray:
@@ -26,7 +26,28 @@ def fake_quant_act_blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 
 def fake_quant_weight_blocks(w: np.ndarray, cfg: NBitsConfig) -> np.ndarray:
-    return unpack_reference(pack(w, cfg.bits, cfg.block_size, cfg.symmetric), cfg.bits, cfg.block_size)
+    """W [K, N] through the packer's arithmetic, dequantized, in numpy (no packing: ~2x faster than
+    pack + unpack_reference, equal to them but for rounding ties, tested). Per block b, channel n:
+      symmetric : s = v / -2^(bits-1), v the block's value of largest |v|;  q = clip(rint(w/s), -2^(bits-1), 2^(bits-1)-1)
+      asymmetric: s = (max(hi, 0) - min(lo, 0)) / (2^bits - 1), z = clip(rint(-min(lo, 0)/s));  q = clip(rint(w/s) + z) - z
+    """
+    from graphpass.passes.clip import block_view
+
+    k, n = w.shape
+    wb = block_view(w, cfg.block_size)                       # [k_blocks, block, N]
+    if cfg.symmetric:
+        qmin, qmax = -(2 ** (cfg.bits - 1)), 2 ** (cfg.bits - 1) - 1
+        v = np.take_along_axis(wb, np.abs(wb).argmax(axis=1)[:, None, :], 1)
+        scale, zp = v / np.float32(qmin), np.float32(0)
+    else:
+        qmin, qmax = 0, 2 ** cfg.bits - 1
+        lo = np.minimum(wb.min(axis=1, keepdims=True), 0)
+        scale = (np.maximum(wb.max(axis=1, keepdims=True), 0) - lo) / np.float32(qmax)
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+    if not cfg.symmetric:
+        zp = np.clip(np.rint(-lo * inv), qmin, qmax)
+    q = np.clip(np.rint(wb * inv) + zp, qmin, qmax) - zp
+    return (q * scale).reshape(-1, n)[:k]
 
 
 def site_error_nbits(x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarray], s: np.ndarray,

@@ -1,0 +1,75 @@
+"""AWQ, folded: per site Y_k = X·W_k = (X·diag(s)^-1)·(diag(s)·W_k), s from search/awq.py,
+then each reader's weight clipped per output channel and block (passes/clip.py, ρ from
+search/clip.py) before MatMulNBits packs it.
+
+The fold is the smoothing fold (passes/smooth.fold_site) for every site kind: norms (γ, β /= s),
+SwiGLU up -> down and linear -> linear (producer columns /= s), v -> o with grouped-query attention
+(value columns /= s through the head map). No runtime op is added. Clipping changes the weights
+(it is the one inexact step, by design); the fold alone leaves every output unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphpass.calibrate.stats import Stats
+from graphpass.match.sites import Analysis
+from graphpass.passes.clip import clip_blocks
+from graphpass.passes.nbits import NBitsConfig
+from graphpass.passes.smooth import fold_site
+from graphpass.search.awq import SiteChoice, search_awq
+from graphpass.search.blas import one_blas_thread
+from graphpass.search.clip import search_clip
+
+CLIP_ROWS = 64     # sampled rows the clipping search scores per site (evenly thinned)
+
+
+@dataclass
+class AwqReport:
+    choices: dict[str, SiteChoice] = field(default_factory=dict)
+    clip: list[dict] = field(default_factory=list)     # per reader: name, error before / after, mean ρ
+
+    def summary(self) -> str:
+        forms: dict[str, int] = {}
+        for ch in self.choices.values():
+            forms[ch.choice.form] = forms.get(ch.choice.form, 0) + 1
+        gain = np.median([ch.gain for ch in self.choices.values()]) if self.choices else 1.0
+        text = (f"{len(self.choices)} sites scaled ({', '.join(f'{k} {v}' for k, v in sorted(forms.items()))}), "
+                f"median error RTN / AWQ {gain:.2f}x")
+        if self.clip:
+            before = sum(r["before"] for r in self.clip)
+            after = sum(r["after"] for r in self.clip)
+            text += f"; {len(self.clip)} weights clipped, block error x{after / max(before, 1e-30):.2f}"
+        return text
+
+
+def awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | str | None = None,
+        clip: bool = True, progress: bool = True) -> AwqReport:
+    """Search and fold the AWQ scales of every site with sampled rows, then clip its readers."""
+    rep = AwqReport(choices=search_awq(an, stats, cfg, smoothing, progress))
+    g, c = an.graph, an.consts
+    for site in an.sites:
+        ch = rep.choices.get(site.name)
+        if ch is not None:
+            fold_site(g, c, site, ch.scales)
+    if clip:
+        with one_blas_thread():
+            clip_readers(an, stats, cfg, rep, progress)
+    g.toposort()
+    return rep
+
+
+def clip_readers(an: Analysis, stats: Stats, cfg: NBitsConfig, rep: AwqReport, progress: bool = True) -> None:
+    """Each scaled site's readers: ρ per block and channel from the rows X / s, then W clipped."""
+    from graphpass.progress import bar
+
+    c = an.consts
+    for site in bar([s for s in an.sites if s.name in rep.choices], "clip search", "site", enabled=progress):
+        x = stats.rows[site.act]
+        x = x[::-(-len(x) // CLIP_ROWS)].astype(np.float32) / rep.choices[site.name].scales
+        for lin in site.consumers:
+            w = lin.weight(c).astype(np.float32)
+            ratio, before, after = search_clip(x, w, cfg)
+            lin.set_weight(c, clip_blocks(w, ratio, cfg.block_size, cfg.symmetric))
+            rep.clip.append(dict(linear=lin.name, before=before, after=after, mean_ratio=float(ratio.mean())))
