@@ -309,3 +309,25 @@ def test_a_cache_read_outside_the_repeat_kv_chain_is_dequantized_with_the_reason
     a, _ = _decode(tmp_path / "odd.onnx", ids)
     b, _ = _decode(folded, ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("form", BUILDS)
+def test_value_statistic_is_the_plain_max_and_key_the_pair_norm(pair, form):
+    """Regression: is_key read 'past_key_values.0.value' as a key (its name before the last '_'
+    ends in 'key'), so value caches took the RoPE pair-norm bound, coarser than their |max|."""
+    from graphpass.calibrate.kv import is_key
+
+    assert [is_key(n) for n in ("past_key_values.0.key", "past_key_values.0.value", "past_key_3",
+                                "past_value_3", "past_key", "past_value")] == [True, False, True, False, True, False]
+    fp = pair[form][0]
+    m = onnx.load(str(fp))
+    data = build_data(_tokens(4 * CALIB_LEN), CALIB_LEN, 4, m)
+    got = cache_absmax(fp, data, 0, batch_size=4, progress=False)
+    lay = past_layout(m)
+    vals = dict(zip(lay.present_names, make_session(fp, 1).run(lay.present_names, data)))
+    for p in lay.past:
+        c = vals[p.present]
+        half = c.shape[-1] // 2
+        pair_norm = np.sqrt(c[..., :half] ** 2 + c[..., half:] ** 2)
+        want = np.concatenate([pair_norm, pair_norm], -1) if p.name.endswith("key") else np.abs(c)
+        np.testing.assert_allclose(got[p.name], want.max(axis=(0, 2)), rtol=1e-5, err_msg=p.name)

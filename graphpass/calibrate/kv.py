@@ -74,8 +74,11 @@ def _update(absmax: dict[str, np.ndarray], layout, vals: dict[str, np.ndarray]) 
 
 
 def is_key(past_name: str) -> bool:
-    """A key cache (past_key_values.3.key, past_key_3, ...), by name."""
-    return "key" in past_name.rsplit(".", 1)[-1] or past_name.rsplit("_", 1)[0].endswith("key")
+    """A key cache (past_key_values.3.key, past_key_3, past_key), by name: the last dotted part
+    when there is one (past_key_values.3.value is a value cache), else the name before its index."""
+    if "." in past_name:
+        return "key" in past_name.rsplit(".", 1)[-1]
+    return past_name.endswith("key") or past_name.rsplit("_", 1)[0].endswith("key")
 
 
 def _pair_norm(c: np.ndarray) -> np.ndarray:
