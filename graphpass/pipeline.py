@@ -52,6 +52,7 @@ class PipelineConfig:
     kv_scales: str = "channel"                  # int8 cache scales per (head, channel) or per head
     kv_smooth: float | None = None              # key-channel smoothing strength (None: off)
     outlier: OutlierConfig = OutlierConfig()    # scheme outlier: which columns stay in float
+    outlier_thresholds: tuple[tuple[str, float], ...] = ()   # per site, searched earlier (budget re-runs)
     decode_route: bool = False                  # token + decode fusions: one token through MatMulNBits (If)
 
 
@@ -104,7 +105,8 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     """The whole job. `data`: dict of arrays (first axis = samples) or a CalibrationDataReader.
 
     `stats`: calibration stats computed earlier for this model (graphpass.budget re-quantizes
-    with them); calibration is then skipped and `data` is not read.
+    with them); calibration is then skipped, and `data` is read only by --kv-cache (the written
+    graph's cache is calibrated on it).
     """
     from graphpass.graph.runtime import fixed_mmap_threshold
 
@@ -115,12 +117,17 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     return res
 
 
+def needs_calibration(config: PipelineConfig) -> bool:
+    """Activation statistics are read: smoothing, static ranges, or the outlier columns."""
+    return config.alpha is not None or config.scheme in ("static", "outlier")
+
+
 def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, log, stats,
               original: Path) -> PipelineResult:
     from graphpass.calibrate.collect import calibrate
 
     res = PipelineResult(Path(output))
-    needs_stats = (config.alpha is not None or config.scheme in ("static", "outlier")) and stats is None
+    needs_stats = needs_calibration(config) and stats is None
 
     def step(name: str, t0: float, what: str) -> None:
         res.steps.append((name, time.perf_counter() - t0, what))
@@ -138,7 +145,8 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     step("load", t0, f"{len(g.nodes)} nodes")
     if needs_stats:
         if data is None:
-            raise GraphpassError(f"scheme '{config.scheme}' with smoothing needs calibration data (--data)")
+            raise GraphpassError(f"scheme '{config.scheme}'" + (" with smoothing" if config.alpha is not None else "")
+                                 + " needs calibration data (--data)")
         t0 = time.perf_counter()
         row_step = config.row_step if config.alpha == "auto" else 0
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
@@ -161,6 +169,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     else:
         qcfg = QuantConfig(config.scheme, config.lm_head, config.embedding_int8, config.skip)
         if config.scheme == "outlier":
+            res.thresholds = res.thresholds or dict(config.outlier_thresholds)   # searched now, or earlier
             cols = calibrated_columns(an, stats, res.smooth, config.outlier, res.thresholds)
             _, res.quant = split_outliers(g, qcfg, cols)
         else:
