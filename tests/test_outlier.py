@@ -189,6 +189,17 @@ def test_cli_outlier_options(synth, tmp_path, capsys):
         quantize(s.fresh(), QuantConfig("outlier"))
 
 
+@pytest.mark.parametrize("extra, says", [(["--outlier-threshold", "3", "--outlier-topk", "2"], "no effect"),
+                                         (["--outlier-slack", "0.5", "--alpha", "0.5"], "threshold search"),
+                                         (["--outlier-slack", "0.5", "--outlier-fraction", "0.1"], "threshold search")])
+def test_cli_outlier_options_that_would_be_ignored_are_errors(synth, tmp_path, capsys, extra, says):
+    """Regression: a threshold beside top-k / fraction, or a slack outside the threshold search,
+    was accepted and silently had no effect."""
+    s = synth("llama")
+    assert says in cli_error(capsys, ["quantize", str(s.path), "-o", str(tmp_path / "a.onnx"), "--data",
+                                      str(s.data_path), "--scheme", "outlier", *extra])
+
+
 @pytest.mark.parametrize("form", ["optimum", "genai"])
 def test_with_past_graph_decodes_as_it_prefills(tmp_path, form):
     from graphpass.calibrate.data import build_data
