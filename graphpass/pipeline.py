@@ -134,7 +134,11 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         log(f"{name}: {what} ({res.steps[-1][1]:.1f} s)")
 
     t0 = time.perf_counter()
-    g = import_graph(load_model(src, load_weights=False), str(src.parent.resolve()))   # weights stay lazy
+    proto = load_model(src, load_weights=False)
+    if config.kv_cache:          # before any work: no output is written when the cache cannot be
+        _kv_ready(proto, original, data)
+    g = import_graph(proto, str(src.parent.resolve()))   # weights stay lazy
+    del proto
     an = analyze(g)
     if not an.linears:
         log(f"nothing to quantize in {src}: no linear layer with a constant float weight; "
@@ -217,6 +221,18 @@ def _kv_cache(output: Path, data, config: PipelineConfig, step, progress: bool) 
     what = quantize_kv_cache(g, cache_scales(absmax, config.kv_scales), config.kv_fold).format()
     save_graph(g, output, check=True)
     step("kv cache", t0, what)
+
+
+def _kv_ready(proto, original: Path, data) -> None:
+    """--kv-cache on this model and data: a with-past graph, and data that feeds its past inputs."""
+    from graphpass.calibrate.data import check_data
+    from graphpass.graph.decode import past_layout
+
+    if past_layout(proto, original.parent) is None:
+        raise GraphpassError(f"{original.name}: takes no past_key_values.* input (an int8 KV cache "
+                             "needs a with-past graph)")
+    if isinstance(_kv_data(data), dict):
+        check_data(data, proto, "data")
 
 
 def _kv_data(data):

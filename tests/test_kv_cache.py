@@ -331,3 +331,20 @@ def test_value_statistic_is_the_plain_max_and_key_the_pair_norm(pair, form):
         pair_norm = np.sqrt(c[..., :half] ** 2 + c[..., half:] ** 2)
         want = np.concatenate([pair_norm, pair_norm], -1) if p.name.endswith("key") else np.abs(c)
         np.testing.assert_allclose(got[p.name], want.max(axis=(0, 2)), rtol=1e-5, err_msg=p.name)
+
+
+def test_kv_cache_errors_come_before_any_output_is_written(synth, tmp_path, capsys):
+    """Regression: a no-cache graph, no --data, or data without past inputs were found only after
+    the quantized graph had been saved: the error left a graph without the int8 cache at -o."""
+    from conftest import write_folder
+
+    s = synth("llama")
+    out = tmp_path / "x.onnx"
+    assert "with-past graph" in cli_error(capsys, ["quantize", s.path, "-o", out, "--no-smooth", "--kv-cache", "int8",
+                                                   "--data", s.data_path], absent=[out])
+    m = build_optimum_past(CFG)
+    src = write_folder(tmp_path / "src", m, "causal-lm", build_data(_tokens(4 * CALIB_LEN), CALIB_LEN, 4, m))
+    assert "needs calibration data" in cli_error(capsys, ["quantize", src, "-o", out, "--no-smooth", "--scheme",
+                                                          "dynamic", "--kv-cache", "int8"], absent=[out])
+    assert "lacks the past input" in cli_error(capsys, ["quantize", src, "-o", out, "--no-smooth", "--kv-cache",
+                                                        "int8", "--data", s.data_path], absent=[out])
