@@ -11,7 +11,8 @@ pair's norm is what rotation keeps, so keys take
     A[h, c] = A[h, c + d/2] = max over b, t of sqrt(K[b,h,t,c]² + K[b,h,t,c+d/2]²)
 a bound that holds at every position (rotate-half pairing, as Llama and the genai builder use).
 The int8 scale is s[h, c] = A[h, c] / 127 (symmetric, zero point 0): the key or value at slot t
-is stored as round(C / s), clipped to [-127, 127].
+is stored as round(C / s): within [-127, 127] where |C| stays within the calibrated bound, else
+saturated to [-128, 127] (QuantizeLinear, and GroupQueryAttention's kernel).
 """
 from __future__ import annotations
 
