@@ -65,6 +65,11 @@ class PipelineConfig:
             raise GraphpassError("--kv-smooth, --kv-scales and --kv-no-fold go with --kv-cache int8")
         if self.scheme == "none" and (self.alpha is not None or not self.kv_cache):
             raise GraphpassError("--scheme none quantizes no weight: use it with --no-smooth and --kv-cache")
+        if self.scheme == "none" and (self.lm_head or self.embedding_int8 or self.skip):
+            raise GraphpassError("--lm-head, --embedding-int8 and --skip choose weights to quantize: "
+                                 "--scheme none quantizes none")
+        if self.scheme == "outlier" and self.embedding_int8:
+            raise GraphpassError("--embedding-int8 is not supported with --scheme outlier")
         if self.decode_steps < 0:
             raise GraphpassError(f"--decode-steps must be >= 0, got {self.decode_steps}")
         if self.alpha is not None and self.alpha != "auto":

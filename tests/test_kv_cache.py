@@ -348,3 +348,13 @@ def test_kv_cache_errors_come_before_any_output_is_written(synth, tmp_path, caps
                                                           "dynamic", "--kv-cache", "int8"], absent=[out])
     assert "lacks the past input" in cli_error(capsys, ["quantize", src, "-o", out, "--no-smooth", "--kv-cache",
                                                         "int8", "--data", s.data_path], absent=[out])
+
+
+def test_scheme_none_refuses_weight_options():
+    """Regression: --scheme none took --lm-head / --embedding-int8 / --skip and ignored them."""
+    from graphpass.pipeline import PipelineConfig
+
+    for kw in (dict(lm_head=True), dict(embedding_int8=True), dict(skip=("x",))):
+        with pytest.raises(GraphpassError, match="quantizes none"):
+            PipelineConfig(scheme="none", alpha=None, kv_cache="int8", **kw)
+    PipelineConfig(scheme="none", alpha=None, kv_cache="int8")

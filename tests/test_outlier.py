@@ -187,6 +187,8 @@ def test_cli_outlier_options(synth, tmp_path, capsys):
                                     "--scheme", "outlier", "--outlier-topk", "2", "--outlier-fraction", "0.1"])
     with pytest.raises(GraphpassError, match="calibrated columns"):
         quantize(s.fresh(), QuantConfig("outlier"))
+    with pytest.raises(GraphpassError, match="not supported"):   # refused before calibration, not after
+        PipelineConfig(scheme="outlier", embedding_int8=True)
 
 
 @pytest.mark.parametrize("extra, says", [(["--outlier-threshold", "3", "--outlier-topk", "2"], "no effect"),
