@@ -65,6 +65,8 @@ class PipelineConfig:
             raise GraphpassError("--kv-smooth, --kv-scales and --kv-no-fold go with --kv-cache int8")
         if self.scheme == "none" and (self.alpha is not None or not self.kv_cache):
             raise GraphpassError("--scheme none quantizes no weight: use it with --no-smooth and --kv-cache")
+        if self.kv_smooth is not None and not 0.0 <= self.kv_smooth <= 1.0:   # before the cache is calibrated
+            raise GraphpassError(f"--kv-smooth must lie in [0, 1], got {self.kv_smooth}")
         if self.scheme == "none" and (self.lm_head or self.embedding_int8 or self.skip):
             raise GraphpassError("--lm-head, --embedding-int8 and --skip choose weights to quantize: "
                                  "--scheme none quantizes none")

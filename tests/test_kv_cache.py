@@ -358,3 +358,5 @@ def test_scheme_none_refuses_weight_options():
         with pytest.raises(GraphpassError, match="quantizes none"):
             PipelineConfig(scheme="none", alpha=None, kv_cache="int8", **kw)
     PipelineConfig(scheme="none", alpha=None, kv_cache="int8")
+    with pytest.raises(GraphpassError, match=r"\[0, 1\]"):     # at config time, not after calibrating the cache
+        PipelineConfig(scheme="none", alpha=None, kv_cache="int8", kv_smooth=1.5)
