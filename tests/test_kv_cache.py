@@ -360,3 +360,16 @@ def test_scheme_none_refuses_weight_options():
     PipelineConfig(scheme="none", alpha=None, kv_cache="int8")
     with pytest.raises(GraphpassError, match=r"\[0, 1\]"):     # at config time, not after calibrating the cache
         PipelineConfig(scheme="none", alpha=None, kv_cache="int8", kv_smooth=1.5)
+
+
+def test_key_smoothing_takes_keys_by_the_same_rule_as_calibration():
+    """Regression: key_factors (and kv_concat's fold) took a key by name.endswith('key'), so caches
+    named past_key_%d (genai_config.json may name them so) were calibrated as keys but never
+    smoothed (nor folded into the query)."""
+    from graphpass.passes.kv_smooth import key_factors
+
+    a = np.array([[1.0, 4.0, 1.0, 4.0]], np.float32)
+    got = key_factors({"past_key_3": a, "past_value_3": a, "past_key_values.0.key": a,
+                       "past_key_values.0.value": a}, 1.0)
+    assert set(got) == {"past_key_3", "past_key_values.0.key"}
+    np.testing.assert_allclose(got["past_key_3"], [[0.25, 1.0, 0.25, 1.0]])

@@ -23,7 +23,7 @@ import numpy as np
 
 from graphpass.calibrate.collect import _inputs_only, feeds, with_next_tokens
 from graphpass.errors import GraphpassError
-from graphpass.graph.decode import Cache, advance, past_layout, step_feeds
+from graphpass.graph.decode import Cache, advance, is_key, past_layout, step_feeds   # noqa: F401 (is_key: re-exported)
 from graphpass.graph.io import externalized, load_model
 from graphpass.graph.runtime import make_session
 from graphpass.progress import bar
@@ -72,14 +72,6 @@ def _update(absmax: dict[str, np.ndarray], layout, vals: dict[str, np.ndarray]) 
             continue
         a = (_pair_norm(c) if is_key(p.name) else np.abs(c)).max(axis=(0, 2)).astype(np.float32)
         absmax[p.name] = a if p.name not in absmax else np.maximum(absmax[p.name], a)
-
-
-def is_key(past_name: str) -> bool:
-    """A key cache (past_key_values.3.key, past_key_3, past_key), by name: the last dotted part
-    when there is one (past_key_values.3.value is a value cache), else the name before its index."""
-    if "." in past_name:
-        return "key" in past_name.rsplit(".", 1)[-1]
-    return past_name.endswith("key") or past_name.rsplit("_", 1)[0].endswith("key")
 
 
 def _pair_norm(c: np.ndarray) -> np.ndarray:
