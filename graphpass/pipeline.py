@@ -52,6 +52,7 @@ class PipelineConfig:
     kv_scales: str = "channel"                  # int8 cache scales per (head, channel) or per head
     kv_smooth: float | None = None              # key-channel smoothing strength (None: off)
     outlier: OutlierConfig = OutlierConfig()    # scheme outlier: which columns stay in float
+    outlier_thresholds: tuple[tuple[str, float], ...] = ()   # per site, searched earlier (budget re-runs)
     decode_route: bool = False                  # token + decode fusions: one token through MatMulNBits (If)
     awq: bool = True                            # w8 / w4 with data: AWQ scales (smoothing α joins their grid)
     awq_clip: bool = True                       # ... and the clipping search per channel and block
@@ -66,6 +67,13 @@ class PipelineConfig:
             raise GraphpassError("--kv-smooth, --kv-scales and --kv-no-fold go with --kv-cache int8")
         if self.scheme == "none" and (self.alpha is not None or not self.kv_cache):
             raise GraphpassError("--scheme none quantizes no weight: use it with --no-smooth and --kv-cache")
+        if self.kv_smooth is not None and not 0.0 <= self.kv_smooth <= 1.0:   # before the cache is calibrated
+            raise GraphpassError(f"--kv-smooth must lie in [0, 1], got {self.kv_smooth}")
+        if self.scheme == "none" and (self.lm_head or self.embedding_int8 or self.skip):
+            raise GraphpassError("--lm-head, --embedding-int8 and --skip choose weights to quantize: "
+                                 "--scheme none quantizes none")
+        if self.scheme == "outlier" and self.embedding_int8:
+            raise GraphpassError("--embedding-int8 is not supported with --scheme outlier")
         if self.decode_steps < 0:
             raise GraphpassError(f"--decode-steps must be >= 0, got {self.decode_steps}")
         if self.alpha is not None and self.alpha != "auto":
@@ -106,7 +114,8 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     """The whole job. `data`: dict of arrays (first axis = samples) or a CalibrationDataReader.
 
     `stats`: calibration stats computed earlier for this model (graphpass.budget re-quantizes
-    with them); calibration is then skipped and `data` is not read.
+    with them); calibration is then skipped, and `data` is read only by --kv-cache (the written
+    graph's cache is calibrated on it).
     """
     from graphpass.graph.runtime import fixed_mmap_threshold
 
@@ -117,20 +126,29 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     return res
 
 
+def needs_calibration(config: PipelineConfig) -> bool:
+    """Activation statistics are read: smoothing, static ranges, or the outlier columns."""
+    return config.alpha is not None or config.scheme in ("static", "outlier")
+
+
 def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, log, stats,
               original: Path) -> PipelineResult:
     from graphpass.calibrate.collect import calibrate
 
     res = PipelineResult(Path(output))
-    awq = _awq_on(config, data, stats)
-    needs_stats = (config.alpha is not None or config.scheme in ("static", "outlier") or awq) and stats is None
+    awq = _awq_on(config, data, stats)   # w8 / w4: AWQ when data is given (else round to nearest)
+    needs_stats = (needs_calibration(config) or awq) and stats is None
 
     def step(name: str, t0: float, what: str) -> None:
         res.steps.append((name, time.perf_counter() - t0, what))
         log(f"{name}: {what} ({res.steps[-1][1]:.1f} s)")
 
     t0 = time.perf_counter()
-    g = import_graph(load_model(src, load_weights=False), str(src.parent.resolve()))   # weights stay lazy
+    proto = load_model(src, load_weights=False)
+    if config.kv_cache:          # before any work: no output is written when the cache cannot be
+        _kv_ready(proto, original, data)
+    g = import_graph(proto, str(src.parent.resolve()))   # weights stay lazy
+    del proto
     an = analyze(g)
     if not an.linears:
         log(f"nothing to quantize in {src}: no linear layer with a constant float weight; "
@@ -141,7 +159,8 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     step("load", t0, f"{len(g.nodes)} nodes")
     if needs_stats:
         if data is None:
-            raise GraphpassError(f"scheme '{config.scheme}' with smoothing needs calibration data (--data)")
+            raise GraphpassError(f"scheme '{config.scheme}'" + (" with smoothing" if config.alpha is not None else "")
+                                 + " needs calibration data (--data)")
         t0 = time.perf_counter()
         row_step = config.row_step if config.alpha == "auto" or awq else 0
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
@@ -166,6 +185,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     else:
         qcfg = QuantConfig(config.scheme, config.lm_head, config.embedding_int8, config.skip)
         if config.scheme == "outlier":
+            res.thresholds = res.thresholds or dict(config.outlier_thresholds)   # searched now, or earlier
             cols = calibrated_columns(an, stats, res.smooth, config.outlier, res.thresholds)
             _, res.quant = split_outliers(g, qcfg, cols)
         else:
@@ -213,6 +233,18 @@ def _kv_cache(output: Path, data, config: PipelineConfig, step, progress: bool) 
     what = quantize_kv_cache(g, cache_scales(absmax, config.kv_scales), config.kv_fold).format()
     save_graph(g, output, check=True)
     step("kv cache", t0, what)
+
+
+def _kv_ready(proto, original: Path, data) -> None:
+    """--kv-cache on this model and data: a with-past graph, and data that feeds its past inputs."""
+    from graphpass.calibrate.data import check_data
+    from graphpass.graph.decode import past_layout
+
+    if past_layout(proto, original.parent) is None:
+        raise GraphpassError(f"{original.name}: takes no past_key_values.* input (an int8 KV cache "
+                             "needs a with-past graph)")
+    if isinstance(_kv_data(data), dict):
+        check_data(data, proto, "data")
 
 
 def _kv_data(data):

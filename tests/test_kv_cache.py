@@ -309,3 +309,67 @@ def test_a_cache_read_outside_the_repeat_kv_chain_is_dequantized_with_the_reason
     a, _ = _decode(tmp_path / "odd.onnx", ids)
     b, _ = _decode(folded, ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("form", BUILDS)
+def test_value_statistic_is_the_plain_max_and_key_the_pair_norm(pair, form):
+    """Regression: is_key read 'past_key_values.0.value' as a key (its name before the last '_'
+    ends in 'key'), so value caches took the RoPE pair-norm bound, coarser than their |max|."""
+    from graphpass.calibrate.kv import is_key
+
+    assert [is_key(n) for n in ("past_key_values.0.key", "past_key_values.0.value", "past_key_3",
+                                "past_value_3", "past_key", "past_value")] == [True, False, True, False, True, False]
+    fp = pair[form][0]
+    m = onnx.load(str(fp))
+    data = build_data(_tokens(4 * CALIB_LEN), CALIB_LEN, 4, m)
+    got = cache_absmax(fp, data, 0, batch_size=4, progress=False)
+    lay = past_layout(m)
+    vals = dict(zip(lay.present_names, make_session(fp, 1).run(lay.present_names, data)))
+    for p in lay.past:
+        c = vals[p.present]
+        half = c.shape[-1] // 2
+        pair_norm = np.sqrt(c[..., :half] ** 2 + c[..., half:] ** 2)
+        want = np.concatenate([pair_norm, pair_norm], -1) if p.name.endswith("key") else np.abs(c)
+        np.testing.assert_allclose(got[p.name], want.max(axis=(0, 2)), rtol=1e-5, err_msg=p.name)
+
+
+def test_kv_cache_errors_come_before_any_output_is_written(synth, tmp_path, capsys):
+    """Regression: a no-cache graph, no --data, or data without past inputs were found only after
+    the quantized graph had been saved: the error left a graph without the int8 cache at -o."""
+    from conftest import write_folder
+
+    s = synth("llama")
+    out = tmp_path / "x.onnx"
+    assert "with-past graph" in cli_error(capsys, ["quantize", s.path, "-o", out, "--no-smooth", "--kv-cache", "int8",
+                                                   "--data", s.data_path], absent=[out])
+    m = build_optimum_past(CFG)
+    src = write_folder(tmp_path / "src", m, "causal-lm", build_data(_tokens(4 * CALIB_LEN), CALIB_LEN, 4, m))
+    assert "needs calibration data" in cli_error(capsys, ["quantize", src, "-o", out, "--no-smooth", "--scheme",
+                                                          "dynamic", "--kv-cache", "int8"], absent=[out])
+    assert "lacks the past input" in cli_error(capsys, ["quantize", src, "-o", out, "--no-smooth", "--kv-cache",
+                                                        "int8", "--data", s.data_path], absent=[out])
+
+
+def test_scheme_none_refuses_weight_options():
+    """Regression: --scheme none took --lm-head / --embedding-int8 / --skip and ignored them."""
+    from graphpass.pipeline import PipelineConfig
+
+    for kw in (dict(lm_head=True), dict(embedding_int8=True), dict(skip=("x",))):
+        with pytest.raises(GraphpassError, match="quantizes none"):
+            PipelineConfig(scheme="none", alpha=None, kv_cache="int8", **kw)
+    PipelineConfig(scheme="none", alpha=None, kv_cache="int8")
+    with pytest.raises(GraphpassError, match=r"\[0, 1\]"):     # at config time, not after calibrating the cache
+        PipelineConfig(scheme="none", alpha=None, kv_cache="int8", kv_smooth=1.5)
+
+
+def test_key_smoothing_takes_keys_by_the_same_rule_as_calibration():
+    """Regression: key_factors (and kv_concat's fold) took a key by name.endswith('key'), so caches
+    named past_key_%d (genai_config.json may name them so) were calibrated as keys but never
+    smoothed (nor folded into the query)."""
+    from graphpass.passes.kv_smooth import key_factors
+
+    a = np.array([[1.0, 4.0, 1.0, 4.0]], np.float32)
+    got = key_factors({"past_key_3": a, "past_value_3": a, "past_key_values.0.key": a,
+                       "past_key_values.0.value": a}, 1.0)
+    assert set(got) == {"past_key_3", "past_key_values.0.key"}
+    np.testing.assert_allclose(got["past_key_3"], [[0.25, 1.0, 0.25, 1.0]])

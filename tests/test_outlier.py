@@ -187,6 +187,19 @@ def test_cli_outlier_options(synth, tmp_path, capsys):
                                     "--scheme", "outlier", "--outlier-topk", "2", "--outlier-fraction", "0.1"])
     with pytest.raises(GraphpassError, match="calibrated columns"):
         quantize(s.fresh(), QuantConfig("outlier"))
+    with pytest.raises(GraphpassError, match="not supported"):   # refused before calibration, not after
+        PipelineConfig(scheme="outlier", embedding_int8=True)
+
+
+@pytest.mark.parametrize("extra, says", [(["--outlier-threshold", "3", "--outlier-topk", "2"], "no effect"),
+                                         (["--outlier-slack", "0.5", "--alpha", "0.5"], "threshold search"),
+                                         (["--outlier-slack", "0.5", "--outlier-fraction", "0.1"], "threshold search")])
+def test_cli_outlier_options_that_would_be_ignored_are_errors(synth, tmp_path, capsys, extra, says):
+    """Regression: a threshold beside top-k / fraction, or a slack outside the threshold search,
+    was accepted and silently had no effect."""
+    s = synth("llama")
+    assert says in cli_error(capsys, ["quantize", str(s.path), "-o", str(tmp_path / "a.onnx"), "--data",
+                                      str(s.data_path), "--scheme", "outlier", *extra])
 
 
 @pytest.mark.parametrize("form", ["optimum", "genai"])

@@ -11,7 +11,8 @@ pair's norm is what rotation keeps, so keys take
     A[h, c] = A[h, c + d/2] = max over b, t of sqrt(K[b,h,t,c]² + K[b,h,t,c+d/2]²)
 a bound that holds at every position (rotate-half pairing, as Llama and the genai builder use).
 The int8 scale is s[h, c] = A[h, c] / 127 (symmetric, zero point 0): the key or value at slot t
-is stored as round(C / s), clipped to [-127, 127].
+is stored as round(C / s): within [-127, 127] where |C| stays within the calibrated bound, else
+saturated to [-128, 127] (QuantizeLinear, and GroupQueryAttention's kernel).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from graphpass.calibrate.collect import _inputs_only, feeds, with_next_tokens
 from graphpass.errors import GraphpassError
-from graphpass.graph.decode import Cache, advance, past_layout, step_feeds
+from graphpass.graph.decode import Cache, advance, is_key, past_layout, step_feeds   # noqa: F401 (is_key: re-exported)
 from graphpass.graph.io import externalized, load_model
 from graphpass.graph.runtime import make_session
 from graphpass.progress import bar
@@ -71,11 +72,6 @@ def _update(absmax: dict[str, np.ndarray], layout, vals: dict[str, np.ndarray]) 
             continue
         a = (_pair_norm(c) if is_key(p.name) else np.abs(c)).max(axis=(0, 2)).astype(np.float32)
         absmax[p.name] = a if p.name not in absmax else np.maximum(absmax[p.name], a)
-
-
-def is_key(past_name: str) -> bool:
-    """A key cache (past_key_values.3.key, past_key_3, ...), by name."""
-    return "key" in past_name.rsplit(".", 1)[-1] or past_name.rsplit("_", 1)[0].endswith("key")
 
 
 def _pair_norm(c: np.ndarray) -> np.ndarray:

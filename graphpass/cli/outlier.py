@@ -30,4 +30,9 @@ def with_outlier(cfg, a: argparse.Namespace):
         if given:
             raise GraphpassError("--outlier-threshold / -topk / -fraction / -slack apply to --scheme outlier")
         return cfg
+    if "threshold" in given and ("topk" in given or "fraction" in given):
+        raise GraphpassError("--outlier-threshold has no effect with --outlier-topk / -fraction: give one of them")
+    if "slack" in given and (cfg.alpha != "auto" or "topk" in given or "fraction" in given):
+        raise GraphpassError("--outlier-slack applies to the threshold search (--alpha auto without "
+                             "--outlier-topk / -fraction)")
     return replace(cfg, outlier=OutlierConfig(**given))

@@ -22,7 +22,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from graphpass.cli.common import check_output, site_alpha
     from graphpass.calibrate.data import load_data
     from graphpass.graph.io import write_text
-    from graphpass.pipeline import PipelineConfig, quantize
+    from graphpass.pipeline import PipelineConfig, needs_calibration, quantize
 
     check_output(a.model, a.output, a.overwrite, also=(a.report,) if a.report else ())
     cfg = PipelineConfig(scheme=a.scheme, alpha=None if a.no_smooth else a.alpha,
@@ -34,7 +34,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          kv_scales=a.kv_scales, kv_smooth=a.kv_smooth,
                          decode_route=a.decode_route)
     cfg = with_outlier(with_nbits(cfg, a), a)   # w8 / w4, outlier options
-    if a.data is None and (cfg.alpha is not None or cfg.scheme == "static"):
+    if a.data is None and needs_calibration(cfg):
         raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
                              "a dynamic scheme)")
     data = load_data(a.data) if a.data else None

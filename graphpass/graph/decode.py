@@ -300,3 +300,11 @@ def open_runner(path: str | os.PathLike, threads: int = 2, **session_kw) -> Deco
 def is_past_name(name: str) -> bool:
     """A graph input named like a past cache tensor (past_key_values.{i}.key / .value)."""
     return bool(re.fullmatch(re.escape(PAST_PREFIX) + r"\d+\.(key|value)", name))
+
+
+def is_key(past_name: str) -> bool:
+    """A key cache (past_key_values.3.key, past_key_3, past_key), by name: the last dotted part
+    when there is one (past_key_values.3.value is a value cache), else the name before its index."""
+    if "." in past_name:
+        return "key" in past_name.rsplit(".", 1)[-1]
+    return past_name.endswith("key") or past_name.rsplit("_", 1)[0].endswith("key")

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphpass.graph.decode import is_key
 from graphpass.passes.decode_match import NoMatch, const, scalar
 
 CHAIN = ("Unsqueeze", "Expand", "Reshape", "Identity")   # move elements, keep the channel axis
@@ -111,7 +112,7 @@ def quantize_concat_cache(g: gs.Graph, scales: dict[str, np.ndarray], fold: bool
             continue
         s4 = np.asarray(s, np.float32).reshape(1, s.shape[0], 1, s.shape[1])
         name, present = f"{pname}/kv8", cat.outputs[0]
-        key = pname.endswith("key")
+        key = is_key(pname)
         try:
             mm = _attention_matmul(present, key) if fold else None
         except NoMatch as e:

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphpass.errors import GraphpassError
+from graphpass.graph.decode import is_key
 from graphpass.graph.gs_io import read, set_values
 
 LAYER = re.compile(r"layers\.(\d+)/(?:self_attn|attn)/(q_proj|k_proj|qkv_proj)/MatMul$")
@@ -36,7 +37,7 @@ def key_factors(absmax: dict[str, np.ndarray], alpha: float = 1.0) -> dict[str, 
         raise GraphpassError(f"key smoothing strength must lie in [0, 1], got {alpha}")
     out = {}
     for name, a in absmax.items():
-        if not name.endswith("key"):
+        if not is_key(name):
             continue
         half = a.shape[1] // 2
         if a.shape[1] % 2 or not np.allclose(a[:, :half], a[:, half:], rtol=1e-6, atol=0.0):

@@ -230,8 +230,11 @@ def quantize_within_budget(model: str | os.PathLike, output: str | os.PathLike, 
     from graphpass.calibrate.data import check_data
     from graphpass.validate.evaluate import model_kind
     from graphpass.graph.io import load_model
-    from graphpass.pipeline import quantize
+    from graphpass.pipeline import needs_calibration, quantize
 
+    if config.kv_cache:   # the ranking (graphpass debug) runs both graphs on one set of inputs
+        raise GraphpassError("--max-kl / --max-ppl-increase with --kv-cache are not combined yet: the layer "
+                             "ranking cannot run an int8-cache graph beside the float one")
     src, out = Path(model), Path(output)
     graph = load_model(src, load_weights=False)
     budget.check(model_kind(src, graph))
@@ -240,7 +243,7 @@ def quantize_within_budget(model: str | os.PathLike, output: str | os.PathLike, 
     res = BudgetResult(budget, len(next(iter(held.values()))), order_by=order_by)
     t0 = time.perf_counter()
     stats = None
-    if config.alpha is not None or config.scheme == "static":
+    if needs_calibration(config):
         stats = calibrate(src, calib, config.batch_size, config.threads, progress,
                           row_step=config.row_step if config.alpha == "auto" else 0,
                           decode_steps=config.decode_steps)
@@ -253,7 +256,8 @@ def quantize_within_budget(model: str | os.PathLike, output: str | os.PathLike, 
         if stats is not None:
             stats.rows = {}                                  # the alpha search is done
         if config.alpha == "auto":                           # keep the α found: no new search
-            config = replace(config, alpha=0.5, site_alpha=tuple(plain.alphas.items()))
+            config = replace(config, alpha=0.5, site_alpha=tuple(plain.alphas.items()),
+                             outlier_thresholds=tuple(plain.thresholds.items()))   # and the thresholds
         s = _Search(src, work, stats, config, held, budget, res, log)
         k = 0
         if not s.measure(0, work / "plain.onnx", t0):
