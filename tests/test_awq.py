@@ -197,3 +197,22 @@ def test_one_blas_thread_restores_the_thread_count():
     with one_blas_thread():
         assert int(get()) == 1
     assert int(get()) == before
+
+
+def test_clip_leaves_a_float_head_alone_and_clips_an_8_bit_head_on_its_grid():
+    """Regression: with --float-head the clip search clipped the LM head, a weight that is never
+    rounded, so clipping could only add error. Now it is skipped, and --head-bits 8 clips the
+    head for the 8-bit grid it is packed on."""
+    from graphpass.passes.quantize import is_lm_head
+
+    def heads(cfg):
+        an = analyze(build_optimum_past(SMALL))               # the final norm's site holds the head
+        rep = awq(an, _outlier_stats(an), cfg, progress=False)
+        names = {lin.name for s in an.sites for lin in s.consumers if is_lm_head(lin, an.consts)}
+        assert names                                      # the fixture has a head to clip
+        return [r for r in rep.clip if r["linear"] in names], len(rep.clip)
+
+    kept, n = heads(NBitsConfig(bits=4, block_size=32, lm_head=False))
+    assert kept == [] and n > 0
+    clipped, _ = heads(NBitsConfig(bits=4, block_size=32, head_bits=8))
+    assert len(clipped) == 1

@@ -249,3 +249,29 @@ def test_alpha_search_on_kernel_arithmetic_never_worse_than_no_smoothing():
     assert len(chosen) == len(an.sites)
     assert all(r["errors"][r["alpha"]] <= r["errors"][0.0] for r in rows)
     assert any(r["alpha"] > 0 and r["errors"][r["alpha"]] < 0.9 * r["errors"][0.0] for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["genai", "torch"])
+def test_head_bits_put_the_tied_table_in_8_bits_under_a_4_bit_body(kind):
+    """w4 with head_bits 8: the head and its tied lookup read one 8-bit table (their numerics as
+    for an 8-bit scheme); with --float-head the head gets no config (it is not packed)."""
+    from graphpass.match.sites import analyze
+    from graphpass.passes.nbits import layer_config
+
+    m, w = _tied(kind)
+    cfg = NBitsConfig(bits=4, block_size=32, accuracy_level=0, head_bits=8)
+    an = analyze(m)
+    head = next(lin for lin in an.linears if lin.name == "/lm_head/MatMul")
+    assert layer_config(head, an.consts, cfg).bits == 8
+    assert layer_config(head, an.consts, NBitsConfig(bits=4, lm_head=False)) is None
+    q, _ = nbits(m, cfg)
+    attrs = {n.op_type: {a.name: a.i for a in n.attribute} for n in q.graph.node}
+    assert attrs["MatMulNBits"]["bits"] == 8 and attrs["GatherBlockQuantized"]["bits"] == 8
+    table = unpack_reference(pack(w, 8, 32), 8, 32)
+    x = np.random.default_rng(4).normal(size=(5, 96)).astype(np.float32)
+    ids = np.array([0, 7, 299, 7, 150])
+    emb, logits = make_session(q).run(["emb", "logits"], {"x": x, "ids": ids})
+    np.testing.assert_array_equal(emb, table.T[ids])
+    np.testing.assert_allclose(logits, x @ table, rtol=0, atol=1e-4 * np.abs(x @ table).max())
+    with pytest.raises(GraphpassError, match="--head-bits must be 4 or 8"):
+        NBitsConfig(head_bits=2)

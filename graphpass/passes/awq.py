@@ -16,7 +16,7 @@ import numpy as np
 from graphpass.calibrate.stats import Stats
 from graphpass.match.sites import Analysis
 from graphpass.passes.clip import clip_blocks
-from graphpass.passes.nbits import NBitsConfig
+from graphpass.passes.nbits import NBitsConfig, layer_config
 from graphpass.passes.smooth import fold_site
 from graphpass.search.awq import SiteChoice, search_awq
 from graphpass.search.blas import one_blas_thread
@@ -69,7 +69,10 @@ def clip_readers(an: Analysis, stats: Stats, cfg: NBitsConfig, rep: AwqReport, p
         x = stats.rows[site.act]
         x = x[::-(-len(x) // CLIP_ROWS)].astype(np.float32) / rep.choices[site.name].scales
         for lin in site.consumers:
+            lcfg = layer_config(lin, c, cfg)
+            if lcfg is None:          # a head kept in float is not rounded: clipping would only cost
+                continue
             w = lin.weight(c).astype(np.float32)
-            ratio, before, after = search_clip(x, w, cfg)
-            lin.set_weight(c, clip_blocks(w, ratio, cfg.block_size, cfg.symmetric))
+            ratio, before, after = search_clip(x, w, lcfg)
+            lin.set_weight(c, clip_blocks(w, ratio, lcfg.block_size, lcfg.symmetric))
             rep.clip.append(dict(linear=lin.name, before=before, after=after, mean_ratio=float(ratio.mean())))

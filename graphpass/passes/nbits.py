@@ -43,10 +43,13 @@ class NBitsConfig:
     symmetric: bool = True
     lm_head: bool = True              # the LM head in N bits too (a tied table is then shared)
     skip: tuple[str, ...] = ()        # fnmatch patterns on linear layer names
+    head_bits: int | None = None      # the LM head (and a tied table) in other bits (None: `bits`)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise GraphpassError(f"--bits must be 4 or 8, got {self.bits}")
+        if self.head_bits not in (None, 4, 8):
+            raise GraphpassError(f"--head-bits must be 4 or 8, got {self.head_bits}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise GraphpassError(f"--block-size must be a power of two in 16..256, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -115,10 +118,11 @@ def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig()
             continue
         gathers = _tied_gathers(lin) if is_lm_head(lin, c) else []
         name = lin.name          # before the rewrite detaches the node
-        p = _rewrite(lin, c, e, config)
+        cfg = layer_config(lin, c, config)
+        p = _rewrite(lin, c, e, cfg)
         for gather in gathers:
             rep.tables.append(gather.inputs[0].name)
-            _shared_lookup(gather, p, e, config)
+            _shared_lookup(gather, p, e, cfg)
         rep.quantized.append(name)
     if rep.quantized:
         add_opset(g, MS, 1)
@@ -126,6 +130,16 @@ def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig()
     if isinstance(model, onnx.ModelProto):
         export_into(model, g)
     return model, rep
+
+
+def layer_config(lin: Linear, c: Consts, cfg: NBitsConfig) -> NBitsConfig | None:
+    """What one layer is packed with: the LM head in `head_bits` when set, None when it stays float
+    (--float-head); every other layer in `cfg`."""
+    if not is_lm_head(lin, c):
+        return cfg
+    if not cfg.lm_head:
+        return None
+    return cfg if cfg.head_bits in (None, cfg.bits) else replace(cfg, bits=cfg.head_bits)
 
 
 def _skip_reason(lin: Linear, c: Consts, cfg: NBitsConfig) -> str:
