@@ -120,3 +120,15 @@ def test_eval_batch_is_capped_by_the_size_of_its_logits():
     assert capped_batch(m, ["logits"], long, 2) == 1
     assert capped_batch(m, ["logits"], short, 2) == 2
     assert capped_batch(m, ["logits"], short, 64) == OUTPUT_BUDGET // (SEQ * BIG_VOCAB * 4)
+
+
+def test_report_with_its_latency_bench_is_bounded_at_512_tokens(big):
+    """Regression: report's 1x512 bench ran the two sessions with their arenas, each keeping a
+    512 MiB block of logits at 262k: 2.66 GiB against the 1.13 GiB bound. Outputs over the eval
+    budget now run both sessions without an arena (validate/bench.py)."""
+    d, ref, _, cand = big
+    np.savez(d / "one512.npz", **random_inputs(build_big_vocab_decoder(), 1, LONG_SEQ, seed=300))
+    r = cli_peak_memory(["report", ref, cand, "--data", d / "one512.npz", "-o", d / "r512.html",
+                         "--bench-seconds", "0.5"])
+    assert r["rc"] == 0, r["stderr"]
+    assert r["peak_bytes"] <= _bound(ref), (r["peak_bytes"] >> 20, _bound(ref) >> 20)

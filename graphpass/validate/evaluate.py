@@ -119,11 +119,16 @@ def capped_batch(model, outs: list[str], data: dict[str, np.ndarray], batch_size
                  budget: int = OUTPUT_BUDGET) -> int:
     """The largest batch <= `batch_size` whose outputs fit `budget` bytes per model (at least 1).
 
-    A sample's outputs are the product of each output's dims after the batch axis, a symbolic one
-    read as the data's sequence length (the second axis of its first 2-D input), at 4 bytes each.
     At 512 tokens x 262,144 a sample holds 512 MiB of logits: batch 2 would hold 1 GiB per model,
     over 2 x a small model + 1 GiB. Unknown sizes leave the batch as given."""
     seq = next((int(v.shape[1]) for v in data.values() if np.ndim(v) == 2), 1)
+    per = sample_output_bytes(model, outs, seq)
+    return max(1, min(batch_size, budget // per)) if per else batch_size
+
+
+def sample_output_bytes(model, outs: list[str], seq: int) -> int | None:
+    """Bytes of one sample's outputs named in `outs`: each output's dims after the batch axis, a
+    symbolic one read as the sequence length `seq`, at 4 bytes each; None when a size is unknown."""
     per = 0
     for o in model.graph.output:
         if o.name not in outs:
@@ -131,9 +136,9 @@ def capped_batch(model, outs: list[str], data: dict[str, np.ndarray], batch_size
         dims = [d.dim_value if d.HasField("dim_value") else (seq if d.dim_param else 0)
                 for d in o.type.tensor_type.shape.dim[1:]]
         if not dims or 0 in dims:
-            return batch_size
+            return None
         per += 4 * int(np.prod(dims))
-    return max(1, min(batch_size, budget // per)) if per else batch_size
+    return per or None
 
 
 def _run_reference(reference, threads: int, outs: list[str], kind: str, bs: list[dict], ref_dir: Path,
