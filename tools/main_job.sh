@@ -4,7 +4,8 @@
 #  1. The with-past graph people deploy (optimum-onnx `text-generation-with-past`): quantize
 #     (W8A8 token, SmoothQuant with per-site alpha, calibration over prefill and decode steps,
 #     attention with its cache fused to GroupQueryAttention, and --decode-route: one new token runs
-#     through MatMulNBits' GEMV, a prompt through MatMulIntegerToFloat, from one copy of the bytes),
+#     through MatMulNBits' GEMV, a prompt through MatMulIntegerToFloat, from one copy of the bytes;
+#     --embedding-int8: the token table in int8, which the float LM head reads at decode too),
 #     accuracy against FP32, prefill latency, decode (time to first token, ms/token, tokens/s),
 #     and a `graphpass generate` sample from the quantized graph beside FP32's.
 #  2. The no-cache export: each W8A8 scheme against FP32, the comparison table and the report.
@@ -22,7 +23,7 @@ echo "== with-past SmolLM2 (optimum-onnx form)"
 graphpass data --play othello --tokenizer "$P/tokenizer.json" --model "$P/model.onnx" --seq-len 512 --samples 32 -o "$OUT/calib-past.npz"
 graphpass data --play hamlet  --tokenizer "$P/tokenizer.json" --model "$P/model.onnx" --seq-len 512 --samples 16 -o "$OUT/eval-past.npz"
 graphpass quantize "$P/model.onnx" -o "$OUT/past-token.onnx" --data "$OUT/calib-past.npz" --scheme token --decode-fusions \
-  --decode-route --alpha auto --report "$OUT/quantize-past-token.json"
+  --decode-route --embedding-int8 --alpha auto --report "$OUT/quantize-past-token.json"
 graphpass eval "$OUT/past-token.onnx" --reference "$P/model.onnx" --data "$OUT/eval-past.npz" --json "$OUT/eval-past-token.json"
 graphpass bench "$OUT/past-token.onnx" --reference "$P/model.onnx" --shape 1x512 --json "$OUT/bench-past-token.json"
 graphpass bench "$OUT/past-token.onnx" --reference "$P/model.onnx" --decode --prompt-len 256 --steps 64 \
