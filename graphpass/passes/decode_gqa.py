@@ -123,17 +123,24 @@ def _unguarded(s):
 
 def _merge_heads(t):
     tr = only_reader(t, "Transpose")
-    if list(tr.attrs.get("perm", [])) != [0, 2, 1, 3]:
-        raise NoMatch("attention output is not transposed as 0 2 1 3")
+    _check_perm(tr, "attention output is not transposed as 0 2 1 3")
     rs = only_reader(tr.outputs[0], "Reshape")
+    return rs.outputs[0], _batch_seq_shape(rs, (-1,), "merged attention output is not reshaped to [b, s, -1]")
+
+
+def _check_perm(tr: gs.Node, why: str) -> None:
+    if list(tr.attrs.get("perm", [])) != [0, 2, 1, 3]:
+        raise NoMatch(why)
+
+
+def _batch_seq_shape(rs: gs.Node, tail: tuple[int, ...], why: str):
+    """Reshape(·, Concat(Shape(X)[0], Shape(X)[1], *tail)) -> X, whose dims 0, 1 are b, s."""
     c = expect(rs.inputs[1], "Concat")
     dims = [shape_dim(x) for x in c.inputs[:2]]
-    if len(c.inputs) != 3 or None in dims or dims[0][1] != 0 or dims[1][1] != 1 or dims[0][0] is not dims[1][0]:
-        raise NoMatch("merged attention output is not reshaped to [b, s, -1]")
-    last = scalar(c.inputs[2])
-    if last is None or last != -1:
-        raise NoMatch("merged attention output is not reshaped to [b, s, -1]")
-    return rs.outputs[0], dims[0][0]
+    if len(c.inputs) != 2 + len(tail) or None in dims or [dims[0][1], dims[1][1]] != [0, 1] \
+            or dims[0][0] is not dims[1][0] or [scalar(x) for x in c.inputs[2:]] != list(tail):
+        raise NoMatch(why)
+    return dims[0][0]
 
 
 def _repeat_kv(t) -> tuple[gs.Variable, int]:
@@ -173,15 +180,9 @@ def _scaled(t) -> tuple[float, gs.Variable]:
 def _heads(t, d: int):
     """Transpose(Reshape(x, [b, s, -1, d]), 0 2 1 3) -> (x, X whose dims 0, 1 are b, s)."""
     tr = expect(t, "Transpose")
-    if list(tr.attrs.get("perm", [])) != [0, 2, 1, 3]:
-        raise NoMatch("heads are not transposed as 0 2 1 3")
+    _check_perm(tr, "heads are not transposed as 0 2 1 3")
     rs = expect(tr.inputs[0], "Reshape")
-    c = expect(rs.inputs[1], "Concat")
-    dims = [shape_dim(x) for x in c.inputs[:2]]
-    if len(c.inputs) != 4 or None in dims or [dims[0][1], dims[1][1]] != [0, 1] or dims[0][0] is not dims[1][0] \
-            or scalar(c.inputs[2]) != -1 or scalar(c.inputs[3]) != d:
-        raise NoMatch(f"projection is not reshaped to [b, s, -1, {d}]")
-    return rs.inputs[0], dims[0][0]
+    return rs.inputs[0], _batch_seq_shape(rs, (-1, d), f"projection is not reshaped to [b, s, -1, {d}]")
 
 
 def rewrite_layer(g: gs.Graph, L: Layer, tables: RopeTables, shared: dict) -> None:
