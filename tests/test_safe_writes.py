@@ -27,8 +27,10 @@ from graphpass.testing.synthetic import SyntheticConfig, build_llama, random_inp
 WAIT_S = 60  # the child reaches its pause / exits within this, or the test fails
 
 HARNESS = '''
-import os, sys, time
+import faulthandler, os, signal, sys, time
 from pathlib import Path
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)   # the test asks for stacks if the child hangs
 
 marker, where, target, pause = Path(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
 writers = {"save_model", "save_graph", "write_bytes", "save_data"}
@@ -37,7 +39,10 @@ real_replace = os.replace
 
 def hold():
     marker.write_text("paused")
-    time.sleep(pause)
+    end = time.monotonic() + pause
+    while time.monotonic() < end:   # short naps, not one long sleep: the kernel may hand the signal
+        time.sleep(0.02)            # to another thread (onnxruntime's pool), which does not cut the
+                                    # main thread's sleep short; its Python handler runs at the next wake
 
 
 def replace(src, dst):
@@ -98,7 +103,14 @@ def signalled(harness: Path, tmp_path: Path, argv: list, sig: int, where: str, t
             pytest.fail(f"the child never paused (exit {proc.returncode}): {err[-2000:]}")
         time.sleep(0.005)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=WAIT_S)
+    try:
+        _, err = proc.communicate(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)          # faulthandler: every thread's stack to stderr
+        time.sleep(1)
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the child did not exit within {WAIT_S} s of the signal; its stacks:\n{err[-4000:]}")
     return proc.returncode, err
 
 
