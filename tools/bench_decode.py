@@ -1,7 +1,7 @@
 """Decode speed of with-past graphs against their FP32 reference, measured in one run.
 
     python tools/bench_decode.py FP32/model.onnx CAND.onnx [CAND2.onnx ...] [--prompt 256]
-        [--steps 64] [--rounds 5] [--threads 2] [--tokenizer T/tokenizer.json] [--profile]
+        [--steps 64] [--rounds 5] [--threads 2] [--tokenizer T/tokenizer.json] [--profile] [--spinning]
 
 One generation = a prefill of P prompt tokens with an empty past (time to first token), then
 N greedy steps, each feeding one token and the previous `present.*` back as `past_key_values.*`
@@ -14,6 +14,11 @@ all of them alike. Ratios are candidate / reference medians; TTFT is the median 
 The prompt is the first P tokens of Hamlet through `tokenizer.json` (beside the reference, or
 --tokenizer); without one, seeded random ids. "agree" counts the greedy tokens that match the
 reference's before the first difference.
+
+--spinning: the sessions as onnxruntime builds them by default, whose threads spin between runs
+(what a user's generation loop gets). Spinning sessions cannot be interleaved fairly (the idle
+one's threads steal the cores, FACTS.md), so each round runs one whole generation per graph, one
+graph at a time with a pause between them, the order rotated per round.
 
 --profile: onnxruntime's profiler over decode steps only (the prefill runs in a separate,
 unprofiled session), kernel time per op type per step, and how many nodes onnxruntime runs
@@ -48,11 +53,11 @@ DTYPES = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32}
 class Decoder:
     """A session over a with-past graph: which inputs it takes and how past maps to present."""
 
-    def __init__(self, path: str, threads: int, profile_dir: str | None = None):
+    def __init__(self, path: str, threads: int, profile_dir: str | None = None, spinning: bool = False):
         self.path = path
         self.cpu: list[float] = []      # process CPU seconds of each run (both threads)
         if profile_dir is None:
-            self.sess = make_session(path, threads)
+            self.sess = make_session(path, threads, spinning=spinning)
         else:
             so = session_options(threads, profile=True)
             so.profile_file_prefix = os.path.join(profile_dir, "trace")
@@ -149,8 +154,20 @@ def lockstep(decs: list[Decoder], prompt: np.ndarray, steps: int, shift: int):
     return ttft, times, toks
 
 
-def bench(paths: list[str], prompt: np.ndarray, steps: int, rounds: int, threads: int) -> list[dict]:
-    decs = [Decoder(p, threads) for p in paths]
+def in_blocks(decs: list[Decoder], prompt: np.ndarray, steps: int, shift: int):
+    """One whole generation per decoder, one decoder at a time (order rotated by `shift`), with a
+    pause between them: the form for sessions that spin (onnxruntime's default), whose idle
+    threads would otherwise slow whichever session runs beside them."""
+    ttft, times, toks = [0.0] * len(decs), [[] for _ in decs], [[] for _ in decs]
+    for i in [(i + shift) % len(decs) for i in range(len(decs))]:
+        time.sleep(0.5)
+        ttft[i], times[i], toks[i] = decs[i].generate(prompt, steps)
+    return ttft, times, toks
+
+
+def bench(paths: list[str], prompt: np.ndarray, steps: int, rounds: int, threads: int,
+          spinning: bool = False) -> list[dict]:
+    decs = [Decoder(p, threads, spinning=spinning) for p in paths]
     for d in decs:                  # warm-up: first runs allocate and pick kernels
         d.generate(prompt[:32], 4)
     ttft = [[] for _ in decs]
@@ -159,7 +176,7 @@ def bench(paths: list[str], prompt: np.ndarray, steps: int, rounds: int, threads
     for d in decs:
         d.cpu.clear()
     for r in range(rounds):
-        tt, st, toks = lockstep(decs, prompt, steps, r)
+        tt, st, toks = (in_blocks if spinning else lockstep)(decs, prompt, steps, r)
         for i in range(len(decs)):
             ttft[i].append(tt[i])
             step[i] += st[i]
@@ -218,7 +235,9 @@ def header(reference: str, prompt_src: str, a) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"{now}, commit {commit}, {machine()}, load average {os.getloadavg()[0]:.2f}\n"
             f"reference {reference}; prompt {a.prompt} tokens ({prompt_src}), {a.steps} greedy steps, "
-            f"{a.rounds} alternating rounds, {a.threads} threads, spinning off")
+            f"{a.rounds} alternating rounds, {a.threads} threads, " +
+            ("spinning on (onnxruntime's default), one generation at a time" if a.spinning
+             else "spinning off, sessions in lockstep"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer")
     p.add_argument("--profile", action="store_true", help="per-op profile of decode steps instead")
     p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--spinning", action="store_true",
+                   help="sessions as onnxruntime makes them by default (threads spin between runs), "
+                        "timed one whole generation at a time instead of in lockstep")
     a = p.parse_args(argv)
     prompt, src = prompt_ids(a.reference, a.tokenizer, a.prompt)
     print(header(a.reference, src, a))
@@ -242,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{n} nodes run by onnxruntime ({node_count(path)} in the file)\n")
             print(table("op type", by_op, 15))
         return 0
-    rows = bench([a.reference, *a.candidates], prompt, a.steps, a.rounds, a.threads)
+    rows = bench([a.reference, *a.candidates], prompt, a.steps, a.rounds, a.threads, a.spinning)
     print("\n| model | nodes | size MB | TTFT ms (median / min) | TTFT ratio (median / min) "
           "| ms/token (median / p10) | ratio (median / p10) | CPU ms/token (ratio) | tokens/s | agree |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
