@@ -27,10 +27,12 @@ from graphpass.graph.consts import attr
 from graphpass.graph.gs_io import add_opset, export_into, opset_version
 from graphpass.match.linears import Linear
 from graphpass.match.sites import analyze
+from graphpass.passes.digits import emit_token_digits
 from graphpass.passes.qforms import MS, Emitter, emit_token, quantize_weight
 from graphpass.passes.quantize import QuantConfig, QuantReport, _detach, _rewrite, _skip_reason
 
 DEFAULT_THRESHOLD = 6.0
+SITE_KINDS = ("rmsnorm", "layernorm", "attn", "glu")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class OutlierConfig:
     topk: int | None = None
     fraction: float | None = None
     slack: float = 0.1        # search: the fewest float columns within (1 + slack) x the best error
+    two_digit: tuple[str, ...] = ()   # site kinds (e.g. "glu") whose int8 activations take two digits
 
     def __post_init__(self):
         if self.topk is not None and self.fraction is not None:
@@ -52,6 +55,9 @@ class OutlierConfig:
             raise GraphpassError(f"--outlier-fraction must be in [0, 1], got {self.fraction}")
         if self.slack < 0:
             raise GraphpassError(f"outlier search slack must be >= 0, got {self.slack}")
+        bad = [k for k in self.two_digit if k not in SITE_KINDS]
+        if bad:
+            raise GraphpassError(f"--outlier-two-digit: unknown site kind '{bad[0]}' (kinds: {', '.join(SITE_KINDS)})")
 
     @property
     def by_threshold(self) -> bool:
@@ -72,6 +78,7 @@ def outlier_columns(absmax: np.ndarray, cfg: OutlierConfig, threshold: float | N
 @dataclass
 class OutlierReport(QuantReport):
     columns: dict[str, tuple[int, int]] = field(default_factory=dict)   # layer -> (|O|, K)
+    two_digit: list[str] = field(default_factory=list)                   # layers with two-digit activations
 
     @property
     def float_share(self) -> float:
@@ -82,13 +89,16 @@ class OutlierReport(QuantReport):
     def format(self) -> str:
         split = sum(1 for o, k in self.columns.values() if 0 < o < k)
         return (super().format() + f"\n  outlier split: {split} layers with float columns, "
-                f"{100 * self.float_share:.3f}% of input columns on the float path")
+                f"{100 * self.float_share:.3f}% of input columns on the float path"
+                + (f"; {len(self.two_digit)} layers with two-digit int8 activations" if self.two_digit else ""))
 
 
 def split_outliers(model: onnx.ModelProto | gs.Graph, config: QuantConfig, columns: dict[str, np.ndarray],
-                   int8: bool = True) -> tuple[onnx.ModelProto | gs.Graph, OutlierReport]:
+                   int8: bool = True, two_digit: frozenset[str] = frozenset()
+                   ) -> tuple[onnx.ModelProto | gs.Graph, OutlierReport]:
     """Rewrite every linear layer in place; `columns` maps a layer name (or its input tensor's
-    name) to its outlier columns O. `int8=False` keeps the R part in float (checks, debugging)."""
+    name) to its outlier columns O. `int8=False` keeps the R part in float (checks, debugging).
+    `two_digit`: layer names whose int8 part takes its activation in two digits (passes/digits.py)."""
     if config.embedding_int8:
         raise GraphpassError("--embedding-int8 is not supported with --scheme outlier")
     an = analyze(model)
@@ -106,10 +116,13 @@ def split_outliers(model: onnx.ModelProto | gs.Graph, config: QuantConfig, colum
         if why:
             rep.skipped.append((lin.name, why))
             continue
-        if o.size == 0 and int8:
+        digits = lin.name in two_digit
+        if o.size == 0 and int8 and not digits:
             _rewrite(lin, c, e, token, None, {})
         else:
-            _rewrite_split(lin, c, e, o, int8)
+            _rewrite_split(lin, c, e, o, int8, digits)
+            if digits:
+                rep.two_digit.append(lin.name)
         rep.quantized.append(lin.name)
         rep.columns[lin.name] = (int(o.size), int(k))
     if any(n.domain == MS for n in g.nodes):
@@ -120,7 +133,7 @@ def split_outliers(model: onnx.ModelProto | gs.Graph, config: QuantConfig, colum
     return model, rep
 
 
-def _rewrite_split(lin: Linear, c, e: Emitter, o: np.ndarray, int8: bool) -> None:
+def _rewrite_split(lin: Linear, c, e: Emitter, o: np.ndarray, int8: bool, digits: bool = False) -> None:
     n, base = lin.node, (lin.node.name or lin.node.outputs[0].name).strip("/").replace("/", "_")
     gain = np.float32(attr(n, "alpha", 1.0)) if n.op == "Gemm" else np.float32(1.0)
     beta = np.float32(attr(n, "beta", 1.0))
@@ -128,7 +141,7 @@ def _rewrite_split(lin: Linear, c, e: Emitter, o: np.ndarray, int8: bool) -> Non
     w = lin.weight(c).astype(np.float32) * gain
     x, out = lin.x, _detach(n)
     y = gs.Variable(e.name(f"{base}_noBias")) if bias is not None else out
-    emit_split(e, x, w, o, y, base, int8)
+    emit_split(e, x, w, o, y, base, int8, digits)
     if bias is not None:
         e.emit("Add", [y, e.const(f"{base}_bias", bias.astype(np.float32) * beta)], [out], f"{base}_bias_Add")
 
@@ -146,17 +159,24 @@ def split_inputs(e: Emitter, x: gs.Tensor, o: np.ndarray, k: int, base: str) -> 
 
 
 def emit_split(e: Emitter, x: gs.Tensor, w: np.ndarray, o: np.ndarray, y: gs.Tensor, base: str,
-               int8: bool = True) -> None:
-    """y = X[..., O]·W[O] + token_int8(X ⊙ m)·int8(W ⊙ m) (or that second product in float)."""
-    xr, xo = split_inputs(e, x, o, w.shape[0], base)
+               int8: bool = True, digits: bool = False) -> None:
+    """y = X[..., O]·W[O] + token_int8(X ⊙ m)·int8(W ⊙ m) (or that second product in float);
+    `digits`: the int8 part's activation in two digits. O = ∅: the int8 part alone, on X."""
+    if o.size == 0:
+        xr, yi = x, y
+    else:
+        xr, xo = split_inputs(e, x, o, w.shape[0], base)
+        yi = gs.Variable(e.name(f"{base}_int8_part"))
     wr = w.copy()
     wr[o] = 0.0
-    yi = gs.Variable(e.name(f"{base}_int8_part"))
     if int8:
         q, s = quantize_weight(wr)
-        emit_token(e, xr, e.const(f"{base}_w_int8", q), e.const(f"{base}_w_scale", s), yi, base)
+        emit = emit_token_digits if digits else emit_token
+        emit(e, xr, e.const(f"{base}_w_int8", q), e.const(f"{base}_w_scale", s), yi, base)
     else:
         e.emit("MatMul", [xr, e.const(f"{base}_w_inliers", wr)], [yi], f"{base}_inlier_MatMul")
+    if o.size == 0:
+        return
     (yf,) = e.node("MatMul", [xo, e.const(f"{base}_w_outliers", np.ascontiguousarray(w[o]))], f"{base}_float_part")
     e.emit("Add", [yi, yf], [y], f"{base}_outlier_Add")
 
@@ -179,3 +199,8 @@ def calibrated_columns(an, stats, smoothed, cfg: OutlierConfig,
         t = (thresholds or {}).get(st.name) if st is not None else None
         out[lin.name] = outlier_columns(a, cfg, t)
     return out
+
+
+def two_digit_layers(an, cfg: OutlierConfig) -> frozenset[str]:
+    """Names of the linear layers reading a site whose kind is in cfg.two_digit."""
+    return frozenset(lin.name for st in an.sites if st.kind in cfg.two_digit for lin in st.consumers)
