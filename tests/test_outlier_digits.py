@@ -141,3 +141,23 @@ def test_bench_outlier_rows_take_two_digit_kinds():
     assert (name, scheme, alpha) == ("o+s, 1%", "outlier", "auto")
     assert OutlierConfig(**opts) == OutlierConfig(fraction=0.01, two_digit=("glu", "attn"))
     assert tool._extra("t=outlier,0.5,two_digit=none")[1][2] == {"two_digit": ()}
+
+
+@pytest.mark.parametrize("digits", [False, True])
+def test_layers_mostly_outliers_keep_the_float_matmul(digits):
+    """Above SPLIT_MAX_SHARE[digits] of the columns the split costs more than the float MatMul:
+    the layer stays float (exact), its columns count as float; just below, the split is emitted."""
+    from graphpass.passes.outlier import SPLIT_MAX_SHARE
+
+    rng = np.random.default_rng(3)
+    m, _ = _two_readers(rng)
+    limit = int(SPLIT_MAX_SHARE[digits] * K)
+    cols = {"MatMul_a": np.arange(limit + 1), "MatMul_b": np.arange(limit)}
+    q, rep = split_outliers(copy_model(m), TOKEN, cols, two_digit=frozenset(NAMES) if digits else frozenset())
+    assert rep.quantized == ["MatMul_b"] and [n for n, _ in rep.skipped] == ["MatMul_a"]
+    assert "the float MatMul is cheaper than the split" in rep.skipped[0][1]
+    assert rep.columns == {"MatMul_a": (K, K), "MatMul_b": (limit, K)}
+    assert rep.float_share == pytest.approx((K + limit) / (2 * K))
+    x = _spiky(rng)
+    ref, got = run(m, {"x": x}), run(q, {"x": x})
+    assert np.array_equal(got["a"], ref["a"])

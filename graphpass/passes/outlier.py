@@ -33,6 +33,11 @@ from graphpass.passes.quantize import QuantConfig, QuantReport, _detach, _rewrit
 
 DEFAULT_THRESHOLD = 6.0
 SITE_KINDS = ("rmsnorm", "layernorm", "attn", "glu")
+# Above this share of float columns the float MatMul is cheaper than the split (key: two digits).
+# One 512x576x1536 layer in units of its token form (tools/bench_outlier_forms.py, resid_bench):
+# FP32 3.1, split overhead 0.2 + 3.1·|O|/K, int8 part 1 (one digit) or 2.2 (two digits), so the
+# split pays while |O|/K < (3.1 − 0.2 − 1) / 3.1 ≈ 0.6, or (3.1 − 0.2 − 2.2) / 3.1 ≈ 0.25.
+SPLIT_MAX_SHARE = {False: 0.6, True: 0.25}
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,8 @@ class OutlierReport(QuantReport):
 
     @property
     def float_share(self) -> float:
-        """Share of the quantized layers' input columns on the float path."""
+        """Share of the input columns on the float path, over the quantized layers and those kept
+        in float because of their outliers."""
         n, k = (sum(v[i] for v in self.columns.values()) for i in (0, 1))
         return n / k if k else 0.0
 
@@ -111,12 +117,16 @@ def split_outliers(model: onnx.ModelProto | gs.Graph, config: QuantConfig, colum
         why = _skip_reason(lin, c, token, None)
         o = np.asarray(columns.get(lin.name, columns.get(lin.act, ())), np.int64)
         k = lin.shape(c)[0]
-        if not why and o.size >= k:
-            why = "every input column is an outlier (float MatMul)"
+        digits = lin.name in two_digit
+        dense = not why and (o.size >= k or int8 and o.size > SPLIT_MAX_SHARE[digits] * k)
+        if dense:
+            why = ("every input column is an outlier (float MatMul)" if o.size >= k else
+                   f"{o.size} of {k} input columns are outliers: the float MatMul is cheaper than the split "
+                   f"(above {SPLIT_MAX_SHARE[digits]:.0%})")
+            rep.columns[lin.name] = (int(k), int(k))    # the whole layer is on the float path
         if why:
             rep.skipped.append((lin.name, why))
             continue
-        digits = lin.name in two_digit
         if o.size == 0 and int8 and not digits:
             _rewrite(lin, c, e, token, None, {})
         else:
