@@ -47,7 +47,7 @@ class OutlierConfig:
     topk: int | None = None
     fraction: float | None = None
     slack: float = 0.1        # search: the fewest float columns within (1 + slack) x the best error
-    two_digit: tuple[str, ...] = ()   # site kinds (e.g. "glu") whose int8 activations take two digits
+    two_digit: tuple[str, ...] = ("glu",)   # site kinds whose int8 activations take two digits (glu: down_proj)
 
     def __post_init__(self):
         if self.topk is not None and self.fraction is not None:
