@@ -11,7 +11,9 @@ of W keeps them out of each output channel's weight scale. Measured on onnxrunti
 token form; Gather of R (a copy of the int8 side) 1.98x; Gemm with the int8 part as C 1.27x.
 X ⊙ m and X[:, O] are built once per (X, O) and shared by every reader (q, k, v read one X);
 readers of one X with different O get their own pair. O = ∅ is the token form; O = every
-column keeps the float MatMul.
+column, or more than SPLIT_MAX_SHARE of them (where the split costs more), keeps the float MatMul.
+On the site kinds of OutlierConfig.two_digit (default glu: the down_proj inputs, whose int8 error is
+per-token spikes in varying columns) the int8 part takes X ⊙ m in two int8 digits (passes/digits.py).
 """
 from __future__ import annotations
 
