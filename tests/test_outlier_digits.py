@@ -161,3 +161,31 @@ def test_layers_mostly_outliers_keep_the_float_matmul(digits):
     x = _spiky(rng)
     ref, got = run(m, {"x": x}), run(q, {"x": x})
     assert np.array_equal(got["a"], ref["a"])
+
+
+def test_two_digit_first_share_takes_the_earliest_sites(synth, tmp_path):
+    """two_digit_first 0.5 on the 2-layer llama: layer 0's down_proj only, in the pass and in the
+    search's error model (the one-digit site scores as the plain split)."""
+    from graphpass.calibrate.collect import calibrate
+    from graphpass.match.sites import analyze
+    from graphpass.passes.outlier import two_digit_layers, two_digit_sites
+    from graphpass.search.outlier_alpha import search_alpha_outlier
+
+    s = synth("llama")
+    an = analyze(s.fresh())
+    glu = [st for st in an.sites if st.kind == "glu"]
+    assert len(glu) == 2
+    half = OutlierConfig(two_digit_first=0.5)
+    assert two_digit_sites(an, half) == {glu[0].name}
+    assert two_digit_layers(an, half) == {lin.name for lin in glu[0].consumers}
+    assert two_digit_sites(an, OutlierConfig(two_digit_first=0.0)) == frozenset()
+    stats = calibrate(s.path, s.data, 1, 1, False, row_step=1)
+    one = {r["site"]: r["best_error"] for r in search_alpha_outlier(an, stats, OutlierConfig(two_digit=()), progress=False)[1]}
+    mix = {r["site"]: r["best_error"] for r in search_alpha_outlier(an, stats, half, progress=False)[1]}
+    assert mix[glu[1].name] == one[glu[1].name] and mix[glu[0].name] < 0.5 * one[glu[0].name]
+    res = graphpass.quantize(s.path, tmp_path / "q.onnx", s.data,
+                             PipelineConfig(scheme="outlier", alpha="auto", row_step=1, outlier=half),
+                             progress=False, log=lambda t: None)
+    assert set(res.quant.two_digit) == {lin.name for lin in glu[0].consumers}
+    with pytest.raises(GraphpassError, match="two-digit-first"):
+        OutlierConfig(two_digit_first=1.5)

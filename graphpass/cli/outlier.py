@@ -19,6 +19,9 @@ def add_outlier_args(q: argparse.ArgumentParser) -> None:
                    help="site kinds (comma-separated: glu, attn, rmsnorm, layernorm; 'none') whose int8 "
                         "activations take two int8 digits, one more int8 product each (default glu: the "
                         "down_proj inputs)")
+    g.add_argument("--outlier-two-digit-first", type=float, metavar="F",
+                   help="two digits only on the first share F of those sites in graph order (the earliest "
+                        "layers; default 1: all)")
     g.add_argument("--outlier-slack", type=float, metavar="S",
                    help="--alpha auto: the fewest float columns whose error is within (1 + S) x the site's best "
                         "(default 0.1)")
@@ -30,11 +33,12 @@ def with_outlier(cfg, a: argparse.Namespace):
 
     given = {k: v for k, v in (("threshold", a.outlier_threshold), ("topk", a.outlier_topk),
                                ("fraction", a.outlier_fraction), ("slack", a.outlier_slack),
-                               ("two_digit", _kinds(a.outlier_two_digit))) if v is not None}
+                               ("two_digit", _kinds(a.outlier_two_digit)),
+                               ("two_digit_first", a.outlier_two_digit_first)) if v is not None}
     if cfg.scheme != "outlier":
         if given:
-            raise GraphpassError("--outlier-threshold / -topk / -fraction / -slack / -two-digit apply to "
-                                 "--scheme outlier")
+            raise GraphpassError("--outlier-threshold / -topk / -fraction / -slack / -two-digit[-first] apply "
+                                 "to --scheme outlier")
         return cfg
     if "threshold" in given and ("topk" in given or "fraction" in given):
         raise GraphpassError("--outlier-threshold has no effect with --outlier-topk / -fraction: give one of them")

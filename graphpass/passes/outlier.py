@@ -50,6 +50,7 @@ class OutlierConfig:
     fraction: float | None = None
     slack: float = 0.1        # search: the fewest float columns within (1 + slack) x the best error
     two_digit: tuple[str, ...] = ("glu",)   # site kinds whose int8 activations take two digits (glu: down_proj)
+    two_digit_first: float = 1.0      # ... on the first share of those sites in graph order (the earliest layers)
 
     def __post_init__(self):
         if self.topk is not None and self.fraction is not None:
@@ -62,6 +63,8 @@ class OutlierConfig:
             raise GraphpassError(f"--outlier-fraction must be in [0, 1], got {self.fraction}")
         if self.slack < 0:
             raise GraphpassError(f"outlier search slack must be >= 0, got {self.slack}")
+        if not 0 <= self.two_digit_first <= 1:
+            raise GraphpassError(f"--outlier-two-digit-first must be in [0, 1], got {self.two_digit_first}")
         bad = [k for k in self.two_digit if k not in SITE_KINDS]
         if bad:
             raise GraphpassError(f"--outlier-two-digit: unknown site kind '{bad[0]}' (kinds: {', '.join(SITE_KINDS)})")
@@ -213,6 +216,18 @@ def calibrated_columns(an, stats, smoothed, cfg: OutlierConfig,
     return out
 
 
+def two_digit_sites(an, cfg: OutlierConfig) -> frozenset[str]:
+    """Names of the sites whose int8 activations take two digits: per kind in cfg.two_digit, the
+    first ceil(two_digit_first · n) of its n sites in graph order (an early layer's error passes
+    through every later one)."""
+    out = set()
+    for kind in cfg.two_digit:
+        sites = [st.name for st in an.sites if st.kind == kind]
+        out.update(sites[:math.ceil(cfg.two_digit_first * len(sites) - 1e-9)])
+    return frozenset(out)
+
+
 def two_digit_layers(an, cfg: OutlierConfig) -> frozenset[str]:
-    """Names of the linear layers reading a site whose kind is in cfg.two_digit."""
-    return frozenset(lin.name for st in an.sites if st.kind in cfg.two_digit for lin in st.consumers)
+    """Names of the linear layers reading a site of two_digit_sites."""
+    names = two_digit_sites(an, cfg)
+    return frozenset(lin.name for st in an.sites if st.name in names for lin in st.consumers)
