@@ -115,13 +115,13 @@ def test_cli_two_digit_option(synth, tmp_path, capsys):
 
 
 def test_pipeline_two_digit_glu_sites(synth, tmp_path):
-    """Every reader of a SwiGLU output (down_proj) takes two digits; no other layer does."""
+    """two_digit_first 1: every reader of a SwiGLU output (down_proj) takes two digits; no other layer does."""
     from graphpass.match.sites import analyze
 
     s = synth("llama")
     res = graphpass.quantize(s.path, tmp_path / "q.onnx", s.data,
                              PipelineConfig(scheme="outlier", alpha="auto", row_step=1,
-                                            outlier=OutlierConfig(two_digit=("glu",))),
+                                            outlier=OutlierConfig(two_digit=("glu",), two_digit_first=1.0)),
                              progress=False, log=lambda t: None)
     an = analyze(s.fresh())
     down = {lin.name for st in an.sites if st.kind == "glu" for lin in st.consumers}

@@ -18,10 +18,10 @@ def add_outlier_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--outlier-two-digit", metavar="KINDS",
                    help="site kinds (comma-separated: glu, attn, rmsnorm, layernorm; 'none') whose int8 "
                         "activations take two int8 digits, one more int8 product each (default glu: the "
-                        "down_proj inputs)")
+                        "down_proj inputs, of the first half of the layers: --outlier-two-digit-first)")
     g.add_argument("--outlier-two-digit-first", type=float, metavar="F",
                    help="two digits only on the first share F of those sites in graph order (the earliest "
-                        "layers; default 1: all)")
+                        "layers; default 0.5; 1: all)")
     g.add_argument("--outlier-slack", type=float, metavar="S",
                    help="--alpha auto: the fewest float columns whose error is within (1 + S) x the site's best "
                         "(default 0.1)")

@@ -50,7 +50,7 @@ class OutlierConfig:
     fraction: float | None = None
     slack: float = 0.1        # search: the fewest float columns within (1 + slack) x the best error
     two_digit: tuple[str, ...] = ("glu",)   # site kinds whose int8 activations take two digits (glu: down_proj)
-    two_digit_first: float = 1.0      # ... on the first share of those sites in graph order (the earliest layers)
+    two_digit_first: float = 0.5      # ... on the first share of those sites in graph order (the earliest layers)
 
     def __post_init__(self):
         if self.topk is not None and self.fraction is not None:
