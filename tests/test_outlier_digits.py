@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import graphpass
-from conftest import cli_error, copy_model, make_model, node, op_counts, run
+from conftest import cli_error, cli_ok, copy_model, make_model, node, op_counts, run
 from graphpass.errors import GraphpassError
 from graphpass.passes.digits import fake_quant_digits
 from graphpass.passes.outlier import OutlierConfig, split_outliers
@@ -107,6 +107,12 @@ def test_two_digit_kinds_are_checked():
 
 def test_cli_two_digit_option(synth, tmp_path, capsys):
     s = synth("llama")
+    out, _ = cli_ok(capsys, ["quantize", str(s.path), "-o", str(tmp_path / "all.onnx"), "--data", str(s.data_path),
+                             "--scheme", "outlier", "--outlier-two-digit-first", "1"])
+    assert "2 layers with two-digit int8 activations" in out
+    out, _ = cli_ok(capsys, ["quantize", str(s.path), "-o", str(tmp_path / "none.onnx"), "--data", str(s.data_path),
+                             "--scheme", "outlier", "--outlier-two-digit", "none"])
+    assert "two-digit" not in out and op_counts(onnx.load(tmp_path / "none.onnx"))["DequantizeLinear"] == 0
     assert "apply to --scheme outlier" in cli_error(capsys, ["quantize", str(s.path), "-o", str(tmp_path / "a.onnx"),
                                                      "--data", str(s.data_path), "--outlier-two-digit", "glu"])
     assert "unknown site kind" in cli_error(capsys, ["quantize", str(s.path), "-o", str(tmp_path / "b.onnx"),
