@@ -24,7 +24,7 @@ from graphpass.passes.quantize import QuantConfig, QuantReport
 from graphpass.passes.quantize import quantize as quantize_pass
 from graphpass.passes.smooth import SmoothConfig, SmoothReport
 from graphpass.passes.nbits import NBitsConfig, nbits_or
-from graphpass.passes.outlier import OutlierConfig, calibrated_columns, split_outliers
+from graphpass.passes.outlier import OutlierConfig, calibrated_columns, split_outliers, two_digit_layers
 from graphpass.passes.sidecars import copy_sidecars
 from graphpass.passes.smooth import smooth as smooth_pass
 from graphpass.match.sites import analyze
@@ -187,7 +187,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         if config.scheme == "outlier":
             res.thresholds = res.thresholds or dict(config.outlier_thresholds)   # searched now, or earlier
             cols = calibrated_columns(an, stats, res.smooth, config.outlier, res.thresholds)
-            _, res.quant = split_outliers(g, qcfg, cols)
+            _, res.quant = split_outliers(g, qcfg, cols, two_digit=two_digit_layers(an, config.outlier))
         else:
             _, res.quant = nbits_or(quantize_pass)(g, qcfg, ranges, None, None, nbits=config.nbits)
         if not res.quant.quantized and not res.quant.tables:

@@ -47,10 +47,12 @@ PAIRED = {"outlier": "token", "outlier+smoothing": "token+smoothing"}
 
 
 def _extra(text: str) -> tuple[str, tuple]:
-    """NAME=scheme,alpha[,key=value...] e.g. 'outlier+smoothing top1%=outlier,auto,fraction=0.01'."""
+    """NAME=scheme,alpha[,key=value...] e.g. 'outlier+smoothing top1%=outlier,auto,fraction=0.01'
+    (two_digit=glu+attn or two_digit=none for OutlierConfig.two_digit)."""
     name, _, spec = text.partition("=")
     scheme, alpha, *kv = spec.split(",")
-    opts = {k: float(v) if k != "topk" else int(v) for k, v in (x.split("=") for x in kv)}
+    parse = {"topk": int, "two_digit": lambda v: tuple(k for k in v.split("+") if k != "none")}
+    opts = {k: parse.get(k, float)(v) for k, v in (x.split("=") for x in kv)}
     return name, (scheme, None if alpha == "none" else (alpha if alpha == "auto" else float(alpha)), opts)
 
 

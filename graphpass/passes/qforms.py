@@ -95,6 +95,7 @@ def _row_quantizer(e: Emitter, x: T, base: str) -> tuple[T, T, T, T]:
         one, z = e.const(f"{base}_one", np.float32(1.0)), e.const(f"{base}_z128", np.uint8(128))
         (xq,) = e.node("QuantizeLinear", [xs, one, z], base)
         e.shared[key] = (xq, s, one, z)
+        e.shared[("token-xs", x.name)] = xs     # X / r, for a second digit (passes/digits.py)
     return e.shared[key]
 
 

@@ -4,7 +4,8 @@ For a site with sampled rows X [R, C], readers W_k, smoothing scales s_α and th
 O(α, t) = {j : max|X_j| / s_α,j > t} (calibrated maxima), with X' = X / s_α, W'_k = diag(s_α)·W_k
 and m = 1 off O:
   err(α, t) = Σ_k ||X·W_k − X'[:, O]·W'_k[O] − Q_a(X' ⊙ m)·Q_w(W'_k ⊙ m)||² / ||X·W_k||²
-(Q_a int8 per row, Q_w int8 per output channel, as in search/alpha.py). Grid: α in GRID times
+(Q_a int8 per row, or two int8 digits on passes.outlier.two_digit_sites; Q_w int8 per output
+channel, as in search/alpha.py). Grid: α in GRID times
 t in threshold · (1, 2, 4, 8, ∞) (t = ∞: no float column, the token scheme). A lower threshold
 never costs accuracy but always costs time, so among the grid points within (1 + slack) of the
 smallest error the one with the fewest float columns wins (then the smaller error). With the
@@ -16,7 +17,8 @@ import numpy as np
 
 from graphpass.calibrate.stats import Stats
 from graphpass.match.sites import Analysis
-from graphpass.passes.outlier import OutlierConfig, outlier_columns
+from graphpass.passes.digits import fake_quant_digits
+from graphpass.passes.outlier import OutlierConfig, outlier_columns, two_digit_sites
 from graphpass.passes.smooth import site_scales
 from graphpass.search.alpha import GRID, fake_quant_act, fake_quant_weight, search_sites
 
@@ -24,12 +26,13 @@ MULTIPLES = (1.0, 2.0, 4.0, 8.0, float("inf"))
 
 
 def split_error(x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarray], s: np.ndarray,
-                o: np.ndarray) -> float:
-    """Relative output error of the split on smoothed X, summed over the readers."""
+                o: np.ndarray, digits: bool = False) -> float:
+    """Relative output error of the split on smoothed X, summed over the readers (`digits`: the
+    int8 activations in two digits, passes/digits.py)."""
     xs = (x / s).astype(np.float32)
     m = np.ones(xs.shape[1], np.float32)
     m[o] = 0.0
-    xq = fake_quant_act(xs * m, "token").astype(np.float32)
+    xq = (fake_quant_digits(xs * m) if digits else fake_quant_act(xs * m, "token")).astype(np.float32)
     err = 0.0
     for w, y in zip(weights, ys):
         ws = (w * s[:, None]).astype(np.float32)
@@ -47,6 +50,7 @@ def search_alpha_outlier(an: Analysis, stats: Stats, cfg: OutlierConfig, alphas=
                          ) -> tuple[dict[str, tuple[float, float]], list[dict]]:
     """(α, threshold) per site name, and a row per site with every grid point's error and |O|."""
     grid = joint_grid(cfg, alphas)
+    digits = two_digit_sites(an, cfg)
     counts: dict[tuple[str, int], int] = {}
     seen: dict[tuple, float] = {}   # thresholds that give the same O at one α share one score
 
@@ -57,7 +61,7 @@ def search_alpha_outlier(an: Analysis, stats: Stats, cfg: OutlierConfig, alphas=
         counts[(site.name, int(i))] = int(o.size)
         key = (site.name, alpha, o.tobytes())
         if key not in seen:
-            seen[key] = split_error(x, weights, ys, s, o)
+            seen[key] = split_error(x, weights, ys, s, o, site.name in digits)
         return seen[key]
 
     _, rows = search_sites(an, stats, error, "alpha + outlier threshold search",
