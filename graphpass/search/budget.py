@@ -244,7 +244,8 @@ def quantize_within_budget(model: str | os.PathLike, output: str | os.PathLike, 
     if needs_calibration(config):
         stats = calibrate(src, calib, config.batch_size, config.threads, progress,
                           row_step=config.row_step if config.alpha == "auto" else 0,
-                          decode_steps=config.decode_steps)
+                          decode_steps=config.decode_steps,   # --kv-smooth's statistic in the same runs
+                          cache={} if config.kv_cache and config.kv_smooth is not None else None)
         log(f"calibrate: {len(stats.min)} tensors over {stats.samples} samples "
             f"({time.perf_counter() - t0:.1f} s; {res.held_out} samples held out)")
     work = Path(tempfile.mkdtemp(prefix=".graphpass-budget-", dir=out.parent))
