@@ -29,6 +29,7 @@ class KVReport:
     gqa: int = 0                    # GroupQueryAttention nodes with the kernel's int8 cache
     concat: int = 0                 # decomposed caches (key or value) in int8
     folded: int = 0                 # of those, with the scale folded into query / output
+    grouped: int = 0                # of those, read without the repeat-kv copy (kv_grouped.py)
     skipped: list[str] = field(default_factory=list)
 
     def format(self) -> str:
@@ -37,7 +38,7 @@ class KVReport:
             parts.append(f"{self.gqa} GroupQueryAttention caches in int8 (per-channel scales)")
         if self.concat:
             parts.append(f"{self.concat} decomposed caches in int8, {self.folded} with scales folded "
-                         f"into query / output")
+                         f"into query / output, {self.grouped} read without the repeat-kv copy")
         s = "; ".join(parts) or "no cache quantized"
         if self.skipped:
             s += f" (not matched: {self.skipped[0]}" + (f"; {len(self.skipped) - 1} more)" if len(self.skipped) > 1 else ")")
@@ -50,7 +51,7 @@ def quantize_kv_cache(g: gs.Graph, scales: dict[str, np.ndarray], fold: bool = T
     rep.gqa, why = quantize_gqa_cache(g, scales)
     inputs = {t.name: t for t in g.inputs}
     left = {k: v for k, v in scales.items() if k in inputs and inputs[k].dtype != np.int8}
-    rep.concat, rep.folded, why2 = quantize_concat_cache(g, left, fold)
+    rep.concat, rep.folded, rep.grouped, why2 = quantize_concat_cache(g, left, fold)
     rep.skipped = why + why2 if not (rep.gqa or rep.concat) else why2
     if not (rep.gqa or rep.concat):
         raise GraphpassError("--kv-cache: no KV cache could be quantized (" +
