@@ -141,3 +141,29 @@ def test_accuracy_budget_runs_with_an_int8_cache(graphs, capsys, tmp_path):
     rep = json.loads((tmp_path / "b.json").read_text())["budget"]
     assert len(rep["attempts"]) >= 3 and rep["order"]
     assert {p.dtype for p in past_layout(onnx.load(str(out))).past} == {np.dtype(np.int8)}
+
+
+@pytest.mark.parametrize("form", BUILDS)
+def test_eval_decode_bench_generate_and_data_run_on_an_int8_cache_candidate(graphs, form, capsys, tmp_path):
+    """The other commands on both forms' int8-cache graphs (W8A8 weights too): each runs, and the
+    data builder writes the graph's int8 empty past."""
+    from test_generate import PROMPT, _word_tokenizer
+
+    from graphpass.calibrate.data import load_data
+
+    d, src, _, w8kv8 = graphs[form]
+    data = d / "src" / "data.npz"
+    o, _ = cli_ok(capsys, ["eval", w8kv8, "--reference", src, "--data", data])
+    assert "KL(ref||cand)" in o
+    o, _ = cli_ok(capsys, ["bench", w8kv8, "--reference", src, "--decode", "--prompt-len", 8, "--steps", 3,
+                           "--seconds", 0.1])
+    assert "ms/token" in o
+    _word_tokenizer(tmp_path / "tok.json")
+    o, _ = cli_ok(capsys, ["generate", w8kv8, "--tokenizer", tmp_path / "tok.json", "--prompt", PROMPT,
+                           "--reference", src, "--max-new-tokens", 4])
+    assert "candidate" in o
+    cli_ok(capsys, ["data", "--play", "hamlet", "--tokenizer", tmp_path / "tok.json", "--model", w8kv8,
+                    "--seq-len", 16, "--samples", 2, "-o", tmp_path / "d.npz"])
+    got = load_data(tmp_path / "d.npz")
+    lay = past_layout(onnx.load(str(w8kv8)))
+    assert all(got[p].dtype == np.int8 and got[p].shape[2] == 0 for p in lay.past_names)
