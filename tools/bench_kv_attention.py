@@ -92,6 +92,12 @@ def build(kind: str) -> onnx.ModelProto:
               H.make_node("Softmax", ["s"], ["p"], axis=-1), H.make_node("MatMul", ["p", "Vr"], ["o0"])]
         n += ([H.make_node("Mul", ["o0", "svh"], ["out"])] if kind == "folded" else
               [H.make_node("Identity", ["o0"], ["out"])])
+    return _model(n, kind, cache)
+
+
+def _model(n: list, kind: str, cache: int) -> onnx.ModelProto:
+    """The layer's model: q, k, v and the past cache in, the output and the present cache out."""
+    f = T.FLOAT
     ins = [H.make_tensor_value_info("q", f, [1, h, 1, d]), H.make_tensor_value_info("k", f, [1, kv, 1, d]),
            H.make_tensor_value_info("v", f, [1, kv, 1, d]), H.make_tensor_value_info("pk", cache, [1, kv, "P", d]),
            H.make_tensor_value_info("pv", cache, [1, kv, "P", d])]
@@ -120,14 +126,7 @@ def build_grouped(kind: str, n: list) -> onnx.ModelProto:
           H.make_node("Reshape", ["p", "gp"], ["pg"]), H.make_node("MatMul", ["pg", V], ["o0"])]
     n += ([H.make_node("Mul", ["o0", "sv"], ["o1"]), H.make_node("Reshape", ["o1", "back"], ["out"])]
           if cache == T.INT8 else [H.make_node("Reshape", ["o0", "back"], ["out"])])
-    ins = [H.make_tensor_value_info("q", f, [1, h, 1, d]), H.make_tensor_value_info("k", f, [1, kv, 1, d]),
-           H.make_tensor_value_info("v", f, [1, kv, 1, d]), H.make_tensor_value_info("pk", cache, [1, kv, "P", d]),
-           H.make_tensor_value_info("pv", cache, [1, kv, "P", d])]
-    outs = [H.make_tensor_value_info("out", f, None), H.make_tensor_value_info("present_k", cache, None),
-            H.make_tensor_value_info("present_v", cache, None)]
-    m = H.make_model(H.make_graph(n, kind, ins, outs), opset_imports=[H.make_opsetid("", 21)])
-    m.ir_version = 10
-    return m
+    return _model(n, kind, cache)
 
 
 def build_gqa(kind: str) -> onnx.ModelProto:
