@@ -167,3 +167,13 @@ def test_eval_decode_bench_generate_and_data_run_on_an_int8_cache_candidate(grap
     got = load_data(tmp_path / "d.npz")
     lay = past_layout(onnx.load(str(w8kv8)))
     assert all(got[p].dtype == np.int8 and got[p].shape[2] == 0 for p in lay.past_names)
+
+
+def test_an_int8_cache_graph_as_the_reference(graphs, capsys):
+    """Regression: eval / debug checked the data against the reference only, so a float empty past
+    (what `graphpass data` builds for the float graph) was refused for an int8-cache reference."""
+    d, src, kv8, w8kv8 = graphs["optimum"]
+    o, _ = cli_ok(capsys, ["eval", w8kv8, "--reference", kv8, "--data", d / "src" / "data.npz"])
+    assert "KL(ref||cand)" in o
+    o, _ = cli_ok(capsys, ["debug", kv8, w8kv8, "--data", d / "src" / "data.npz", "--top", 2])
+    assert "int8 KV cache" not in o            # both caches int8: one shared past, nothing rounded in between
