@@ -31,6 +31,10 @@ from graphpass.match.sites import analyze
 from graphpass.passes.smooth_checked import check_alpha
 
 
+NO_FOLD_GQA = ("--kv-no-fold has no effect on GroupQueryAttention, whose kernel reads the int8 cache "
+               "with its scales itself")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     scheme: str = "token"
@@ -86,6 +90,8 @@ class PipelineConfig:
             raise GraphpassError("--decode-route needs --scheme token and --decode-fusions")
         if self.decode_route and self.kv_cache:   # the cache rewrite reads attention outside an If body
             raise GraphpassError("--decode-route and --kv-cache are not combined yet: choose one")
+        if self.kv_cache and not self.kv_fold and self.decode_fusions:
+            raise GraphpassError(NO_FOLD_GQA + " (--decode-fusions makes it)")
 
 
 @dataclass
@@ -146,7 +152,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     t0 = time.perf_counter()
     proto = load_model(src, load_weights=False)
     if config.kv_cache:          # before any work: no output is written when the cache cannot be
-        _kv_ready(proto, original, data)
+        _kv_ready(proto, original, data, config)
     g = import_graph(proto, str(src.parent.resolve()))   # weights stay lazy
     del proto
     an = analyze(g)
@@ -163,11 +169,14 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
                                  + " needs calibration data (--data)")
         t0 = time.perf_counter()
         row_step = config.row_step if config.alpha == "auto" or awq else 0
+        kv_abs = {} if config.kv_cache and config.kv_smooth is not None else None   # same runs: one read
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
-                          decode_steps=config.decode_steps)
-        step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples")
-    if config.kv_cache and config.kv_smooth is not None:
-        _kv_smooth(g, original, data, config, step, progress)    # on the float q / k weights
+                          decode_steps=config.decode_steps, cache=kv_abs)
+        step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples"
+             + (f" (and the {len(kv_abs)} KV caches)" if kv_abs else ""))
+    kv_known = None              # the written graph's cache statistic, when no run is needed for it
+    if config.kv_cache and config.kv_smooth is not None:   # on the float q / k weights
+        kv_known = _kv_smooth(g, original, data, config, step, progress, stats.kv_absmax if stats is not None else None)
     if awq:
         _awq(an, stats, config, step, progress)
     elif config.alpha is not None:
@@ -203,46 +212,62 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     save_graph(g, output, check=True)
     step("save", t0, "onnx.checker passed" + copy_sidecars(original, output))
     if config.kv_cache:
-        _kv_cache(Path(output), data, config, step, progress)
+        _kv_cache(Path(output), data, config, step, progress, kv_known)
     res.size_before, res.size_after = model_size(src), model_size(output)
     return res
 
 
-def _kv_smooth(g, original: Path, data, config: PipelineConfig, step, progress: bool) -> None:
-    """Key-channel smoothing: σ from the float cache of `original` folded into g's q / k weights
-    before they are quantized (passes/kv_smooth.py)."""
+def _kv_smooth(g, original: Path, data, config: PipelineConfig, step, progress: bool,
+               absmax: dict | None = None) -> dict | None:
+    """Key-channel smoothing: σ from the float cache of `original` (its statistic `absmax`, when
+    the activation calibration gathered it) folded into g's q / k weights before they are
+    quantized (passes/kv_smooth.py). Returns the written graph's cache statistic when it follows
+    without a run: weights otherwise untouched (--scheme none, no smoothing), the keys are K / σ
+    (σ equal on RoPE pairs, so their pair norm is A / σ) and the values unchanged; else None."""
     from graphpass.passes.kv_smooth import key_factors, smooth_keys
 
     t0 = time.perf_counter()
-    absmax = cache_absmax(original, _kv_data(data), max(config.decode_steps, 1), config.batch_size,
-                          config.threads, progress)
+    if absmax is None:
+        absmax = cache_absmax(original, _kv_data(data), config.decode_steps, config.batch_size,
+                              config.threads, progress)
     sig = key_factors(absmax, config.kv_smooth)
     n, why = smooth_keys(g, sig)
     if n < len(sig):
         raise GraphpassError(f"--kv-smooth: {why[0] if why else 'a layer was not smoothed'}")
     step("kv smooth", t0, f"{n} layers: key channels moved into the query (alpha {config.kv_smooth})")
+    if config.scheme != "none" or config.alpha is not None:
+        return None
+    return {k: a / sig[k] if k in sig else a for k, a in absmax.items()}
 
 
-def _kv_cache(output: Path, data, config: PipelineConfig, step, progress: bool) -> None:
+def _kv_cache(output: Path, data, config: PipelineConfig, step, progress: bool, absmax: dict | None = None) -> None:
     """The written graph's cache calibrated as it runs (after smoothing moved value channels and
-    weights were rounded), then rewritten to int8 in place."""
+    weights were rounded; `absmax`: its statistic known without a run), then rewritten to int8
+    in place."""
     t0 = time.perf_counter()
-    absmax = cache_absmax(output, _kv_data(data), max(config.decode_steps, 1), config.batch_size,
-                          config.threads, progress)
+    how = "from the key smoothing's pass (float weights)" if absmax is not None else (
+        f"over prefill windows + {config.decode_steps} decode steps each" if config.decode_steps else
+        "over prefill windows only (--decode-steps 0)")
+    if absmax is None:
+        absmax = cache_absmax(output, _kv_data(data), config.decode_steps, config.batch_size,
+                              config.threads, progress)
     g = import_graph(load_model(output, load_weights=False), str(output.parent.resolve()))
     what = quantize_kv_cache(g, cache_scales(absmax, config.kv_scales), config.kv_fold).format()
     save_graph(g, output, check=True)
-    step("kv cache", t0, what)
+    step("kv cache", t0, f"{what}; scales {how}")
 
 
-def _kv_ready(proto, original: Path, data) -> None:
-    """--kv-cache on this model and data: a with-past graph, and data that feeds its past inputs."""
+def _kv_ready(proto, original: Path, data, config: PipelineConfig) -> None:
+    """--kv-cache on this model and data: a with-past graph, and data that feeds its past inputs;
+    --kv-no-fold only where attention is decomposed."""
     from graphpass.calibrate.data import check_data
     from graphpass.graph.decode import past_layout
 
     if past_layout(proto, original.parent) is None:
         raise GraphpassError(f"{original.name}: takes no past_key_values.* input (an int8 KV cache "
                              "needs a with-past graph)")
+    if not config.kv_fold and any(n.op_type == "GroupQueryAttention" for n in proto.graph.node):
+        raise GraphpassError(f"{NO_FOLD_GQA} ({original.name} has it)")
     if isinstance(_kv_data(data), dict):
         check_data(data, proto, "data")
 

@@ -1,7 +1,7 @@
 """The accuracy budget (search/budget.py) with the schemes and options that landed beside it:
 --scheme outlier (without smoothing it still needs statistics; with α auto the searched
-thresholds must survive the re-quantization with fixed α) and --kv-cache int8 (not combined yet:
-a one-line error before any work)."""
+thresholds must survive the re-quantization with fixed α) and --kv-cache int8 (every graph the
+search writes calibrates its own int8 cache on the calibration part of --data)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -32,16 +32,19 @@ def _past(tmp_path):
     return tmp_path / "model.onnx", build_data(ids[:8 * 16], 16, 8, m), build_data(ids[8 * 16:], 16, 4, m)
 
 
-def test_budget_with_kv_cache_is_refused_up_front(tmp_path):
+def test_budget_with_kv_cache_writes_an_int8_cache(tmp_path):
     """Regression: the budget's re-quantizations passed no data, so --kv-cache failed after the
-    first quantization with 'needs calibration data (--data)' although --data was given; and over
-    budget, the layer ranking (graphpass debug) cannot load an int8-cache graph beside the float
-    one. Until both run, the combination is one line before any work."""
+    first quantization with 'needs calibration data (--data)' although --data was given (and was
+    then refused up front). Now the plain graph gets the calibration samples for its cache."""
+    from graphpass.graph.decode import past_layout
+    from graphpass.graph.io import load_model
+
     path, calib, held = _past(tmp_path)
     cfg = PipelineConfig(scheme="token", alpha=None, kv_cache="int8", threads=1)
-    with pytest.raises(GraphpassError, match="not combined yet"):
-        quantize_within_budget(path, tmp_path / "q.onnx", calib, cfg, LOOSE, held, bench_seconds=0, **QUIET)
-    assert not (tmp_path / "q.onnx").exists()
+    res, bres = quantize_within_budget(path, tmp_path / "q.onnx", calib, cfg, LOOSE, held, bench_seconds=0, **QUIET)
+    assert bres.met and len(bres.attempts) == 1
+    lay = past_layout(load_model(tmp_path / "q.onnx", load_weights=False))
+    assert {p.dtype for p in lay.past} == {np.dtype(np.int8)}
 
 
 def test_budget_with_outlier_and_no_smoothing_calibrates(tmp_path):

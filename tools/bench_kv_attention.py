@@ -9,6 +9,9 @@ on onnxruntime CPU (2 threads, no spinning): which kernel path suits an int8 KV 
   integer   as mixed, and P·V as MatMulInteger(QuantizeLinear(p, 1/255) u8, V s8) (p loses precision:
             a probability under 1/510 becomes 0)
   gqa/gqa8  com.microsoft GroupQueryAttention with a float cache / its own int8 per-channel cache
+  grouped / grouped8   no repeat kv: q as [b, kv, rep·s, d] reads the [b, kv, T, d] cache directly
+            (MatMul broadcasts over kv), scores and output reshaped back to h heads; float cache /
+            int8 cache folded as `folded` (Cast, q·diag(s_k), out·diag(s_v))
 
     python tools/bench_kv_attention.py [--past 2048] [--seconds 10]
 """
@@ -38,7 +41,7 @@ def helper_const(name, a):
 def build(kind: str) -> onnx.ModelProto:
     rep = h // kv
     f, i8 = T.FLOAT, T.INT8
-    cache = f if kind == "float" else i8
+    cache = f if kind in ("float", "grouped") else i8
     n = [_c("ax", np.array([2], np.int64)), _c("shp", np.array([1, h, -1, d], np.int64)),
          _c("exp", np.array([1, kv, rep, 1, 1], np.int64)),
          _c("sk", np.full((1, kv, 1, d), 0.05, np.float32)), _c("sv", np.full((1, kv, 1, d), 0.05, np.float32)),
@@ -68,6 +71,9 @@ def build(kind: str) -> onnx.ModelProto:
     n += [H.make_node("Transpose", ["Kr"], ["Kt"], perm=[0, 1, 3, 2])]
     if kind.startswith("gqa"):
         return build_gqa(kind)
+    if kind.startswith("grouped"):
+        return build_grouped(kind, n[:11] + ([x for x in n if x.op_type in ("Mul", "QuantizeLinear", "Concat")
+                                              and x.output[0] in ("ks", "k8", "vs", "v8", "present_k", "present_v")]))
     if kind in ("integer", "mixed"):
         n += [H.make_node("Mul", ["q", "skh"], ["qk"]), H.make_node("DynamicQuantizeLinear", ["qk"], ["q8", "qsc", "qzp"]),
               H.make_node("MatMulInteger", ["q8", "Kt", "qzp"], ["si"]), H.make_node("Cast", ["si"], ["sf"], to=f),
@@ -86,6 +92,12 @@ def build(kind: str) -> onnx.ModelProto:
               H.make_node("Softmax", ["s"], ["p"], axis=-1), H.make_node("MatMul", ["p", "Vr"], ["o0"])]
         n += ([H.make_node("Mul", ["o0", "svh"], ["out"])] if kind == "folded" else
               [H.make_node("Identity", ["o0"], ["out"])])
+    return _model(n, kind, cache)
+
+
+def _model(n: list, kind: str, cache: int) -> onnx.ModelProto:
+    """The layer's model: q, k, v and the past cache in, the output and the present cache out."""
+    f = T.FLOAT
     ins = [H.make_tensor_value_info("q", f, [1, h, 1, d]), H.make_tensor_value_info("k", f, [1, kv, 1, d]),
            H.make_tensor_value_info("v", f, [1, kv, 1, d]), H.make_tensor_value_info("pk", cache, [1, kv, "P", d]),
            H.make_tensor_value_info("pv", cache, [1, kv, "P", d])]
@@ -94,6 +106,27 @@ def build(kind: str) -> onnx.ModelProto:
     m = H.make_model(H.make_graph(n, kind, ins, outs), opset_imports=[H.make_opsetid("", 21)])
     m.ir_version = 10
     return m
+
+
+def build_grouped(kind: str, n: list) -> onnx.ModelProto:
+    """Attention without the repeat-kv copy: Q [1, h, 1, d] -> [1, kv, rep, d] against the cache."""
+    f = T.FLOAT
+    cache = T.INT8 if kind == "grouped8" else f
+    K, V = "present_k", "present_v"
+    n = list(n) + [_c("gq", np.array([0, kv, -1, d], np.int64)), _c("back", np.array([1, h, 1, -1], np.int64))]
+    n += [H.make_node("Reshape", ["q", "gq"], ["qg"])]
+    q = "qg"
+    if cache == T.INT8:
+        n += [H.make_node("Cast", [K], ["kf"], to=f), H.make_node("Cast", [V], ["vf"], to=f),
+              H.make_node("Mul", ["qg", "sk"], ["qgs"])]
+        K, V, q = "kf", "vf", "qgs"
+    n += [H.make_node("Transpose", [K], ["Kt"], perm=[0, 1, 3, 2]), H.make_node("MatMul", [q, "Kt"], ["s0"]),
+          H.make_node("Reshape", ["s0", "back"], ["s1"]), H.make_node("Mul", ["s1", "sc"], ["s"]),
+          H.make_node("Softmax", ["s"], ["p"], axis=-1), _c("gp", np.array([0, kv, -1, 0], np.int64)),
+          H.make_node("Reshape", ["p", "gp"], ["pg"]), H.make_node("MatMul", ["pg", V], ["o0"])]
+    n += ([H.make_node("Mul", ["o0", "sv"], ["o1"]), H.make_node("Reshape", ["o1", "back"], ["out"])]
+          if cache == T.INT8 else [H.make_node("Reshape", ["o0", "back"], ["out"])])
+    return _model(n, kind, cache)
 
 
 def build_gqa(kind: str) -> onnx.ModelProto:
@@ -127,14 +160,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     a = ap.parse_args()
     rng = np.random.default_rng(0)
-    kinds = ["float", "dequant", "folded", "mixed", "integer", "gqa", "gqa8"]
+    kinds = ["float", "dequant", "folded", "mixed", "integer", "gqa", "gqa8", "grouped", "grouped8"]
     sess, feeds = {}, {}
     for kd in kinds:
         path = f"/tmp/kvattn_{kd}_{os.getpid()}.onnx"
         onnx.save(build(kd), path)
         sess[kd] = make_session(path, 2)
         os.unlink(path)
-        past = (rng.standard_normal((1, kv, a.past, d)).astype(np.float32) if kd in ("float", "gqa") else
+        past = (rng.standard_normal((1, kv, a.past, d)).astype(np.float32) if kd in ("float", "gqa", "grouped") else
                 rng.integers(-127, 128, (1, kv, a.past, d)).astype(np.int8))
         feeds[kd] = {"q": rng.standard_normal((1, h, 1, d)).astype(np.float32),
                      "k": rng.standard_normal((1, kv, 1, d)).astype(np.float32),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import onnx_graphsurgeon as gs
 from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
+from graphpass.calibrate.kv_stat import update_cache_absmax
 from graphpass.calibrate.rows import RowSpill
 from graphpass.calibrate.stats import Stats
 from graphpass.errors import GraphpassError
@@ -114,25 +116,29 @@ def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, n
 
 def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads: int = 2,
               progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0,
-              decode_steps: int = DECODE_STEPS) -> Stats:
+              decode_steps: int = DECODE_STEPS, cache: dict[str, np.ndarray] | None = None) -> Stats:
     """See _calibrate; a model with inline weights is read through an external-data copy."""
     with externalized(model_path) as p:
         return _calibrate(p, data, batch_size, threads, progress, targets, row_step, decode_steps,
-                          Path(model_path).parent)
+                          Path(model_path).parent, cache)
 
 
 def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: bool,
-               targets: dict[str, int] | None, row_step: int, decode_steps: int, folder: Path) -> Stats:
+               targets: dict[str, int] | None, row_step: int, decode_steps: int, folder: Path,
+               cache: dict[str, np.ndarray] | None = None) -> Stats:
     """Per-channel min/max of every linear layer's input over `data`, batch by batch.
 
     `data`: dict of arrays (first axis = samples) or a CalibrationDataReader. With row_step > 0,
     `stats.rows[t]` also holds every row_step-th row of each target (kept in memory, not saved).
     `decode_steps`: for a with-past graph, the K of the module docstring (0: prefill only).
+    `cache`: a dict to fill, in the same runs, with the KV-cache statistic of a with-past graph
+    (calibrate/kv_stat.py: what calibrate/kv.cache_absmax returns), saving a pass over the data.
     """
     p = Path(model_path)
     graph_only = load_model(p, load_weights=False)
     check_model = _inputs_only(graph_only)
-    layout = past_layout(graph_only, folder) if decode_steps > 0 else None   # genai_config.json
+    with_cache = decode_steps > 0 or cache is not None
+    layout = past_layout(graph_only, folder) if with_cache else None   # genai_config.json
     g = import_graph(graph_only, str(p.parent.resolve()))
     del graph_only
     if targets is None:
@@ -148,7 +154,7 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
         del g   # inline weights now sit in tmp: their protobuf copy goes back to the OS
         sess = make_session(src, threads, prepack=False, external_dir=str(p.parent.resolve())
                             if isinstance(src, onnx.ModelProto) else None)
-    stats, per = Stats(), 5 if row_step else 4
+    stats, per = Stats(kv_absmax=cache), 5 if row_step else 4
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rng = np.random.default_rng(0)
 
@@ -159,9 +165,10 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
         return {"gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
 
     pairs = with_next_tokens(feeds(data, batch_size, check_model), decode_steps if layout else 0)
+    on_cache = None if cache is None or layout is None else partial(update_cache_absmax, cache, layout)
     with RowSpill() as rows:           # sampled rows wait on disk while the session holds memory
         for b, nxt in bar(pairs, "calibrate", "batch", total, enabled=progress):
-            for vals in run_window(sess, outs, b, layout, nxt, start):
+            for vals in run_window(sess, outs, b, layout, nxt, start, on_cache):
                 for k, t in enumerate(names):
                     stats.update(t, vals[per * k], vals[per * k + 1])
                     stats.add_abs(t, vals[per * k + 2], int(vals[per * k + 3][0]))
@@ -198,22 +205,26 @@ def _following(b: dict, nb: dict | None, k: int) -> np.ndarray | None:
 
 
 def run_window(sess, outs: list[str], b: dict[str, np.ndarray], layout: PastLayout | None,
-               following: np.ndarray | None, extra) -> Iterator[list[np.ndarray]]:
+               following: np.ndarray | None, extra, on_cache=None) -> Iterator[list[np.ndarray]]:
     """The values of `outs` for each run over one batch: the batch as given (a prefill), then,
     for a with-past graph and `following` [n <= b, K] tokens, K one-token decode steps of the
     first n rows, each fed the present.* of the run before (`extra(feeds)`: feeds the
-    calibration graph adds)."""
-    if layout is None or following is None:
+    calibration graph adds). `on_cache(present by name)` sees every run's cache."""
+    if layout is None or (following is None and on_cache is None):
         yield sess.run(outs, {**b, **extra(b)})
         return
-    n, f = following.shape[0], b
+    n, f = (0, b) if following is None else (following.shape[0], b)
     vals = sess.run(outs + layout.present_names, {**f, **extra(f)})
+    if on_cache is not None:
+        on_cache(dict(zip(layout.present_names, vals[len(outs):])))
     yield vals[:len(outs)]
-    for t in range(following.shape[1]):
+    for t in range(0 if following is None else following.shape[1]):
         cache = advance(layout, f, dict(zip(layout.present_names, vals[len(outs):])))
         cache = Cache(cache.mask[:n], {k: v[:n] for k, v in cache.past.items()})
         f = step_feeds(layout, cache, following[:, t:t + 1])
         vals = sess.run(outs + layout.present_names, {**f, **extra(f)})
+        if on_cache is not None:
+            on_cache(dict(zip(layout.present_names, vals[len(outs):])))
         yield vals[:len(outs)]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from graphpass.calibrate.collect import _inputs_only, feeds, with_next_tokens
+from graphpass.calibrate.kv_stat import update_cache_absmax
 from graphpass.errors import GraphpassError
 from graphpass.graph.decode import Cache, advance, is_key, past_layout, step_feeds   # noqa: F401 (is_key: re-exported)
 from graphpass.graph.io import externalized, load_model
@@ -55,30 +56,14 @@ def cache_absmax(model_path: str | os.PathLike, data, decode_steps: int = 4, bat
         for b, nxt in bar(pairs, "calibrate kv cache", "batch", enabled=progress):
             f = b
             vals = dict(zip(want, sess.run(want, f)))
-            _update(absmax, layout, vals)
+            update_cache_absmax(absmax, layout, vals)
             for t in range(0 if nxt is None else nxt.shape[1]):   # decode steps on the cache
                 cache = advance(layout, f, vals)
                 cache = Cache(cache.mask[:nxt.shape[0]], {k: v[:nxt.shape[0]] for k, v in cache.past.items()})
                 f = step_feeds(layout, cache, nxt[:, t:t + 1])
                 vals = dict(zip(want, sess.run(want, f)))
-                _update(absmax, layout, vals)
+                update_cache_absmax(absmax, layout, vals)
     return absmax
-
-
-def _update(absmax: dict[str, np.ndarray], layout, vals: dict[str, np.ndarray]) -> None:
-    for p in layout.past:
-        c = vals[p.present]
-        if c.shape[2] == 0:
-            continue
-        a = (_pair_norm(c) if is_key(p.name) else np.abs(c)).max(axis=(0, 2)).astype(np.float32)
-        absmax[p.name] = a if p.name not in absmax else np.maximum(absmax[p.name], a)
-
-
-def _pair_norm(c: np.ndarray) -> np.ndarray:
-    """sqrt(C[..., i]² + C[..., i + d/2]²) written on both channels of each rotate-half pair."""
-    half = c.shape[-1] // 2
-    r = np.sqrt(np.square(c[..., :half], dtype=np.float32) + np.square(c[..., half:2 * half], dtype=np.float32))
-    return np.concatenate([r, r], -1) if c.shape[-1] % 2 == 0 else np.abs(c)
 
 
 def cache_scales(absmax: dict[str, np.ndarray], per: str = "channel") -> dict[str, np.ndarray]:

@@ -29,6 +29,7 @@ class Stats:
     rows: dict[str, np.ndarray] = field(default_factory=dict)   # sampled rows of X (not saved)
     abs_sum: dict[str, np.ndarray] = field(default_factory=dict)   # Σ over rows of |X_j| (float64)
     count: dict[str, int] = field(default_factory=dict)            # rows summed into abs_sum
+    kv_absmax: dict[str, np.ndarray] | None = None   # KV-cache statistic of the same runs (calibrate/kv_stat.py; not saved)
 
     def mean_abs(self, t: str) -> np.ndarray:
         """Per-channel mean|X_j| over every calibration row (AWQ's activation statistic)."""

@@ -11,10 +11,13 @@ from graphpass.errors import GraphpassError
 
 def load_checked_data(path: str, model_path: str):
     from graphpass.calibrate.data import check_data, load_data
+    from graphpass.graph.decode import conform_empty_past, load_layout
     from graphpass.graph.io import load_model
 
-    data = load_data(path)
-    check_data(data, load_model(model_path, load_weights=False), path)
+    model = load_model(model_path, load_weights=False)
+    # an empty past holds no value: data built for the float or the int8-cache graph feeds either
+    data = conform_empty_past(load_layout(model_path, model), load_data(path))
+    check_data(data, model, path)
     return data
 
 

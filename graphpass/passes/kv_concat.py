@@ -11,9 +11,11 @@ Folded (default), the scale never touches the [b, kv, T, d] cache:
     out     = (P · V̂) · diag(s_v)
 since Q·Kᵀ = Q·(K̂·diag(s))ᵀ = (Q·diag(s))·K̂ᵀ and P·(V̂·diag(s)) = (P·V̂)·diag(s). Query head j
 reads kv head j // rep (repeat-kv is Unsqueeze + Expand + Reshape), so the per-head scale is
-applied as Reshape(Q, [0, kv, -1, d]) · s, reshaped back: no head count needed. Where the path
-from the cache to its MatMul is not such a chain, K̂ · s is used instead (dequantize, then float),
-and the report says why.
+applied as Reshape(Q, [0, kv, -1, d]) · s, reshaped back: no head count needed. Where the chain
+is a plain repeat-kv (Unsqueeze on axis 2, Expand), the grouped query also reads the cache
+directly and the repeat-kv copy of the cache leaves the graph (kv_grouped.py). Where the path from
+the cache to its MatMul is not such a chain, K̂ · s is used instead (dequantize, then float), and
+the report says why.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from graphpass.graph.decode import is_key
 from graphpass.passes.decode_match import NoMatch, const, scalar
+from graphpass.passes.kv_grouped import check_repeat, group_read, move_shape_reads
 
 CHAIN = ("Unsqueeze", "Expand", "Reshape", "Identity")   # move elements, keep the channel axis
 
@@ -39,10 +42,11 @@ def _concat(past: gs.Variable, outputs: set) -> gs.Node:
     return cat
 
 
-def _attention_matmul(t: gs.Variable, key: bool) -> gs.Node:
+def _attention_matmul(t: gs.Variable, key: bool) -> tuple[gs.Node, list[gs.Node], float]:
     """The MatMul reading the cache `t` as its second input through a repeat-kv chain (and for the
-    key one Transpose of the last two axes, and scalar Mul/Div); NoMatch with the reason else."""
-    transposes = 0
+    key one Transpose of the last two axes, and scalar Mul/Div): (MatMul, the chain's nodes, the
+    product c of its scalar factors); NoMatch with the reason else."""
+    transposes, chain, factor = 0, [], 1.0
     while True:
         data = [n for n in t.outputs if n.op != "Shape"]
         if len(data) != 1:
@@ -51,15 +55,17 @@ def _attention_matmul(t: gs.Variable, key: bool) -> gs.Node:
         if n.op == "MatMul":
             if n.inputs[1] is not t or transposes != (1 if key else 0):
                 raise NoMatch(f"'{t.name}' reaches MatMul '{n.name}' but not as its {'Kᵀ' if key else 'V'}")
-            return n
+            return n, chain, factor
         if n.op == "Transpose":
             perm = list(n.attrs.get("perm", []))
             if perm != [0, 1, 3, 2]:
                 raise NoMatch(f"Transpose '{n.name}' has perm {perm}, expected [0, 1, 3, 2]")
             transposes += 1
         elif n.op in ("Mul", "Div"):
-            if n.inputs[0] is not t or scalar(n.inputs[1]) is None:
+            c = scalar(n.inputs[1]) if n.inputs[0] is t else None
+            if c is None:
                 raise NoMatch(f"{n.op} '{n.name}' is not by a scalar constant")
+            factor *= c if n.op == "Mul" else 1.0 / c
         elif n.op == "Reshape":
             shape, last = const(n.inputs[1]), (n.inputs[0].shape or [None])[-1]
             if shape is not None and isinstance(last, (int, np.integer)) and \
@@ -67,6 +73,7 @@ def _attention_matmul(t: gs.Variable, key: bool) -> gs.Node:
                 raise NoMatch(f"Reshape '{n.name}' changes the channel axis")
         elif n.op not in CHAIN:
             raise NoMatch(f"'{t.name}' feeds {n.op} '{n.name}', not a repeat-kv chain to a MatMul")
+        chain.append(n)
         t = n.outputs[0]
 
 
@@ -94,12 +101,38 @@ def _quantize_new(g: gs.Graph, cat: gs.Node, s: np.ndarray, name: str) -> None:
     cat.outputs[0].dtype = np.int8
 
 
-def quantize_concat_cache(g: gs.Graph, scales: dict[str, np.ndarray], fold: bool = True) -> tuple[int, int, list[str]]:
+def _fold(g, mm, key, dq, s4, factor, chain, present, name, pname, why) -> bool:
+    """The scales into the query / output: grouped over the kv heads (kv_grouped.py) where the
+    chain is a plain repeat-kv, else on the repeated tensors (module docstring)."""
+    try:
+        if (getattr(g, "opset", None) or 0) < 15:
+            raise NoMatch(f"opset {g.opset} < 15 (Shape with start / end)")
+        check_repeat(chain)
+    except NoMatch as e:
+        why.append(f"'{pname}': read through the repeat-kv copy ({e})")
+    else:
+        group_read(g, mm, key, dq, s4, factor, f"{name}/grouped")
+        why.extend(f"'{pname}': repeat-kv copy kept ({r} takes its head axis)" for r in move_shape_reads(chain, present))
+        return True
+    if key:
+        mm.inputs[0] = _per_kv_head(g, mm.inputs[0], s4, f"{name}/query")
+    else:
+        out = mm.outputs[0]
+        raw = gs.Variable(f"{name}/unscaled", np.float32)
+        mm.outputs[0] = raw
+        scaled = _per_kv_head(g, raw, s4, f"{name}/out")
+        scaled.inputs[0].outputs[0] = out          # the last Reshape writes the old name
+    return False
+
+
+def quantize_concat_cache(g: gs.Graph, scales: dict[str, np.ndarray],
+                          fold: bool = True) -> tuple[int, int, int, list[str]]:
     """Every Concat(past, new) -> present of `scales` (past name -> s [kv, d]) to int8 (module
-    docstring). Returns (caches rewritten, of them with the scale folded, reasons of the rest)."""
+    docstring). Returns (caches rewritten, of them with the scale folded, of those read without
+    the repeat-kv copy, reasons of the rest)."""
     inputs = {t.name: t for t in g.inputs}
     outputs = {t.name for t in g.outputs}
-    done, folded, why = 0, 0, []
+    done, folded, grouped, why = 0, 0, 0, []
     for pname, s in scales.items():
         past = inputs.get(pname)
         if past is None:
@@ -114,10 +147,10 @@ def quantize_concat_cache(g: gs.Graph, scales: dict[str, np.ndarray], fold: bool
         name, present = f"{pname}/kv8", cat.outputs[0]
         key = is_key(pname)
         try:
-            mm = _attention_matmul(present, key) if fold else None
+            mm, chain, factor = _attention_matmul(present, key) if fold else (None, [], 1.0)
         except NoMatch as e:
-            mm, reason = None, str(e)
-            why.append(f"'{pname}': scale not folded ({reason})")
+            mm, chain, factor = None, [], 1.0
+            why.append(f"'{pname}': scale not folded ({e})")
         _quantize_new(g, cat, s4, name)
         readers = [n for n in present.outputs if n is not cat]
         dq = g.layer(op="Cast", inputs=[present], outputs=[gs.Variable(f"{name}/float", np.float32)],
@@ -130,14 +163,7 @@ def quantize_concat_cache(g: gs.Graph, scales: dict[str, np.ndarray], fold: bool
                 if t is present and n.op != "Shape":
                     n.inputs[i] = dq
         if mm is not None:
-            if key:
-                mm.inputs[0] = _per_kv_head(g, mm.inputs[0], s4, f"{name}/query")
-            else:
-                out = mm.outputs[0]
-                raw = gs.Variable(f"{name}/unscaled", np.float32)
-                mm.outputs[0] = raw
-                scaled = _per_kv_head(g, raw, s4, f"{name}/out")
-                scaled.inputs[0].outputs[0] = out          # the last Reshape writes the old name
+            grouped += _fold(g, mm, key, dq, s4, factor, chain, present, name, pname, why)
             folded += 1
         done += 1
-    return done, folded, why
+    return done, folded, grouped, why

@@ -163,8 +163,9 @@ class _Search:
     """Quantized graphs with a prefix of `order` in float, each measured on the held-out data."""
 
     def __init__(self, model: Path, work: Path, stats, config, held, budget: Budget, res: BudgetResult,
-                 log):
+                 log, kv_data=None):
         self.model, self.work, self.stats, self.config = model, work, stats, config
+        self.kv_data = kv_data                                # --kv-cache: calibration data for the cache
         self.held, self.budget, self.res, self.log = held, budget, res, log
         self.metrics: dict[int, dict] = {}                    # k -> evaluate() on held-out data
 
@@ -172,7 +173,7 @@ class _Search:
         from graphpass.pipeline import quantize
 
         cfg = replace(self.config, skip=self.config.skip + tuple(escape(n) for n in self.res.order[:k]))
-        return quantize(self.model, path, None, cfg, progress=False, log=lambda *_: None, stats=self.stats)
+        return quantize(self.model, path, self.kv_data, cfg, progress=False, log=lambda *_: None, stats=self.stats)
 
     def measure(self, k: int, path: Path, t0: float) -> bool:
         from graphpass.validate.evaluate import evaluate
@@ -232,9 +233,6 @@ def quantize_within_budget(model: str | os.PathLike, output: str | os.PathLike, 
     from graphpass.graph.io import load_model
     from graphpass.pipeline import needs_calibration, quantize
 
-    if config.kv_cache:   # the ranking (graphpass debug) runs both graphs on one set of inputs
-        raise GraphpassError("--max-kl / --max-ppl-increase with --kv-cache are not combined yet: the layer "
-                             "ranking cannot run an int8-cache graph beside the float one")
     src, out = Path(model), Path(output)
     graph = load_model(src, load_weights=False)
     budget.check(model_kind(src, graph))
@@ -246,19 +244,21 @@ def quantize_within_budget(model: str | os.PathLike, output: str | os.PathLike, 
     if needs_calibration(config):
         stats = calibrate(src, calib, config.batch_size, config.threads, progress,
                           row_step=config.row_step if config.alpha == "auto" else 0,
-                          decode_steps=config.decode_steps)
+                          decode_steps=config.decode_steps,   # --kv-smooth's statistic in the same runs
+                          cache={} if config.kv_cache and config.kv_smooth is not None else None)
         log(f"calibrate: {len(stats.min)} tensors over {stats.samples} samples "
             f"({time.perf_counter() - t0:.1f} s; {res.held_out} samples held out)")
     work = Path(tempfile.mkdtemp(prefix=".graphpass-budget-", dir=out.parent))
     try:
         t0 = time.perf_counter()
-        plain = quantize(src, work / "plain.onnx", None, config, progress, log, stats=stats)
+        kv_data = calib if config.kv_cache else None          # each graph's int8 cache is calibrated on it
+        plain = quantize(src, work / "plain.onnx", kv_data, config, progress, log, stats=stats)
         if stats is not None:
             stats.rows = {}                                  # the alpha search is done
         if config.alpha == "auto":                           # keep the α found: no new search
             config = replace(config, alpha=0.5, site_alpha=tuple(plain.alphas.items()),
                              outlier_thresholds=tuple(plain.thresholds.items()))   # and the thresholds
-        s = _Search(src, work, stats, config, held, budget, res, log)
+        s = _Search(src, work, stats, config, held, budget, res, log, kv_data)
         k = 0
         if not s.measure(0, work / "plain.onnx", t0):
             _rank(res, src, work / "plain.onnx", calib, rank_samples, config.threads, log)

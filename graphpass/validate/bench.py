@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphpass.errors import GraphpassError
-from graphpass.graph.decode import load_layout
+from graphpass.graph.decode import conform_empty_past, load_layout
 from graphpass.graph.io import InputSpec, input_specs, load_model, model_size, output_names
 from graphpass.graph.runtime import fixed_mmap_threshold, make_session
 from graphpass.validate.evaluate import OUTPUT_BUDGET, sample_output_bytes
@@ -77,21 +77,24 @@ def _time_block(sess, feeds, runs: int) -> list[float]:
     return times
 
 
-def time_pair(ref_sess, cand_sess, feeds, seconds: float = 6.0, rounds: int = 5) -> tuple[float, float, int]:
+def time_pair(ref_sess, cand_sess, feeds, seconds: float = 6.0, rounds: int = 5,
+              cand_feeds=None) -> tuple[float, float, int]:
     """Median latency (ms) of each session over alternating blocks lasting ~`seconds` in total.
 
     Blocks are kept short (about 0.5 s each, at least one run) and alternate as often as the
-    budget allows (at least `rounds` times), so drifts in machine speed hit both sessions alike."""
-    for s in (ref_sess, cand_sess):  # warm-up: first runs allocate and pick kernels
-        _time_block(s, feeds, 2)
-    one = max(float(np.median(_time_block(ref_sess, feeds, 3) + _time_block(cand_sess, feeds, 3))), 1e-4)
+    budget allows (at least `rounds` times), so drifts in machine speed hit both sessions alike.
+    `cand_feeds`: the candidate's own inputs when they differ in dtype (an int8 KV cache)."""
+    cf = feeds if cand_feeds is None else cand_feeds
+    _time_block(ref_sess, feeds, 2)  # warm-up: first runs allocate and pick kernels
+    _time_block(cand_sess, cf, 2)
+    one = max(float(np.median(_time_block(ref_sess, feeds, 3) + _time_block(cand_sess, cf, 3))), 1e-4)
     per_block = max(1, int(0.5 / one))
     rounds = max(rounds, int(seconds / (2 * per_block * one)))
     ref_t, cand_t = [], []
     for _ in range(rounds):
         ref_t += _time_block(ref_sess, feeds, per_block)
         time.sleep(0.05)
-        cand_t += _time_block(cand_sess, feeds, per_block)
+        cand_t += _time_block(cand_sess, cf, per_block)
         time.sleep(0.05)
     return 1e3 * float(np.median(ref_t)), 1e3 * float(np.median(cand_t)), len(ref_t)
 
@@ -104,7 +107,7 @@ def bench(candidate: str | os.PathLike, reference: str | os.PathLike,
     cand_names = [s.name for s in input_specs(cand_model)]
     if cand_names != [s.name for s in specs]:
         raise GraphpassError(f"{candidate}: inputs {cand_names} differ from the reference's")
-    layout = load_layout(reference, ref_model)
+    layout, cand_layout = load_layout(reference, ref_model), load_layout(candidate, cand_model)
     # Outputs over the eval budget (512 x 262k logits: 512 MiB a run) with two sessions alive: each
     # arena would keep its own copy, so both run without one, and freed blocks go back at once.
     n, seq = max(b for b, _ in shapes), max(t for _, t in shapes)
@@ -115,7 +118,8 @@ def bench(candidate: str | os.PathLike, reference: str | os.PathLike,
     timings = []
     for shape in shapes:
         feeds = _prefill_inputs(specs, shape, layout) if layout else synthetic_inputs(specs, shape)
-        r, c, n = time_pair(ref_sess, cand_sess, feeds, seconds)
+        # an int8-cache candidate takes its empty past as int8
+        r, c, n = time_pair(ref_sess, cand_sess, feeds, seconds, cand_feeds=conform_empty_past(cand_layout, feeds))
         timings.append(Timing(shape, r, c, n))
     ref_size, cand_size = model_size(reference), model_size(candidate)
     return {

@@ -29,6 +29,7 @@ from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
 from graphpass.validate.debug_graph import PREFIX, Merged, build_merged
+from graphpass.validate.debug_kv import describe
 from graphpass.validate.debug_wide import wide_sums
 from graphpass.errors import GraphpassError
 from graphpass.graph.io import load_model
@@ -80,6 +81,7 @@ class DebugResult:
     layers: list[LayerError]                                   # reference order
     unmatched: list[str] = field(default_factory=list)         # reference layers with no counterpart
     samples: int = 0
+    kv_cache: str = ""                                         # what an int8-cache candidate is compared over
 
     def ranked(self, by: str = "sqnr") -> list[LayerError]:
         """Quantized layers, worst first: lowest SQNR at the output (`sqnr`) or of the layer
@@ -94,6 +96,7 @@ class DebugResult:
 
     def to_json(self, by: str = "sqnr") -> dict:
         return {"samples": self.samples, "sorted_by": by, "note": "null dB = no error at all",
+                **({"kv_cache": self.kv_cache} if self.kv_cache else {}),
                 "ranked": [r.name for r in self.ranked(by)], "layers": [r.row() for r in self.layers],
                 "unmatched": self.unmatched}
 
@@ -102,6 +105,7 @@ class DebugResult:
         lines = [f"per-layer error over {self.samples} samples: {len(self.layers)} linear layers matched, "
                  f"{len(q)} quantized, {len(self.unmatched)} unmatched; worst {min(top, len(q))} by "
                  f"{'output' if by == 'sqnr' else 'layer'} SQNR",
+                 *([f"  {self.kv_cache}"] if self.kv_cache else []),
                  f"  {'rank':>4}  {'layer':<44} {'SQNR dB':>8} {'rel L2':>8} {'input dB':>9} {'layer dB':>9}"]
         for k, r in enumerate(q[:top], 1):
             lines.append(f"  {k:>4}  {r.label[-44:]:<44} {_fmt(r.sqnr_db):>8} {r.rel_l2:>8.4f} "
@@ -167,7 +171,9 @@ def debug(reference: str | os.PathLike, candidate: str | os.PathLike, data: dict
             for key, v in part.items():
                 wide[key] = wide.get(key, 0.0) + v
         del got
-    return _collect(mg, {**dict(zip(outs, sums)), **wide}, gains, n)
+    res = _collect(mg, {**dict(zip(outs, sums)), **wide}, gains, n)
+    res.kv_cache = describe(mg.recast, data)
+    return res
 
 
 def _fed(mg: Merged, gains: dict) -> dict:

@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from graphpass.validate.debug_gains import weight_gains
+from graphpass.validate.debug_kv import add_recast, recast_past
 from graphpass.validate.debug_weights import WeightFolder, move_initializers, shared_weights
 from graphpass.validate.debug_wide import WIDE, Wide, head_model
 from graphpass.errors import GraphpassError
@@ -61,6 +62,7 @@ class Merged:
 
     fit: set[str] = field(default_factory=set)          # rescalable, gain not in the weights
     wide: list[Wide] = field(default_factory=list)      # layers reduced in row chunks (debug_wide)
+    recast: dict[str, np.ndarray] = field(default_factory=dict)  # int8 past inputs: m = 1/s (debug_kv)
 
     def outputs(self) -> list[str]:
         """Per tensor: Σ T², Σ (g·T̂ − T)² (+ the three channel vectors when its gain is fitted);
@@ -229,6 +231,7 @@ def build_merged(ref_path: Path, cand_path: Path, local: bool = True) -> Merged:
     missing = [s.name for s in input_specs(cand) if s.name not in ref_in]
     if missing:
         raise GraphpassError(f"{cand_path}: input(s) {', '.join(missing)} are not inputs of the reference")
+    recast = recast_past(ref, cand, cand_path.parent.resolve())      # an int8 KV cache: its own past
     pairs, unmatched, an = match_layers(ref, cand, str(ref_path.parent.resolve()))
     if not pairs:
         raise GraphpassError(f"{cand_path}: no linear layer output of the reference is found by name")
@@ -243,18 +246,19 @@ def build_merged(ref_path: Path, cand_path: Path, local: bool = True) -> Merged:
     folder = WeightFolder(ref_path.parent.resolve())
     try:
         return _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local,
-                     scalable, gains, wide)
+                     scalable, gains, wide, recast)
     except BaseException:
         folder.remove()
         raise
 
 
 def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local, scalable, gains,
-          wide) -> Merged:
+          wide, recast) -> Merged:
     ref_base, cand_base = ref_path.parent.resolve(), cand_path.parent.resolve()
     shared = shared_weights(ref.graph, cand.graph, ref_base, cand_base)
-    keep = {i.name: i.name for i in g.input} | shared
+    keep = {i.name: i.name for i in g.input if i.name not in recast} | shared
     move_initializers(ref.graph, g, ref_base, lambda n: n, folder)
+    add_recast(g, recast, PREFIX)
     for n in cand.graph.node:
         g.node.add().CopyFrom(n)
         _prefix_in_place(g.node[-1], keep)
@@ -267,7 +271,7 @@ def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, lo
     tensors = sorted(dict.fromkeys([p.tensor for p in pairs] + [p.act for p in pairs if p.act]),
                      key=lambda t: depth.get(t, -1))
     res = Merged(folder.path, folder, pairs, unmatched, tensors, rescalable=scalable & set(tensors),
-                 gains={t: v for t, v in gains.items() if t in tensors})
+                 gains={t: v for t, v in gains.items() if t in tensors}, recast=recast)
     res.fit = res.rescalable - set(res.gains)
     opsets = {o.domain: o.version for o in list(cand.opset_import) + list(ref.opset_import)}
     opset_ids = [helper.make_opsetid(d, v) for d, v in opsets.items()]

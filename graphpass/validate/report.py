@@ -124,6 +124,8 @@ def _debug(rd: ReportData, inp: ReportInputs, data, res: dict | None) -> None:
         d = debug(inp.reference, inp.candidate, data, threads=inp.threads, progress=inp.progress)
         res = d.to_json()
     rd.layers, rd.debug_samples, rd.unmatched = res["layers"], res["samples"], res.get("unmatched", [])
+    if res.get("kv_cache"):
+        rd.notes.append(f"per-layer errors: {res['kv_cache']}")
 
 
 def _accuracy(rd: ReportData, inp: ReportInputs, data, given: dict | None) -> None:
