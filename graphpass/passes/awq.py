@@ -19,10 +19,12 @@ from graphpass.passes.clip import clip_blocks
 from graphpass.passes.nbits import NBitsConfig, layer_config
 from graphpass.passes.smooth import fold_site
 from graphpass.search.awq import SiteChoice, search_awq
-from graphpass.search.blas import one_blas_thread
+from graphpass.search.blas import heap_scratch, one_blas_thread
 from graphpass.search.clip import search_clip
 
 CLIP_ROWS = 64     # sampled rows the clipping search scores per site (evenly thinned)
+CLIP_SCRATCH = 1 << 20   # heap blocks up to 1 MB while clipping: the search's column chunks fit, the
+                         # clipped weights (kept) stay mmapped and do not fragment the heap
 
 
 @dataclass
@@ -54,7 +56,7 @@ def awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | str | N
         if ch is not None:
             fold_site(g, c, site, ch.scales)
     if clip:
-        with one_blas_thread():
+        with one_blas_thread(), heap_scratch(CLIP_SCRATCH):
             clip_readers(an, stats, cfg, rep, progress)
     g.toposort()
     return rep
@@ -63,16 +65,19 @@ def awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | str | N
 def clip_readers(an: Analysis, stats: Stats, cfg: NBitsConfig, rep: AwqReport, progress: bool = True) -> None:
     """Each scaled site's readers: ρ per block and channel from the rows X / s, then W clipped."""
     from graphpass.progress import bar
+    from graphpass.search.pool import ordered_map
 
     c = an.consts
-    for site in bar([s for s in an.sites if s.name in rep.choices], "clip search", "site", enabled=progress):
-        x = stats.rows[site.act]
-        x = x[::-(-len(x) // CLIP_ROWS)].astype(np.float32) / rep.choices[site.name].scales
-        for lin in site.consumers:
-            lcfg = layer_config(lin, c, cfg)
-            if lcfg is None:          # a head kept in float is not rounded: clipping would only cost
-                continue
-            w = lin.weight(c).astype(np.float32)
-            ratio, before, after = search_clip(x, w, lcfg)
-            lin.set_weight(c, clip_blocks(w, ratio, lcfg.block_size, lcfg.symmetric))
-            rep.clip.append(dict(linear=lin.name, before=before, after=after, mean_ratio=float(ratio.mean())))
+
+    def readers():              # (linear, rows X / s, weight, its config): graph reads in this thread
+        for site in bar([s for s in an.sites if s.name in rep.choices], "clip search", "site", enabled=progress):
+            x = stats.rows[site.act]
+            x = x[::-(-len(x) // CLIP_ROWS)].astype(np.float32) / rep.choices[site.name].scales
+            for lin in site.consumers:
+                lcfg = layer_config(lin, c, cfg)
+                if lcfg is not None:      # a head kept in float is not rounded: clipping would only cost
+                    yield lin, x, lin.weight(c).astype(np.float32), lcfg
+
+    for (lin, _, w, lcfg), (ratio, before, after) in ordered_map(lambda r: r[1:], search_clip, readers()):
+        lin.set_weight(c, clip_blocks(w, ratio, lcfg.block_size, lcfg.symmetric))
+        rep.clip.append(dict(linear=lin.name, before=before, after=after, mean_ratio=float(ratio.mean())))

@@ -46,9 +46,12 @@ def weights_absmax(weights: list[np.ndarray]) -> np.ndarray:
 
 
 def site_error(site: Site, an: Analysis, x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarray],
-               stats: Stats, alpha: float, scheme: str) -> float:
+               stats: Stats, alpha: float, scheme: str, w_max: np.ndarray | None = None) -> float:
+    """err(α) of the module docstring; `w_max`: max|W| per input channel over every output
+    channel (default: over the `weights` given)."""
     act = stats.absmax(site.act).astype(np.float64)
-    s = site_scales(site, an.consts, act, alpha, weights_absmax(weights)).astype(np.float32)
+    w_max = weights_absmax(weights) if w_max is None else w_max
+    s = site_scales(site, an.consts, act, alpha, w_max).astype(np.float32)
     lo = float((stats.min[site.act] / s).min())
     hi = float((stats.max[site.act] / s).max())
     xq = fake_quant_act(x / s, scheme, lo, hi).astype(np.float32)
@@ -62,33 +65,35 @@ def site_error(site: Site, an: Analysis, x: np.ndarray, weights: list[np.ndarray
 def search_alpha(an: Analysis, stats: Stats, scheme: str, grid=GRID, progress: bool = True
                  ) -> tuple[dict[str, float], list[dict]]:
     """α per site (keyed by site name) and a row per site with the error at each grid point."""
-    return search_sites(an, stats, lambda site, x, weights, ys, a: site_error(site, an, x, weights, ys, stats,
-                                                                               a, scheme),
-                        "alpha search", grid, progress)
+    return search_sites(an, stats, lambda site, x, weights, ys, a, w_max: site_error(
+        site, an, x, weights, ys, stats, a, scheme, w_max), "alpha search", grid, progress)
 
 
 def search_sites(an: Analysis, stats: Stats, error, desc: str, grid=GRID, progress: bool = True
                  ) -> tuple[dict[str, float], list[dict]]:
-    """The grid search over every site with sampled rows: `error(site, x, weights, ys, α)` scores
-    one α (the quantizer it models is the caller's); the smallest error wins."""
+    """The grid search over every site with sampled rows: `error(site, x, weights, ys, α, w_max)`
+    scores one α (the quantizer it models is the caller's; w_max = weights_absmax(weights), found
+    once per site); the smallest error wins."""
     from graphpass.progress import bar
-    from graphpass.search.blas import one_blas_thread
+    from graphpass.search.blas import heap_scratch, one_blas_thread
+    from graphpass.search.pool import ordered_map
+
+    def prepare(site):
+        x = stats.rows.get(site.act)
+        if x is None or not len(x):
+            return None
+        weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]   # read here: one thread
+        return site, x.astype(np.float32), weights
+
+    def work(site, x, weights) -> list[float]:
+        w_max = weights_absmax(weights)
+        ys = [x @ w for w in weights]
+        return [error(site, x, weights, ys, float(a), w_max) for a in grid]
 
     chosen, rows = {}, []
-    with one_blas_thread():     # many small products: BLAS threads only synchronize (search/blas.py)
-        for site in bar(an.sites, desc, "site", enabled=progress):
-            _search_site(site, stats, an, error, grid, chosen, rows)
+    with one_blas_thread(), heap_scratch():     # many small products: BLAS threads only synchronize (search/blas.py)
+        for site, errs in ordered_map(prepare, work, bar(an.sites, desc, "site", enabled=progress)):
+            best = int(np.argmin(errs))
+            chosen[site.name] = float(grid[best])
+            rows.append({"site": site.name, "alpha": float(grid[best]), "errors": dict(zip(map(float, grid), errs))})
     return chosen, rows
-
-
-def _search_site(site, stats, an, error, grid, chosen, rows) -> None:
-    x = stats.rows.get(site.act)
-    if x is None or not len(x):
-        return
-    x = x.astype(np.float32)
-    weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
-    ys = [x @ w for w in weights]
-    errs = [error(site, x, weights, ys, float(a)) for a in grid]
-    best = int(np.argmin(errs))
-    chosen[site.name] = float(grid[best])
-    rows.append({"site": site.name, "alpha": float(grid[best]), "errors": dict(zip(map(float, grid), errs))})

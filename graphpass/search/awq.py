@@ -4,7 +4,7 @@ For a site with sampled input rows X [R, C] (calibration) and readers W_k [C, N_
 per-channel scale s gives the error
   err(s) = Σ_k ||X·W_k − A(X / s)·Q(diag(s)·W_k)||² / ||X·W_k||²
 (Q: the MatMulNBits weight from onnxruntime's packer, dequantized; A: the int8 per-block activation
-of accuracy_level 4, else the identity; search/nbits_alpha.site_error_nbits). Candidates, with
+of accuracy_level 4, else the identity; search/blockq.NBitsScorer). Candidates, with
 m_j = mean|X_j| over every calibration row (Stats.mean_abs, no second pass) and w_j = max_k max_o |W_k[j, o]|:
   awq  : s = m^r                  r in 0, 0.05, ..., 0.95   (r = 0 is plain round-to-nearest)
   duo  : s = m^r / w^(1-r)        r in 0.05, ..., 0.95
@@ -24,8 +24,8 @@ from graphpass.match.sites import Analysis, Site
 from graphpass.passes.nbits import NBitsConfig
 from graphpass.passes.smooth import site_scales, weight_absmax
 from graphpass.search.alpha import GRID as ALPHA_GRID
-from graphpass.search.blas import one_blas_thread
-from graphpass.search.nbits_alpha import site_error_nbits
+from graphpass.search.blas import heap_scratch, one_blas_thread
+from graphpass.search.blockq import NBitsScorer
 
 MAX_COLUMNS = 128                                           # output channels scored per reader
 MAX_ROWS = 128                                              # sampled rows scored per site
@@ -67,6 +67,13 @@ def candidate_scales(site: Site, an: Analysis, stats: Stats, cand: Candidate,
     return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
 
 
+def column_subset(w: np.ndarray, max_columns: int, rng: np.random.Generator) -> np.ndarray:
+    """W [C, N] on at most max_columns of its output channels (a sorted random subset)."""
+    if w.shape[1] <= max_columns:
+        return w
+    return w[:, np.sort(rng.choice(w.shape[1], max_columns, False))]
+
+
 @dataclass
 class SiteChoice:
     site: str
@@ -88,29 +95,35 @@ def search_awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | 
     the same for every candidate): columns quantize independently, so the error summed over a
     subset estimates the full one at a fraction of the cost; s keeps every input channel.
     """
-    with one_blas_thread():
+    with one_blas_thread(), heap_scratch():
         return _search(an, stats, cfg, smoothing, progress, max_columns)
 
 
 def _search(an, stats, cfg, smoothing, progress, max_columns) -> dict[str, SiteChoice]:
     from graphpass.progress import bar
+    from graphpass.search.pool import ordered_map
 
     grid, out, rng = candidates(smoothing), {}, np.random.default_rng(0)
-    for site in bar(an.sites, "AWQ search", "site", enabled=progress):
+
+    def prepare(site):          # graph reads and the random column subsets: here, in site order
         x = stats.rows.get(site.act)
         if x is None or not len(x):
-            continue
+            return None
         x = x[::-(-len(x) // MAX_ROWS)].astype(np.float32)             # evenly thinned to <= MAX_ROWS
         weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
         w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        weights = [w if w.shape[1] <= max_columns else w[:, np.sort(rng.choice(w.shape[1], max_columns, False))]
-                   for w in weights]
-        ys = [x @ w for w in weights]
+        return site, x, [column_subset(w, max_columns, rng) for w in weights], w_max
+
+    def work(site, x, weights, w_max) -> SiteChoice:
+        scorer = NBitsScorer(x, weights, cfg)
         errs, scales = {}, {}
         for cand in grid:
             s = candidate_scales(site, an, stats, cand, w_max)
-            errs[cand.label] = site_error_nbits(x, weights, ys, s, cfg)
+            errs[cand.label] = scorer.error(s)
             scales[cand.label] = s
         best = min(grid, key=lambda cd: errs[cd.label])
-        out[site.name] = SiteChoice(site.name, best, scales[best.label], errs)
+        return SiteChoice(site.name, best, scales[best.label], errs)
+
+    for site, choice in ordered_map(prepare, work, bar(an.sites, "AWQ search", "site", enabled=progress)):
+        out[site.name] = choice
     return out

@@ -12,17 +12,10 @@ import numpy as np
 
 from graphpass.calibrate.stats import Stats
 from graphpass.match.sites import Analysis
-from graphpass.search.alpha import GRID, search_sites, weights_absmax
+from graphpass.search.alpha import GRID, search_sites
 from graphpass.passes.nbits import NBitsConfig
 from graphpass.passes.smooth import site_scales
-
-def fake_quant_act_blocks(x: np.ndarray, block: int) -> np.ndarray:
-    """int8 per row and per block of `block` channels (the kernel's int8 activation), dequantized."""
-    r, c = x.shape
-    kb = -(-c // block)
-    xp = np.pad(x, ((0, 0), (0, kb * block - c))).reshape(r, kb, block)
-    scale = np.maximum(np.abs(xp).max(-1, keepdims=True), 1e-30) / 127.0
-    return (np.clip(np.rint(xp / scale), -127, 127) * scale).reshape(r, kb * block)[:, :c]
+from graphpass.search.blockq import NBitsScorer, fake_quant_act_blocks, quantize_blocks  # noqa: F401 (re-exported)
 
 
 def fake_quant_weight_blocks(w: np.ndarray, cfg: NBitsConfig) -> np.ndarray:
@@ -34,39 +27,21 @@ def fake_quant_weight_blocks(w: np.ndarray, cfg: NBitsConfig) -> np.ndarray:
     from graphpass.passes.clip import block_view
 
     k, n = w.shape
-    wb = block_view(w, cfg.block_size)                       # [k_blocks, block, N]
-    if cfg.symmetric:
-        qmin, qmax = -(2 ** (cfg.bits - 1)), 2 ** (cfg.bits - 1) - 1
-        v = np.take_along_axis(wb, np.abs(wb).argmax(axis=1)[:, None, :], 1)
-        scale, zp = v / np.float32(qmin), np.float32(0)
-    else:
-        qmin, qmax = 0, 2 ** cfg.bits - 1
-        lo = np.minimum(wb.min(axis=1, keepdims=True), 0)
-        scale = (np.maximum(wb.max(axis=1, keepdims=True), 0) - lo) / np.float32(qmax)
-    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
-    if not cfg.symmetric:
-        zp = np.clip(np.rint(-lo * inv), qmin, qmax)
-    q = np.clip(np.rint(wb * inv) + zp, qmin, qmax) - zp
-    return (q * scale).reshape(-1, n)[:k]
+    wb = block_view(w.astype(np.float32, copy=False), cfg.block_size)     # [k_blocks, block, N], a copy
+    return quantize_blocks(wb, cfg.bits, cfg.symmetric, out=wb).reshape(-1, n)[:k]
 
 
 def site_error_nbits(x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarray], s: np.ndarray,
                      cfg: NBitsConfig) -> float:
-    xs = (x / s).astype(np.float32)
-    xq = fake_quant_act_blocks(xs, cfg.block_size) if cfg.accuracy_level == 4 else xs
-    err = 0.0
-    for w, y in zip(weights, ys):
-        yq = xq @ fake_quant_weight_blocks((w * s[:, None]).astype(np.float32), cfg)
-        err += float(((y - yq) ** 2).sum() / max(float((y ** 2).sum()), 1e-30))
-    return err
+    return NBitsScorer(x, weights, cfg, ys).error(s)
 
 
 def search_alpha_nbits(an: Analysis, stats: Stats, cfg: NBitsConfig, grid=GRID, progress: bool = True
                        ) -> tuple[dict[str, float], list[dict]]:
     """α per site (keyed by site name) and a row per site with the error at each grid point."""
-    def error(site, x, weights, ys, alpha):
+    def error(site, x, weights, ys, alpha, w_max):
         act = stats.absmax(site.act).astype(np.float64)
-        s = site_scales(site, an.consts, act, alpha, weights_absmax(weights))
+        s = site_scales(site, an.consts, act, alpha, w_max)
         return site_error_nbits(x, weights, ys, s.astype(np.float32), cfg)
 
     return search_sites(an, stats, error, "alpha search (MatMulNBits)", grid, progress)

@@ -54,9 +54,9 @@ def search_alpha_outlier(an: Analysis, stats: Stats, cfg: OutlierConfig, alphas=
     counts: dict[tuple[str, int], int] = {}
     seen: dict[tuple, float] = {}   # thresholds that give the same O at one α share one score
 
-    def error(site, x, weights, ys, i):
+    def error(site, x, weights, ys, i, w_max):
         alpha, t = grid[int(i)]
-        s = site_scales(site, an.consts, stats.absmax(site.act).astype(np.float64), alpha).astype(np.float32)
+        s = site_scales(site, an.consts, stats.absmax(site.act).astype(np.float64), alpha, w_max).astype(np.float32)
         o = outlier_columns(stats.absmax(site.act) / s, cfg, t)
         counts[(site.name, int(i))] = int(o.size)
         key = (site.name, alpha, o.tobytes())
