@@ -17,6 +17,7 @@ from graphpass.graph.io import externalized, load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.decode import fuse_decode_graph
+from graphpass.calibrate.gram import GRAM_STEP
 from graphpass.calibrate.kv import cache_absmax, cache_scales
 from graphpass.passes.kv_cache import KV_CACHE_TYPES, quantize_kv_cache
 from graphpass.passes.decode_route import route_decode
@@ -56,6 +57,7 @@ class PipelineConfig:
     decode_route: bool = False                  # token + decode fusions: one token through MatMulNBits (If)
     awq: bool = True                            # w8 / w4 with data: AWQ scales (smoothing α joins their grid)
     awq_clip: bool = True                       # ... and the clipping search per channel and block
+    gptq: bool = False                          # w8 / w4 with data: GPTQ rounding (passes/gptq.py) after AWQ
 
 
     def __post_init__(self):
@@ -137,7 +139,9 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
 
     res = PipelineResult(Path(output))
     awq = _awq_on(config, data, stats)   # w8 / w4: AWQ when data is given (else round to nearest)
-    needs_stats = (needs_calibration(config) or awq) and stats is None
+    gptq = config.gptq and config.scheme in ("w4", "w8")
+    needs_stats = (needs_calibration(config) or awq or gptq) and stats is None
+    packed = None
 
     def step(name: str, t0: float, what: str) -> None:
         res.steps.append((name, time.perf_counter() - t0, what))
@@ -164,14 +168,16 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         t0 = time.perf_counter()
         row_step = config.row_step if config.alpha == "auto" or awq else 0
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
-                          decode_steps=config.decode_steps)
+                          decode_steps=config.decode_steps, gram_step=GRAM_STEP if gptq else 0)
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples")
     if config.kv_cache and config.kv_smooth is not None:
         _kv_smooth(g, original, data, config, step, progress)    # on the float q / k weights
     if awq:
-        _awq(an, stats, config, step, progress)
+        awq_rep = _awq(an, stats, config, step, progress, apply_clip=not gptq)
     elif config.alpha is not None:
         _smooth(an, stats, config, res, step, progress)
+    if gptq:
+        packed = _gptq(an, stats, config, awq_rep if awq else None, step, progress)
     if config.simplify_attention:
         t0 = time.perf_counter()
         _, n, why = drop_softmax_nan_guards(g)
@@ -189,7 +195,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
             cols = calibrated_columns(an, stats, res.smooth, config.outlier, res.thresholds)
             _, res.quant = split_outliers(g, qcfg, cols)
         else:
-            _, res.quant = nbits_or(quantize_pass)(g, qcfg, ranges, None, None, nbits=config.nbits)
+            _, res.quant = nbits_or(quantize_pass)(g, qcfg, ranges, None, None, nbits=config.nbits, packed=packed)
         if not res.quant.quantized and not res.quant.tables:
             log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
         step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
@@ -300,7 +306,7 @@ def _awq_on(config: PipelineConfig, data, stats) -> bool:
     return config.awq and config.scheme in NBITS_SCHEMES and (data is not None or stats is not None and stats.rows)
 
 
-def _awq(an, stats, config: PipelineConfig, step, progress) -> None:
+def _awq(an, stats, config: PipelineConfig, step, progress, apply_clip: bool = True):
     """AWQ scales (with SmoothQuant's α in their grid unless --no-smooth) folded, readers clipped."""
     from graphpass.passes.awq import awq
     from graphpass.passes.nbits import default_config
@@ -308,5 +314,22 @@ def _awq(an, stats, config: PipelineConfig, step, progress) -> None:
     t0 = time.perf_counter()
     stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "calibration")
     cfg = config.nbits if config.nbits is not None else default_config(config.scheme)
-    rep = awq(an, stats, cfg, config.alpha, config.awq_clip, progress)
+    rep = awq(an, stats, cfg, config.alpha, config.awq_clip, progress, apply_clip)
     step("awq", t0, rep.summary())
+    return rep
+
+
+def _gptq(an, stats, config: PipelineConfig, awq_rep, step, progress) -> dict:
+    """GPTQ codes per layer (passes/gptq.py), after the AWQ fold and with its clip ratios."""
+    from graphpass.passes.gptq import gptq
+    from graphpass.passes.nbits import default_config
+
+    t0 = time.perf_counter()
+    if not stats.gram:
+        raise GraphpassError("--gptq needs X^T·X from calibration: pass --data (cached stats have none)")
+    cfg = config.nbits if config.nbits is not None else default_config(config.scheme)
+    scales = {k: ch.scales for k, ch in awq_rep.choices.items()} if awq_rep else {}
+    ratios = {r["linear"]: r["ratio"] for r in awq_rep.clip} if awq_rep else {}
+    rep = gptq(an, stats, cfg, scales, ratios, progress)
+    step("gptq", t0, rep.summary())
+    return rep.packed

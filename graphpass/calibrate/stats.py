@@ -29,6 +29,8 @@ class Stats:
     rows: dict[str, np.ndarray] = field(default_factory=dict)   # sampled rows of X (not saved)
     abs_sum: dict[str, np.ndarray] = field(default_factory=dict)   # Σ over rows of |X_j| (float64)
     count: dict[str, int] = field(default_factory=dict)            # rows summed into abs_sum
+    gram: dict[str, np.ndarray] = field(default_factory=dict)      # Σ X^T·X of thinned rows (GPTQ; not saved)
+    gram_rows: dict[str, int] = field(default_factory=dict)        # rows summed into gram
 
     def mean_abs(self, t: str) -> np.ndarray:
         """Per-channel mean|X_j| over every calibration row (AWQ's activation statistic)."""

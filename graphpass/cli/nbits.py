@@ -28,6 +28,10 @@ def add_nbits_args(q: argparse.ArgumentParser) -> None:
                         "outputs on sampled calibration rows, folds it exactly into the producer (norm, "
                         "up_proj, v_proj, linear), then a clipping ratio (1.0..0.55) per output channel and block")
     g.add_argument("--no-clip", action="store_true", help="AWQ scales without the clipping search")
+    g.add_argument("--gptq", action="store_true",
+                   help="GPTQ rounding after the AWQ fold: each input channel's rounding error is compensated "
+                        "in the channels not yet rounded, from X^T·X summed during calibration (the clip ratios "
+                        "become block scale factors)")
 
 
 def with_nbits(cfg, a: argparse.Namespace):
@@ -36,9 +40,9 @@ def with_nbits(cfg, a: argparse.Namespace):
 
     if cfg.scheme not in NBITS_SCHEMES:
         if (a.bits is not None or a.block_size is not None or a.asymmetric or a.float_head or a.no_awq
-                or a.no_clip or a.head_bits is not None):
-            raise GraphpassError("--bits, --block-size, --asymmetric, --float-head, --head-bits, --no-awq and "
-                                 "--no-clip apply to --scheme w8 / w4")
+                or a.no_clip or a.head_bits is not None or a.gptq):
+            raise GraphpassError("--bits, --block-size, --asymmetric, --float-head, --head-bits, --no-awq, "
+                                 "--no-clip and --gptq apply to --scheme w8 / w4")
         return cfg
     bits = NBITS_SCHEMES[cfg.scheme]
     if a.bits is not None and a.bits != bits:
@@ -48,4 +52,4 @@ def with_nbits(cfg, a: argparse.Namespace):
     nb = NBitsConfig(bits=bits, block_size=a.block_size or DEFAULT_BLOCK[bits], accuracy_level=a.accuracy_level,
                      symmetric=not a.asymmetric, lm_head=not a.float_head, skip=cfg.skip,
                      head_bits=a.head_bits)
-    return replace(cfg, nbits=nb, awq=not a.no_awq, awq_clip=not a.no_clip)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)
+    return replace(cfg, nbits=nb, awq=not a.no_awq, awq_clip=not a.no_clip, gptq=a.gptq)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)

@@ -104,8 +104,10 @@ def unpack_reference(p: Packed, bits: int, block_size: int) -> np.ndarray:
 
 
 def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig(), base_dir: str | None = None,
-          consts: Consts | None = None) -> tuple[onnx.ModelProto | gs.Graph, QuantReport]:
-    """Rewrite `model` in place: each linear layer with a constant weight -> MatMulNBits."""
+          consts: Consts | None = None, packed: dict[str, Packed] | None = None
+          ) -> tuple[onnx.ModelProto | gs.Graph, QuantReport]:
+    """Rewrite `model` in place: each linear layer with a constant weight -> MatMulNBits.
+    `packed`: layers (by name) whose codes were chosen already (GPTQ, passes/nbits_codes.py)."""
     an = analyze(model, base_dir, consts)
     names = {lin.name for lin in an.linears}
     g, c = an.graph, an.consts
@@ -119,7 +121,7 @@ def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig()
         gathers = _tied_gathers(lin) if is_lm_head(lin, c) else []
         name = lin.name          # before the rewrite detaches the node
         cfg = layer_config(lin, c, config)
-        p = _rewrite(lin, c, e, cfg)
+        p = _rewrite(lin, c, e, cfg, (packed or {}).get(name))
         for gather in gathers:
             rep.tables.append(gather.inputs[0].name)
             _shared_lookup(gather, p, e, cfg)
@@ -162,13 +164,14 @@ class _Emitted:
     zp: gs.Constant | None
 
 
-def _rewrite(lin: Linear, c: Consts, e: Emitter, cfg: NBitsConfig) -> _Emitted:
+def _rewrite(lin: Linear, c: Consts, e: Emitter, cfg: NBitsConfig, p: Packed | None = None) -> _Emitted:
     n, base = lin.node, (lin.node.name or lin.node.outputs[0].name).strip("/").replace("/", "_")
-    w = lin.weight(c)
-    if n.op == "Gemm":
-        w = w * np.float32(attr(n, "alpha", 1.0))
-    p = pack(w, cfg.bits, cfg.block_size, cfg.symmetric)
-    del w
+    if p is None:
+        w = lin.weight(c)
+        if n.op == "Gemm":
+            w = w * np.float32(attr(n, "alpha", 1.0))
+        p = pack(w, cfg.bits, cfg.block_size, cfg.symmetric)
+        del w
     x, out = lin.x, _detach(n)        # the float weight leaves the graph with the node
     b, s = e.const(f"{base}_q{cfg.bits}", p.b), e.const(f"{base}_scales", p.scales)
     zp = e.const(f"{base}_zp", p.zero_points) if p.zero_points is not None else None
@@ -221,18 +224,18 @@ def default_config(scheme: str) -> NBitsConfig:
 
 def nbits_or(quantize_pass):
     """The pipeline's quantize step: MatMulNBits for w8 / w4, else `quantize_pass` (W8A8)."""
-    def run(model, qconfig, ranges, base_dir, consts, nbits: NBitsConfig | None = None):
+    def run(model, qconfig, ranges, base_dir, consts, nbits: NBitsConfig | None = None, packed=None):
         if qconfig.scheme not in NBITS_SCHEMES:
             return quantize_pass(model, qconfig, ranges, base_dir, consts)
         cfg = nbits if nbits is not None else default_config(qconfig.scheme)
-        return _run_nbits(model, qconfig, cfg, base_dir, consts)
+        return _run_nbits(model, qconfig, cfg, base_dir, consts, packed)
     return run
 
 
-def _run_nbits(model, qconfig, cfg: NBitsConfig, base_dir, consts):
+def _run_nbits(model, qconfig, cfg: NBitsConfig, base_dir, consts, packed=None):
     if cfg.bits != NBITS_SCHEMES[qconfig.scheme]:
         raise GraphpassError(f"scheme '{qconfig.scheme}' is {NBITS_SCHEMES[qconfig.scheme]}-bit, "
                              f"but --bits {cfg.bits} was given")
     if qconfig.skip and not cfg.skip:
         cfg = replace(cfg, skip=qconfig.skip)
-    return nbits(model, cfg, base_dir, consts)
+    return nbits(model, cfg, base_dir, consts, packed)

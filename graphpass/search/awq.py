@@ -4,8 +4,10 @@ For a site with sampled input rows X [R, C] (calibration) and readers W_k [C, N_
 per-channel scale s gives the error
   err(s) = Σ_k ||X·W_k − A(X / s)·Q(diag(s)·W_k)||² / ||X·W_k||²
 (Q: the MatMulNBits weight from onnxruntime's packer, dequantized; A: the int8 per-block activation
-of accuracy_level 4, else the identity; search/nbits_alpha.site_error_nbits). Candidates, with
-m_j = mean|X_j| over every calibration row (Stats.mean_abs, no second pass) and w_j = max_k max_o |W_k[j, o]|:
+of accuracy_level 4, else the identity; search/nbits_alpha.site_error_nbits), each reader Q on the
+grid it is packed on (passes/nbits.layer_config: an LM head in --head-bits; a float head not
+scored, its output is exact for any s). Candidates, with m_j = mean|X_j| over every calibration
+row (Stats.mean_abs, no second pass) and w_j = max_k max_o |W_k[j, o]|:
   awq  : s = m^r                  r in 0, 0.05, ..., 0.95   (r = 0 is plain round-to-nearest)
   duo  : s = m^r / w^(1-r)        r in 0.05, ..., 0.95
   smooth (only with smoothing on): s = (max|X|)^α / w^(1-α), α over search/alpha.GRID, or the one α given.
@@ -21,7 +23,7 @@ import numpy as np
 
 from graphpass.calibrate.stats import Stats
 from graphpass.match.sites import Analysis, Site
-from graphpass.passes.nbits import NBitsConfig
+from graphpass.passes.nbits import NBitsConfig, layer_config
 from graphpass.passes.smooth import site_scales, weight_absmax
 from graphpass.search.alpha import GRID as ALPHA_GRID
 from graphpass.search.blas import one_blas_thread
@@ -80,6 +82,16 @@ class SiteChoice:
         return self.errors["awq 0.00"] / max(self.errors[self.choice.label], 1e-30)
 
 
+def reader_errors(x, weights, ys, s, cfgs: list[NBitsConfig | None]) -> float:
+    """site_error_nbits summed over the readers, each on the grid it is packed on (a float one: 0);
+    one call per distinct grid, so the activation is fake-quantized once per grid, not per reader."""
+    err = 0.0
+    for c in dict.fromkeys(c for c in cfgs if c is not None):
+        at = [i for i, ci in enumerate(cfgs) if ci == c]
+        err += site_error_nbits(x, [weights[i] for i in at], [ys[i] for i in at], s, c)
+    return err
+
+
 def search_awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | str | None = None,
                progress: bool = True, max_columns: int = MAX_COLUMNS) -> dict[str, SiteChoice]:
     """The best candidate per site that has sampled rows, keyed by site name.
@@ -105,11 +117,12 @@ def _search(an, stats, cfg, smoothing, progress, max_columns) -> dict[str, SiteC
         w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         weights = [w if w.shape[1] <= max_columns else w[:, np.sort(rng.choice(w.shape[1], max_columns, False))]
                    for w in weights]
+        cfgs = [layer_config(lin, an.consts, cfg) for lin in site.consumers]   # a head in its own bits / float
         ys = [x @ w for w in weights]
         errs, scales = {}, {}
         for cand in grid:
             s = candidate_scales(site, an, stats, cand, w_max)
-            errs[cand.label] = site_error_nbits(x, weights, ys, s, cfg)
+            errs[cand.label] = reader_errors(x, weights, ys, s, cfgs)
             scales[cand.label] = s
         best = min(grid, key=lambda cd: errs[cd.label])
         out[site.name] = SiteChoice(site.name, best, scales[best.label], errs)
