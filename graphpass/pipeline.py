@@ -58,6 +58,7 @@ class PipelineConfig:
     awq: bool = True                            # w8 / w4 with data: AWQ scales (smoothing α joins their grid)
     awq_clip: bool = True                       # ... and the clipping search per channel and block
     gptq: bool = False                          # w8 / w4 with data: GPTQ rounding (passes/gptq.py) after AWQ
+    keep_8bit: int = 0                          # w4 with data: this many most sensitive layers in 8 bits
 
 
     def __post_init__(self):
@@ -86,6 +87,9 @@ class PipelineConfig:
             check_alpha(a, f"alpha for site '{key}'")
         if self.decode_route and (self.scheme != "token" or not self.decode_fusions):
             raise GraphpassError("--decode-route needs --scheme token and --decode-fusions")
+        if self.keep_8bit and (self.scheme != "w4" or self.keep_8bit < 0):
+            raise GraphpassError(f"--w4-keep-8bit takes a count >= 0 with --scheme w4, got {self.keep_8bit} "
+                                 f"with --scheme {self.scheme}")
         if self.decode_route and self.kv_cache:   # the cache rewrite reads attention outside an If body
             raise GraphpassError("--decode-route and --kv-cache are not combined yet: choose one")
 
@@ -140,7 +144,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     res = PipelineResult(Path(output))
     awq = _awq_on(config, data, stats)   # w8 / w4: AWQ when data is given (else round to nearest)
     gptq = config.gptq and config.scheme in ("w4", "w8")
-    needs_stats = (needs_calibration(config) or awq or gptq) and stats is None
+    needs_stats = (needs_calibration(config) or awq or gptq or config.keep_8bit) and stats is None
     packed = None
 
     def step(name: str, t0: float, what: str) -> None:
@@ -166,10 +170,12 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
             raise GraphpassError(f"scheme '{config.scheme}'" + (" with smoothing" if config.alpha is not None else "")
                                  + " needs calibration data (--data)")
         t0 = time.perf_counter()
-        row_step = config.row_step if config.alpha == "auto" or awq else 0
+        row_step = config.row_step if config.alpha == "auto" or awq or config.keep_8bit else 0
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
                           decode_steps=config.decode_steps, gram_step=GRAM_STEP if gptq else 0)
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples")
+    if config.keep_8bit:
+        config = _keep_8bit(an, stats, config, step)
     if config.kv_cache and config.kv_smooth is not None:
         _kv_smooth(g, original, data, config, step, progress)    # on the float q / k weights
     if awq:
@@ -317,6 +323,21 @@ def _awq(an, stats, config: PipelineConfig, step, progress, apply_clip: bool = T
     rep = awq(an, stats, cfg, config.alpha, config.awq_clip, progress, apply_clip)
     step("awq", t0, rep.summary())
     return rep
+
+
+def _keep_8bit(an, stats, config: PipelineConfig, step) -> PipelineConfig:
+    """The config whose nbits keeps the --w4-keep-8bit layers of largest 4-bit error in 8 bits."""
+    from dataclasses import replace
+
+    from graphpass.passes.nbits import default_config
+    from graphpass.search.mixed import keep_8bit
+
+    t0 = time.perf_counter()
+    cfg, ranked = keep_8bit(an, stats, config.nbits or default_config(config.scheme), config.keep_8bit)
+    extra = sum(b for _, _, b in ranked[:config.keep_8bit])
+    step("keep 8-bit", t0, f"{len(cfg.keep8)} of {len(ranked)} layers in 8 bits (+{extra / 1e6:.1f} MB), "
+                           f"4-bit error {ranked[0][1]:.4f} .. {ranked[-1][1]:.4f}" if ranked else "no layer")
+    return replace(config, nbits=cfg)
 
 
 def _gptq(an, stats, config: PipelineConfig, awq_rep, step, progress) -> dict:

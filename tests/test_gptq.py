@@ -128,3 +128,27 @@ def test_awq_scores_a_head_on_the_grid_it_is_packed_on():
         body = NBitsConfig(bits=4, block_size=32)
         old = site_error_nbits(x, ws, [x @ w for w in ws], s, body)
         assert got == pytest.approx(want, rel=1e-5) and abs(got - old) > 1e-3 * old
+
+
+def test_keep_8bit_packs_the_layers_of_largest_4_bit_error_in_8_bits(synth, tmp_path):
+    """--w4-keep-8bit N: the N layers of largest relative 4-bit output error become MatMulNBits
+    bits=8 (AWQ, GPTQ and the packer all see that grid), the others stay 4-bit."""
+    import onnx
+
+    from graphpass.calibrate.collect import calibrate
+    from graphpass.pipeline import PipelineConfig, quantize
+    from graphpass.search.mixed import rank_layers
+
+    s = synth("llama")
+    cfg = NBitsConfig(bits=4, block_size=32, accuracy_level=0, head_bits=8)
+    st = calibrate(s.path, s.data, batch_size=2, progress=False, row_step=2)
+    ranked = rank_layers(analyze(s.fresh()), st, cfg)
+    assert [e for _, e, _ in ranked] == sorted((e for _, e, _ in ranked), reverse=True) and len(ranked) > 3
+    out = tmp_path / "mixed.onnx"
+    quantize(s.path, out, s.data, PipelineConfig(scheme="w4", alpha=None, nbits=cfg, keep_8bit=3, gptq=True, row_step=2),
+             progress=False, log=lambda m: None)
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in onnx.load(out).graph.node
+            if n.op_type == "MatMulNBits"}
+    eight = {k for k, b in bits.items() if b == 8}
+    assert len(eight) == 3 + 1                                 # three kept layers and the 8-bit head
+    assert all(any(name.strip("/").replace("/", "_") in k for k in eight) for name, _, _ in ranked[:3])

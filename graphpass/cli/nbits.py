@@ -32,6 +32,9 @@ def add_nbits_args(q: argparse.ArgumentParser) -> None:
                    help="GPTQ rounding after the AWQ fold: each input channel's rounding error is compensated "
                         "in the channels not yet rounded, from X^T·X summed during calibration (the clip ratios "
                         "become block scale factors)")
+    g.add_argument("--w4-keep-8bit", type=int, default=0, metavar="N",
+                   help="w4: keep the N linear layers of largest 4-bit output error on calibration rows "
+                        "in 8 bits (each costs K*N/2 bytes more)")
 
 
 def with_nbits(cfg, a: argparse.Namespace):
@@ -40,9 +43,9 @@ def with_nbits(cfg, a: argparse.Namespace):
 
     if cfg.scheme not in NBITS_SCHEMES:
         if (a.bits is not None or a.block_size is not None or a.asymmetric or a.float_head or a.no_awq
-                or a.no_clip or a.head_bits is not None or a.gptq):
+                or a.no_clip or a.head_bits is not None or a.gptq or a.w4_keep_8bit):
             raise GraphpassError("--bits, --block-size, --asymmetric, --float-head, --head-bits, --no-awq, "
-                                 "--no-clip and --gptq apply to --scheme w8 / w4")
+                                 "--no-clip, --gptq and --w4-keep-8bit apply to --scheme w8 / w4")
         return cfg
     bits = NBITS_SCHEMES[cfg.scheme]
     if a.bits is not None and a.bits != bits:
@@ -52,4 +55,5 @@ def with_nbits(cfg, a: argparse.Namespace):
     nb = NBitsConfig(bits=bits, block_size=a.block_size or DEFAULT_BLOCK[bits], accuracy_level=a.accuracy_level,
                      symmetric=not a.asymmetric, lm_head=not a.float_head, skip=cfg.skip,
                      head_bits=a.head_bits)
-    return replace(cfg, nbits=nb, awq=not a.no_awq, awq_clip=not a.no_clip, gptq=a.gptq)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)
+    return replace(cfg, nbits=nb, awq=not a.no_awq, awq_clip=not a.no_clip, gptq=a.gptq,
+                   keep_8bit=a.w4_keep_8bit)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)

@@ -44,6 +44,7 @@ class NBitsConfig:
     lm_head: bool = True              # the LM head in N bits too (a tied table is then shared)
     skip: tuple[str, ...] = ()        # fnmatch patterns on linear layer names
     head_bits: int | None = None      # the LM head (and a tied table) in other bits (None: `bits`)
+    keep8: tuple[str, ...] = ()       # linear layers (names) kept in 8 bits under a 4-bit body (search/mixed.py)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -136,9 +137,9 @@ def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig()
 
 def layer_config(lin: Linear, c: Consts, cfg: NBitsConfig) -> NBitsConfig | None:
     """What one layer is packed with: the LM head in `head_bits` when set, None when it stays float
-    (--float-head); every other layer in `cfg`."""
+    (--float-head); a layer named in `keep8` in 8 bits; every other layer in `cfg`."""
     if not is_lm_head(lin, c):
-        return cfg
+        return replace(cfg, bits=8) if lin.name in cfg.keep8 and cfg.bits != 8 else cfg
     if not cfg.lm_head:
         return None
     return cfg if cfg.head_bits in (None, cfg.bits) else replace(cfg, bits=cfg.head_bits)
