@@ -170,7 +170,7 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
                     stats.update(t, vals[per * k], vals[per * k + 1])
                     stats.add_abs(t, vals[per * k + 2], int(vals[per * k + 3][0]))
                     if grams:
-                        add_gram(stats, t, vals[len(outs) + k], vals[per * k + 3][0], gram_step)
+                        add_gram(stats, t, vals[len(outs) + k])
                     if row_step:
                         rows.add(t, vals[per * k + 4])
             stats.samples += next(iter(b.values())).shape[0]

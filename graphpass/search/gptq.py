@@ -64,62 +64,56 @@ def inverse_factor(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.nd
 
 
 def _block_grid(wb: np.ndarray, ratio: np.ndarray, bits: int, symmetric: bool):
-    """Scale [N] and zero point [N] (float) of one block wb [N, b] as the packer derives them."""
+    """(scale [N] float32, 1/scale [N], zero point [N] or None) of one block wb [b, N], by the packer's rule."""
     if symmetric:
-        idx = np.abs(wb).argmax(axis=1)
-        v = wb[np.arange(len(wb)), idx] * ratio
-        return (v / -(2 ** (bits - 1))).astype(np.float32), None
-    qmax = 2 ** bits - 1
-    lo = np.minimum(wb.min(axis=1), 0) * ratio
-    hi = np.maximum(wb.max(axis=1), 0) * ratio
-    scale = ((hi - lo) / qmax).astype(np.float32)
-    inv = np.divide(1.0, scale, out=np.zeros(scale.shape), where=scale != 0)
-    return scale, np.clip(np.rint(-lo * inv), 0, qmax)
-
-
-def _round(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int):
-    """Codes u and dequantized values of one column w [N] on the block's grid."""
-    inv = np.divide(1.0, scale, out=np.zeros(scale.shape), where=scale != 0)
-    if zero is None:
-        half = 2 ** (bits - 1)
-        q = np.clip(np.rint(w * inv), -half, half - 1)
-        return q + half, q * scale.astype(np.float64)
-    u = np.clip(np.rint(w * inv) + zero, 0, 2 ** bits - 1)
-    return u, (u - zero) * scale.astype(np.float64)
+        v = np.take_along_axis(wb, np.abs(wb).argmax(axis=0)[None], 0)[0] * ratio
+        scale, zero = (v / -(2 ** (bits - 1))).astype(np.float32), None
+    else:
+        qmax = 2 ** bits - 1
+        lo = np.minimum(wb.min(axis=0), 0) * ratio
+        scale = ((np.maximum(wb.max(axis=0), 0) * ratio - lo) / qmax).astype(np.float32)
+    inv = np.divide(1.0, scale, out=np.zeros(scale.shape, np.float32), where=scale != 0)
+    if not symmetric:
+        zero = np.clip(np.rint(-lo * inv), 0, qmax).astype(np.float32)
+    return scale, inv, zero
 
 
 def gptq_round(w: np.ndarray, h: np.ndarray, bits: int = 4, block_size: int = 128, symmetric: bool = True,
                ratio: np.ndarray | None = None, damp: float = DAMP) -> Rounded:
-    """W [K, N] rounded by GPTQ against the Hessian h [K, K] on MatMulNBits' block grid."""
+    """W [K, N] rounded by GPTQ against the Hessian h [K, K] on MatMulNBits' block grid.
+    Rows of W (input channels) are rounded in turn; the working copy is float32, as the reference's."""
     k, n = w.shape
     kb = -(-k // block_size)
     ratio = np.ones((kb, n)) if ratio is None else np.broadcast_to(np.asarray(ratio, np.float64), (kb, n))
     u_mat, dead = inverse_factor(h, damp)
-    wt = np.array(w.T, np.float64)                  # [N, K]: columns are input channels
-    wt[:, dead] = 0.0
-    codes = np.zeros((n, k), np.uint8)
-    deq = np.zeros((n, k), np.float64)
+    u32 = u_mat.astype(np.float32)
+    wk = np.array(w, np.float32)
+    wk[dead] = 0.0
+    codes = np.zeros((k, n), np.uint8)
+    deq = np.zeros((k, n), np.float32)
     scales = np.zeros((n, kb), np.float32)
-    zeros = None if symmetric else np.zeros((n, kb), np.float64)
+    zeros = None if symmetric else np.zeros((n, kb), np.float32)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
     lazy = block_size * max(1, LAZY // block_size)      # a block never straddles two lazy batches
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
-        w1, err = wt[:, i1:i2].copy(), np.zeros((n, i2 - i1))
-        hinv1 = u_mat[i1:i2, i1:i2]
+        w1, err = wk[i1:i2].copy(), np.zeros((i2 - i1, n), np.float32)
+        hinv1 = u32[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col % block_size == 0:
                 b = col // block_size
-                scale, zero = _block_grid(w1[:, i:i + block_size], ratio[b], bits, symmetric)
+                scale, inv, zero = _block_grid(w1[i:i + block_size], ratio[b], bits, symmetric)
                 scales[:, b] = scale
+                zp = np.float32(0) if symmetric else zero        # codes stored with -lo added when symmetric
                 if zeros is not None:
                     zeros[:, b] = zero
-            u, q = _round(w1[:, i], scales[:, col // block_size], None if symmetric else zeros[:, col // block_size],
-                          bits)
-            codes[:, col], deq[:, col] = u, q
-            e = (w1[:, i] - q) / hinv1[i, i]
-            w1[:, i:] -= np.outer(e, hinv1[i, i:])
-            err[:, i] = e
-        wt[:, i2:] -= err @ u_mat[i1:i2, i2:]
-    return Rounded(np.ascontiguousarray(codes.T), scales,
-                   None if symmetric else zeros.astype(np.uint8), deq.T.astype(np.float32))
+            u = np.clip(np.rint(w1[i] * inv) + zp, lo, hi)
+            codes[col] = u - lo if symmetric else u
+            q = (u - zp) * scale
+            deq[col] = q
+            e = (w1[i] - q) / hinv1[i, i]
+            w1[i + 1:] -= np.outer(hinv1[i, i + 1:], e)
+            err[i] = e
+        wk[i2:] -= u32[i1:i2, i2:].T @ err
+    return Rounded(codes, scales, None if symmetric else zeros.astype(np.uint8), deq)
