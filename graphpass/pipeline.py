@@ -57,7 +57,8 @@ class PipelineConfig:
     decode_route: bool = False                  # token + decode fusions: one token through MatMulNBits (If)
     awq: bool = True                            # w8 / w4 with data: AWQ scales (smoothing α joins their grid)
     awq_clip: bool = True                       # ... and the clipping search per channel and block
-    gptq: bool = False                          # w8 / w4 with data: GPTQ rounding (passes/gptq.py) after AWQ
+    gptq: bool | None = None                    # w8 / w4: GPTQ rounding (passes/gptq.py) after AWQ; None: on
+                                                # for w4 with AWQ (not when cached stats have no X^T·X)
     keep_8bit: int = 0                          # w4 with data: this many most sensitive layers in 8 bits
 
 
@@ -143,7 +144,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
 
     res = PipelineResult(Path(output))
     awq = _awq_on(config, data, stats)   # w8 / w4: AWQ when data is given (else round to nearest)
-    gptq = config.gptq and config.scheme in ("w4", "w8")
+    gptq = _gptq_on(config, awq, stats)
     needs_stats = (needs_calibration(config) or awq or gptq or config.keep_8bit) and stats is None
     packed = None
 
@@ -323,6 +324,16 @@ def _awq(an, stats, config: PipelineConfig, step, progress, apply_clip: bool = T
     rep = awq(an, stats, cfg, config.alpha, config.awq_clip, progress, apply_clip)
     step("awq", t0, rep.summary())
     return rep
+
+
+def _gptq_on(config: PipelineConfig, awq: bool, stats) -> bool:
+    from graphpass.passes.nbits import NBITS_SCHEMES
+
+    if config.scheme not in NBITS_SCHEMES:
+        return False
+    if config.gptq is not None:
+        return config.gptq
+    return awq and config.scheme == "w4" and (stats is None or bool(stats.gram))
 
 
 def _keep_8bit(an, stats, config: PipelineConfig, step) -> PipelineConfig:

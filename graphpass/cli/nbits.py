@@ -28,10 +28,12 @@ def add_nbits_args(q: argparse.ArgumentParser) -> None:
                         "outputs on sampled calibration rows, folds it exactly into the producer (norm, "
                         "up_proj, v_proj, linear), then a clipping ratio (1.0..0.55) per output channel and block")
     g.add_argument("--no-clip", action="store_true", help="AWQ scales without the clipping search")
-    g.add_argument("--gptq", action="store_true",
-                   help="GPTQ rounding after the AWQ fold: each input channel's rounding error is compensated "
-                        "in the channels not yet rounded, from X^T·X summed during calibration (the clip ratios "
-                        "become block scale factors)")
+    gptq = g.add_mutually_exclusive_group()
+    gptq.add_argument("--gptq", dest="gptq", action="store_true", default=None,
+                      help="GPTQ rounding after the AWQ fold (default on for w4 with AWQ): each input channel's "
+                           "rounding error is compensated in the channels not yet rounded, from X^T·X summed "
+                           "during calibration (the clip ratios become block scale factors)")
+    gptq.add_argument("--no-gptq", dest="gptq", action="store_false", help="round to nearest after AWQ")
     g.add_argument("--w4-keep-8bit", type=int, default=0, metavar="N",
                    help="w4: keep the N linear layers of largest 4-bit output error on calibration rows "
                         "in 8 bits (each costs K*N/2 bytes more)")
@@ -43,9 +45,9 @@ def with_nbits(cfg, a: argparse.Namespace):
 
     if cfg.scheme not in NBITS_SCHEMES:
         if (a.bits is not None or a.block_size is not None or a.asymmetric or a.float_head or a.no_awq
-                or a.no_clip or a.head_bits is not None or a.gptq or a.w4_keep_8bit):
+                or a.no_clip or a.head_bits is not None or a.gptq is not None or a.w4_keep_8bit):
             raise GraphpassError("--bits, --block-size, --asymmetric, --float-head, --head-bits, --no-awq, "
-                                 "--no-clip, --gptq and --w4-keep-8bit apply to --scheme w8 / w4")
+                                 "--no-clip, --gptq / --no-gptq and --w4-keep-8bit apply to --scheme w8 / w4")
         return cfg
     bits = NBITS_SCHEMES[cfg.scheme]
     if a.bits is not None and a.bits != bits:
