@@ -17,6 +17,7 @@ from graphpass.graph.io import externalized, load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.decode import fuse_decode_graph
+from graphpass.calibrate.gram import GRAM_STEP
 from graphpass.calibrate.kv import cache_absmax, cache_scales
 from graphpass.passes.kv_cache import KV_CACHE_TYPES, quantize_kv_cache
 from graphpass.passes.decode_route import route_decode
@@ -60,6 +61,9 @@ class PipelineConfig:
     decode_route: bool = False                  # token + decode fusions: one token through MatMulNBits (If)
     awq: bool = True                            # w8 / w4 with data: AWQ scales (smoothing α joins their grid)
     awq_clip: bool = True                       # ... and the clipping search per channel and block
+    gptq: bool | None = None                    # w8 / w4: GPTQ rounding (passes/gptq.py) after AWQ; None: off
+                                                # for w4 with AWQ (not when cached stats have no X^T·X)
+    keep_8bit: int = 0                          # w4 with data: this many most sensitive layers in 8 bits
 
 
     def __post_init__(self):
@@ -88,6 +92,9 @@ class PipelineConfig:
             check_alpha(a, f"alpha for site '{key}'")
         if self.decode_route and (self.scheme != "token" or not self.decode_fusions):
             raise GraphpassError("--decode-route needs --scheme token and --decode-fusions")
+        if self.keep_8bit and (self.scheme != "w4" or self.keep_8bit < 0):
+            raise GraphpassError(f"--w4-keep-8bit takes a count >= 0 with --scheme w4, got {self.keep_8bit} "
+                                 f"with --scheme {self.scheme}")
         if self.decode_route and self.kv_cache:   # the cache rewrite reads attention outside an If body
             raise GraphpassError("--decode-route and --kv-cache are not combined yet: choose one")
         if self.kv_cache and not self.kv_fold and self.decode_fusions:
@@ -143,7 +150,9 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
 
     res = PipelineResult(Path(output))
     awq = _awq_on(config, data, stats)   # w8 / w4: AWQ when data is given (else round to nearest)
-    needs_stats = (needs_calibration(config) or awq) and stats is None
+    gptq = _gptq_on(config, awq, stats)
+    needs_stats = (needs_calibration(config) or awq or gptq or config.keep_8bit) and stats is None
+    packed = None
 
     def step(name: str, t0: float, what: str) -> None:
         res.steps.append((name, time.perf_counter() - t0, what))
@@ -168,19 +177,23 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
             raise GraphpassError(f"scheme '{config.scheme}'" + (" with smoothing" if config.alpha is not None else "")
                                  + " needs calibration data (--data)")
         t0 = time.perf_counter()
-        row_step = config.row_step if config.alpha == "auto" or awq else 0
+        row_step = config.row_step if config.alpha == "auto" or awq or config.keep_8bit else 0
         kv_abs = {} if config.kv_cache and config.kv_smooth is not None else None   # same runs: one read
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
-                          decode_steps=config.decode_steps, cache=kv_abs)
+                          decode_steps=config.decode_steps, cache=kv_abs, gram_step=GRAM_STEP if gptq else 0)
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples"
              + (f" (and the {len(kv_abs)} KV caches)" if kv_abs else ""))
+    if config.keep_8bit:
+        config = _keep_8bit(an, stats, config, step)
     kv_known = None              # the written graph's cache statistic, when no run is needed for it
     if config.kv_cache and config.kv_smooth is not None:   # on the float q / k weights
         kv_known = _kv_smooth(g, original, data, config, step, progress, stats.kv_absmax if stats is not None else None)
     if awq:
-        _awq(an, stats, config, step, progress)
+        awq_rep = _awq(an, stats, config, step, progress, apply_clip=not gptq)
     elif config.alpha is not None:
         _smooth(an, stats, config, res, step, progress)
+    if gptq:
+        packed = _gptq(an, stats, config, awq_rep if awq else None, step, progress)
     if config.simplify_attention:
         t0 = time.perf_counter()
         _, n, why = drop_softmax_nan_guards(g)
@@ -198,7 +211,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
             cols = calibrated_columns(an, stats, res.smooth, config.outlier, res.thresholds)
             _, res.quant = split_outliers(g, qcfg, cols, two_digit=two_digit_layers(an, config.outlier))
         else:
-            _, res.quant = nbits_or(quantize_pass)(g, qcfg, ranges, None, None, nbits=config.nbits)
+            _, res.quant = nbits_or(quantize_pass)(g, qcfg, ranges, None, None, nbits=config.nbits, packed=packed)
         if not res.quant.quantized and not res.quant.tables:
             log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
         step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
@@ -325,7 +338,7 @@ def _awq_on(config: PipelineConfig, data, stats) -> bool:
     return config.awq and config.scheme in NBITS_SCHEMES and (data is not None or stats is not None and stats.rows)
 
 
-def _awq(an, stats, config: PipelineConfig, step, progress) -> None:
+def _awq(an, stats, config: PipelineConfig, step, progress, apply_clip: bool = True):
     """AWQ scales (with SmoothQuant's α in their grid unless --no-smooth) folded, readers clipped."""
     from graphpass.passes.awq import awq
     from graphpass.passes.nbits import default_config
@@ -333,5 +346,45 @@ def _awq(an, stats, config: PipelineConfig, step, progress) -> None:
     t0 = time.perf_counter()
     stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "calibration")
     cfg = config.nbits if config.nbits is not None else default_config(config.scheme)
-    rep = awq(an, stats, cfg, config.alpha, config.awq_clip, progress)
+    rep = awq(an, stats, cfg, config.alpha, config.awq_clip, progress, apply_clip)
     step("awq", t0, rep.summary())
+    return rep
+
+
+def _gptq_on(config: PipelineConfig, awq: bool, stats) -> bool:
+    from graphpass.passes.nbits import NBITS_SCHEMES
+
+    if config.scheme not in NBITS_SCHEMES:
+        return False
+    return bool(config.gptq)   # opt-in: the X^T·X sums take the job over the 2x memory bar
+
+
+def _keep_8bit(an, stats, config: PipelineConfig, step) -> PipelineConfig:
+    """The config whose nbits keeps the --w4-keep-8bit layers of largest 4-bit error in 8 bits."""
+    from dataclasses import replace
+
+    from graphpass.passes.nbits import default_config
+    from graphpass.search.mixed import keep_8bit
+
+    t0 = time.perf_counter()
+    cfg, ranked = keep_8bit(an, stats, config.nbits or default_config(config.scheme), config.keep_8bit)
+    extra = sum(b for _, _, b in ranked[:config.keep_8bit])
+    step("keep 8-bit", t0, f"{len(cfg.keep8)} of {len(ranked)} layers in 8 bits (+{extra / 1e6:.1f} MB), "
+                           f"4-bit error {ranked[0][1]:.4f} .. {ranked[-1][1]:.4f}" if ranked else "no layer")
+    return replace(config, nbits=cfg)
+
+
+def _gptq(an, stats, config: PipelineConfig, awq_rep, step, progress) -> dict:
+    """GPTQ codes per layer (passes/gptq.py), after the AWQ fold and with its clip ratios."""
+    from graphpass.passes.gptq import gptq
+    from graphpass.passes.nbits import default_config
+
+    t0 = time.perf_counter()
+    if not stats.gram:
+        raise GraphpassError("--gptq needs X^T·X from calibration: pass --data (cached stats have none)")
+    cfg = config.nbits if config.nbits is not None else default_config(config.scheme)
+    scales = {k: ch.scales for k, ch in awq_rep.choices.items()} if awq_rep else {}
+    ratios = {r["linear"]: r["ratio"] for r in awq_rep.clip} if awq_rep else {}
+    rep = gptq(an, stats, cfg, scales, ratios, progress)
+    step("gptq", t0, rep.summary())
+    return rep.packed

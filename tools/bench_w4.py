@@ -35,6 +35,7 @@ PEERS = {"ort-rtn-b128": "onnxruntime MatMulNBitsQuantizer default (RTN, block 1
          "ort-gptq-b128": "onnxruntime GPTQ, block 128 (8 calibration samples)",
          "ort-kquant": "onnxruntime k_quant"}
 GPTQ_SAMPLES = 8
+KEEP_8BIT = (30, 50)      # --w4-keep-8bit rows
 
 
 def rows() -> list[Row]:
@@ -45,18 +46,26 @@ def rows() -> list[Row]:
             out += [Row(f"w4-rtn-b{b}-l{lvl}", f"graphpass w4 RTN, block {b}, level {lvl}",
                         (*w4(b, lvl), "--no-smooth", "--no-awq")),
                     Row(f"w4-awq-b{b}-l{lvl}", f"graphpass w4 AWQ + clip, block {b}, level {lvl}",
-                        (*w4(b, lvl), "--no-smooth"))]
+                        (*w4(b, lvl), "--no-smooth", "--no-gptq"))]
     out += [Row("w4-awq-noclip-b128-l4", "graphpass w4 AWQ (no clip), block 128, level 4",
-                (*w4(128, 4), "--no-smooth", "--no-clip")),
+                (*w4(128, 4), "--no-smooth", "--no-clip", "--no-gptq")),
             Row("w4-smooth-b128-l4", "graphpass w4 RTN + smoothing (α auto), block 128, level 4",
                 (*w4(128, 4), "--no-awq")),
-            Row("w4-awq-smooth-b128-l4", "graphpass w4 AWQ + clip + smoothing, block 128, level 4", w4(128, 4)),
+            Row("w4-awq-smooth-b128-l4", "graphpass w4 AWQ + clip + smoothing, block 128, level 4",
+                (*w4(128, 4), "--no-gptq")),
             Row("w4-smooth-b128-l0", "graphpass w4 RTN + smoothing (α auto), block 128, level 0",
                 (*w4(128, 0), "--no-awq")),
             Row("w4-rtn-fh-b128-l4", "graphpass w4 RTN, block 128, level 4, --float-head",
                 (*w4(128, 4), "--no-smooth", "--no-awq", "--float-head")),
             Row("w4-awq-fh-b128-l4", "graphpass w4 AWQ + clip, block 128, level 4, --float-head",
-                (*w4(128, 4), "--no-smooth", "--float-head")),
+                (*w4(128, 4), "--no-smooth", "--float-head", "--no-gptq")),
+            Row("w4-awq-h8-b128-l4", "graphpass w4 AWQ + clip, block 128, level 4, --head-bits 8",
+                (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--no-gptq")),
+            Row("w4-gptq-h8-b128-l4", "graphpass w4 AWQ + clip + GPTQ, block 128, level 4, --head-bits 8",
+                (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq")),
+            *(Row(f"w4-gptq-h8-k{k}-b128-l4", f"graphpass w4 AWQ + clip + GPTQ, block 128, level 4, --head-bits 8, "
+                  f"--w4-keep-8bit {k}", (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq", "--w4-keep-8bit", str(k)))
+              for k in KEEP_8BIT),
             Row("w8-rtn-b32", "graphpass w8 RTN, block 32, level 4", ("--scheme", "w8", "--no-smooth", "--no-awq")),
             Row("w8-awq-b32", "graphpass w8 AWQ + clip, block 32, level 4", ("--scheme", "w8", "--no-smooth")),
             Row("token-auto", "graphpass W8A8 token, α auto", ("--scheme", "token", "--alpha", "auto"))]

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
+from graphpass.calibrate.gram import add_gram, add_grams
 from graphpass.calibrate.kv_stat import update_cache_absmax
 from graphpass.calibrate.rows import RowSpill
 from graphpass.calibrate.stats import Stats
@@ -118,16 +119,18 @@ def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, n
 
 def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads: int = 2,
               progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0,
-              decode_steps: int = DECODE_STEPS, cache: dict[str, np.ndarray] | None = None) -> Stats:
-    """See _calibrate; a model with inline weights is read through an external-data copy."""
+              decode_steps: int = DECODE_STEPS, cache: dict[str, np.ndarray] | None = None,
+              gram_step: int = 0) -> Stats:
+    """See _calibrate; a model with inline weights is read through an external-data copy.
+    gram_step > 0: stats.gram also sums X^T·X of every gram_step-th row (calibrate/gram.py)."""
     with externalized(model_path) as p:
         return _calibrate(p, data, batch_size, threads, progress, targets, row_step, decode_steps,
-                          Path(model_path).parent, cache)
+                          Path(model_path).parent, cache, gram_step)
 
 
 def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: bool,
                targets: dict[str, int] | None, row_step: int, decode_steps: int, folder: Path,
-               cache: dict[str, np.ndarray] | None = None) -> Stats:
+               cache: dict[str, np.ndarray] | None = None, gram_step: int = 0) -> Stats:
     """Per-channel min/max of every linear layer's input over `data`, batch by batch.
 
     `data`: dict of arrays (first axis = samples) or a CalibrationDataReader. With row_step > 0,
@@ -152,6 +155,7 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
         check_data(data, check_model, "data")   # before any progress bar is drawn
     drop_softmax_nan_guards(g)   # exact where it drops one (positional masks): ~13% of a SmolLM2 forward
     outs = add_reductions(g, names, row_step, keep=layout.present_names if layout is not None else ())
+    grams = add_grams(g, names, gram_step) if gram_step else []
     with tempfile.TemporaryDirectory(prefix="graphpass-calib-") as tmp:
         src = _spill(g, Path(tmp))
         del g   # inline weights now sit in tmp: their protobuf copy goes back to the OS
@@ -171,10 +175,12 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
     on_cache = None if cache is None or layout is None else partial(update_cache_absmax, cache, layout)
     with RowSpill() as rows:           # sampled rows wait on disk while the session holds memory
         for b, nxt in bar(pairs, "calibrate", "batch", total, enabled=progress):
-            for vals in run_window(sess, outs, b, layout, nxt, start, on_cache):
+            for vals in run_window(sess, outs + grams, b, layout, nxt, start, on_cache):
                 for k, t in enumerate(names):
                     stats.update(t, vals[per * k], vals[per * k + 1])
                     stats.add_abs(t, vals[per * k + 2], int(vals[per * k + 3][0]))
+                    if grams:
+                        add_gram(stats, t, vals[len(outs) + k])
                     if row_step:
                         rows.add(t, vals[per * k + 4])
             stats.samples += next(iter(b.values())).shape[0]

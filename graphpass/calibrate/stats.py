@@ -30,6 +30,8 @@ class Stats:
     abs_sum: dict[str, np.ndarray] = field(default_factory=dict)   # Σ over rows of |X_j| (float64)
     count: dict[str, int] = field(default_factory=dict)            # rows summed into abs_sum
     kv_absmax: dict[str, np.ndarray] | None = None   # KV-cache statistic of the same runs (calibrate/kv_stat.py; not saved)
+    gram: dict[str, np.ndarray] = field(default_factory=dict)      # Σ X^T·X of thinned rows (GPTQ; not saved)
+    gram_rows: dict[str, int] = field(default_factory=dict)        # rows summed into gram
 
     def mean_abs(self, t: str) -> np.ndarray:
         """Per-channel mean|X_j| over every calibration row (AWQ's activation statistic)."""

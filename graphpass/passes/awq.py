@@ -47,8 +47,9 @@ class AwqReport:
 
 
 def awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | str | None = None,
-        clip: bool = True, progress: bool = True) -> AwqReport:
-    """Search and fold the AWQ scales of every site with sampled rows, then clip its readers."""
+        clip: bool = True, progress: bool = True, apply_clip: bool = True) -> AwqReport:
+    """Search and fold the AWQ scales of every site with sampled rows, then clip its readers
+    (apply_clip=False: the ratios are searched and recorded, the weights left for GPTQ)."""
     rep = AwqReport(choices=search_awq(an, stats, cfg, smoothing, progress))
     g, c = an.graph, an.consts
     for site in an.sites:
@@ -57,13 +58,15 @@ def awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | str | N
             fold_site(g, c, site, ch.scales)
     if clip:
         with one_blas_thread(), heap_scratch(CLIP_SCRATCH):
-            clip_readers(an, stats, cfg, rep, progress)
+            clip_readers(an, stats, cfg, rep, progress, apply_clip)
     g.toposort()
     return rep
 
 
-def clip_readers(an: Analysis, stats: Stats, cfg: NBitsConfig, rep: AwqReport, progress: bool = True) -> None:
-    """Each scaled site's readers: ρ per block and channel from the rows X / s, then W clipped."""
+def clip_readers(an: Analysis, stats: Stats, cfg: NBitsConfig, rep: AwqReport, progress: bool = True,
+                 apply: bool = True) -> None:
+    """Each scaled site's readers: ρ per block and channel from the rows X / s, then W clipped
+    (apply=False: W kept, ρ only recorded in rep.clip, for GPTQ's block scales)."""
     from graphpass.progress import bar
     from graphpass.search.pool import ordered_map
 
@@ -79,5 +82,7 @@ def clip_readers(an: Analysis, stats: Stats, cfg: NBitsConfig, rep: AwqReport, p
                     yield lin, x, lin.weight(c).astype(np.float32), lcfg
 
     for (lin, _, w, lcfg), (ratio, before, after) in ordered_map(lambda r: r[1:], search_clip, readers()):
-        lin.set_weight(c, clip_blocks(w, ratio, lcfg.block_size, lcfg.symmetric))
-        rep.clip.append(dict(linear=lin.name, before=before, after=after, mean_ratio=float(ratio.mean())))
+        if apply:
+            lin.set_weight(c, clip_blocks(w, ratio, lcfg.block_size, lcfg.symmetric))
+        rep.clip.append(dict(linear=lin.name, before=before, after=after, mean_ratio=float(ratio.mean()),
+                             ratio=ratio))

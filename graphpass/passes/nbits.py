@@ -44,6 +44,7 @@ class NBitsConfig:
     lm_head: bool = True              # the LM head in N bits too (a tied table is then shared)
     skip: tuple[str, ...] = ()        # fnmatch patterns on linear layer names
     head_bits: int | None = None      # the LM head (and a tied table) in other bits (None: `bits`)
+    keep8: tuple[str, ...] = ()       # linear layers (names) kept in 8 bits under a 4-bit body (search/mixed.py)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -104,8 +105,10 @@ def unpack_reference(p: Packed, bits: int, block_size: int) -> np.ndarray:
 
 
 def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig(), base_dir: str | None = None,
-          consts: Consts | None = None) -> tuple[onnx.ModelProto | gs.Graph, QuantReport]:
-    """Rewrite `model` in place: each linear layer with a constant weight -> MatMulNBits."""
+          consts: Consts | None = None, packed: dict[str, Packed] | None = None
+          ) -> tuple[onnx.ModelProto | gs.Graph, QuantReport]:
+    """Rewrite `model` in place: each linear layer with a constant weight -> MatMulNBits.
+    `packed`: layers (by name) whose codes were chosen already (GPTQ, passes/nbits_codes.py)."""
     an = analyze(model, base_dir, consts)
     names = {lin.name for lin in an.linears}
     g, c = an.graph, an.consts
@@ -119,7 +122,7 @@ def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig()
         gathers = _tied_gathers(lin) if is_lm_head(lin, c) else []
         name = lin.name          # before the rewrite detaches the node
         cfg = layer_config(lin, c, config)
-        p = _rewrite(lin, c, e, cfg)
+        p = _rewrite(lin, c, e, cfg, (packed or {}).get(name))
         for gather in gathers:
             rep.tables.append(gather.inputs[0].name)
             _shared_lookup(gather, p, e, cfg)
@@ -134,9 +137,9 @@ def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig()
 
 def layer_config(lin: Linear, c: Consts, cfg: NBitsConfig) -> NBitsConfig | None:
     """What one layer is packed with: the LM head in `head_bits` when set, None when it stays float
-    (--float-head); every other layer in `cfg`."""
+    (--float-head); a layer named in `keep8` in 8 bits; every other layer in `cfg`."""
     if not is_lm_head(lin, c):
-        return cfg
+        return replace(cfg, bits=8) if lin.name in cfg.keep8 and cfg.bits != 8 else cfg
     if not cfg.lm_head:
         return None
     return cfg if cfg.head_bits in (None, cfg.bits) else replace(cfg, bits=cfg.head_bits)
@@ -162,13 +165,14 @@ class _Emitted:
     zp: gs.Constant | None
 
 
-def _rewrite(lin: Linear, c: Consts, e: Emitter, cfg: NBitsConfig) -> _Emitted:
+def _rewrite(lin: Linear, c: Consts, e: Emitter, cfg: NBitsConfig, p: Packed | None = None) -> _Emitted:
     n, base = lin.node, (lin.node.name or lin.node.outputs[0].name).strip("/").replace("/", "_")
-    w = lin.weight(c)
-    if n.op == "Gemm":
-        w = w * np.float32(attr(n, "alpha", 1.0))
-    p = pack(w, cfg.bits, cfg.block_size, cfg.symmetric)
-    del w
+    if p is None:
+        w = lin.weight(c)
+        if n.op == "Gemm":
+            w = w * np.float32(attr(n, "alpha", 1.0))
+        p = pack(w, cfg.bits, cfg.block_size, cfg.symmetric)
+        del w
     x, out = lin.x, _detach(n)        # the float weight leaves the graph with the node
     b, s = e.const(f"{base}_q{cfg.bits}", p.b), e.const(f"{base}_scales", p.scales)
     zp = e.const(f"{base}_zp", p.zero_points) if p.zero_points is not None else None
@@ -221,18 +225,18 @@ def default_config(scheme: str) -> NBitsConfig:
 
 def nbits_or(quantize_pass):
     """The pipeline's quantize step: MatMulNBits for w8 / w4, else `quantize_pass` (W8A8)."""
-    def run(model, qconfig, ranges, base_dir, consts, nbits: NBitsConfig | None = None):
+    def run(model, qconfig, ranges, base_dir, consts, nbits: NBitsConfig | None = None, packed=None):
         if qconfig.scheme not in NBITS_SCHEMES:
             return quantize_pass(model, qconfig, ranges, base_dir, consts)
         cfg = nbits if nbits is not None else default_config(qconfig.scheme)
-        return _run_nbits(model, qconfig, cfg, base_dir, consts)
+        return _run_nbits(model, qconfig, cfg, base_dir, consts, packed)
     return run
 
 
-def _run_nbits(model, qconfig, cfg: NBitsConfig, base_dir, consts):
+def _run_nbits(model, qconfig, cfg: NBitsConfig, base_dir, consts, packed=None):
     if cfg.bits != NBITS_SCHEMES[qconfig.scheme]:
         raise GraphpassError(f"scheme '{qconfig.scheme}' is {NBITS_SCHEMES[qconfig.scheme]}-bit, "
                              f"but --bits {cfg.bits} was given")
     if qconfig.skip and not cfg.skip:
         cfg = replace(cfg, skip=qconfig.skip)
-    return nbits(model, cfg, base_dir, consts)
+    return nbits(model, cfg, base_dir, consts, packed)

@@ -4,8 +4,10 @@ For a site with sampled input rows X [R, C] (calibration) and readers W_k [C, N_
 per-channel scale s gives the error
   err(s) = Σ_k ||X·W_k − A(X / s)·Q(diag(s)·W_k)||² / ||X·W_k||²
 (Q: the MatMulNBits weight from onnxruntime's packer, dequantized; A: the int8 per-block activation
-of accuracy_level 4, else the identity; search/blockq.NBitsScorer). Candidates, with
-m_j = mean|X_j| over every calibration row (Stats.mean_abs, no second pass) and w_j = max_k max_o |W_k[j, o]|:
+of accuracy_level 4, else the identity; search/blockq.NBitsScorer), each reader Q on the
+grid it is packed on (passes/nbits.layer_config: an LM head in --head-bits; a float head not
+scored, its output is exact for any s). Candidates, with m_j = mean|X_j| over every calibration
+row (Stats.mean_abs, no second pass) and w_j = max_k max_o |W_k[j, o]|:
   awq  : s = m^r                  r in 0, 0.05, ..., 0.95   (r = 0 is plain round-to-nearest)
   duo  : s = m^r / w^(1-r)        r in 0.05, ..., 0.95
   smooth (only with smoothing on): s = (max|X|)^α / w^(1-α), α over search/alpha.GRID, or the one α given.
@@ -21,7 +23,7 @@ import numpy as np
 
 from graphpass.calibrate.stats import Stats
 from graphpass.match.sites import Analysis, Site
-from graphpass.passes.nbits import NBitsConfig
+from graphpass.passes.nbits import NBitsConfig, layer_config
 from graphpass.passes.smooth import site_scales, weight_absmax
 from graphpass.search.alpha import GRID as ALPHA_GRID
 from graphpass.search.blas import heap_scratch, one_blas_thread
@@ -87,6 +89,13 @@ class SiteChoice:
         return self.errors["awq 0.00"] / max(self.errors[self.choice.label], 1e-30)
 
 
+def reader_scorers(x, weights, cfgs: list[NBitsConfig | None]) -> list[NBitsScorer]:
+    """One scorer per distinct grid the readers are packed on (a reader kept in float: none, its
+    output is exact for any s), so the activation is fake-quantized once per grid, not per reader."""
+    return [NBitsScorer(x, [w for w, ci in zip(weights, cfgs) if ci == c], c)
+            for c in dict.fromkeys(c for c in cfgs if c is not None)]
+
+
 def search_awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | str | None = None,
                progress: bool = True, max_columns: int = MAX_COLUMNS) -> dict[str, SiteChoice]:
     """The best candidate per site that has sampled rows, keyed by site name.
@@ -112,14 +121,15 @@ def _search(an, stats, cfg, smoothing, progress, max_columns) -> dict[str, SiteC
         x = x[::-(-len(x) // MAX_ROWS)].astype(np.float32)             # evenly thinned to <= MAX_ROWS
         weights = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
         w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        return site, x, [column_subset(w, max_columns, rng) for w in weights], w_max
+        cfgs = [layer_config(lin, an.consts, cfg) for lin in site.consumers]   # a head in its own bits / float
+        return site, x, [column_subset(w, max_columns, rng) for w in weights], w_max, cfgs
 
-    def work(site, x, weights, w_max) -> SiteChoice:
-        scorer = NBitsScorer(x, weights, cfg)
+    def work(site, x, weights, w_max, cfgs) -> SiteChoice:
+        scorers = reader_scorers(x, weights, cfgs)
         errs, scales = {}, {}
         for cand in grid:
             s = candidate_scales(site, an, stats, cand, w_max)
-            errs[cand.label] = scorer.error(s)
+            errs[cand.label] = sum(sc.error(s) for sc in scorers)
             scales[cand.label] = s
         best = min(grid, key=lambda cd: errs[cd.label])
         return SiteChoice(site.name, best, scales[best.label], errs)

@@ -1,0 +1,105 @@
+"""GPTQ rounding of every N-bit linear layer, after the AWQ fold: codes that MatMulNBits stores.
+
+Readers of one input X share H = 2/R · X'^T·X' (X' = X / s after the site's AWQ scale s, s = 1
+elsewhere), so they are rounded together: W = [W_1 | W_2 | ..] [K, ΣN_k] (columns quantize
+independently; only the rows interact), by search/gptq.gptq_round on each layer's grid
+(passes/nbits.layer_config), with the clip ratios ρ of the clip search as block scale factors
+instead of clipped weights (the clipped tail is then compensated like any other rounding error).
+Each reader's float weight becomes its dequantized W_q, and the returned codes are packed as they
+are (passes/nbits_codes.pack_codes) instead of re-rounded by onnxruntime's packer.
+Left to round-to-nearest: the LM head (its table is also the token lookup, whose rows GPTQ would
+move by more than a rounding step), layers `nbits` skips, and inputs with no Gram in the stats.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphpass.calibrate.stats import Stats
+from graphpass.errors import GraphpassError
+from graphpass.match.sites import Analysis
+from graphpass.passes.clip import clip_blocks
+from graphpass.passes.nbits import NBitsConfig, Packed, _skip_reason, layer_config
+from graphpass.passes.nbits_codes import pack_codes
+from graphpass.passes.quantize import is_lm_head
+from graphpass.search.blas import one_blas_thread
+from graphpass.search.gptq import gptq_round, hessian
+from graphpass.search.nbits_alpha import fake_quant_weight_blocks
+
+
+@dataclass
+class GptqReport:
+    packed: dict[str, Packed] = field(default_factory=dict)    # linear name -> what MatMulNBits stores
+    rows: list[dict] = field(default_factory=list)             # per input: readers, H-weighted error RTN / GPTQ
+
+    def summary(self) -> str:
+        rtn = sum(r["rtn"] for r in self.rows)
+        got = sum(r["gptq"] for r in self.rows)
+        return (f"{len(self.packed)} layers rounded by GPTQ over {len(self.rows)} inputs, "
+                f"Hessian-weighted error GPTQ / RTN x{got / max(rtn, 1e-30):.2f}")
+
+
+def groups(an: Analysis, cfg: NBitsConfig, scales: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray | None, list]]:
+    """(stats tensor, AWQ scale or None, readers) per input GPTQ rounds; site readers under the
+    site's tensor (a folded norm may have moved them to a clone), other layers under their input."""
+    c, seen, out = an.consts, set(), []
+    for site in an.sites:
+        out.append((site.act, scales.get(site.name), list(site.consumers)))
+        seen |= {lin.name for lin in site.consumers}
+    by_act: dict[str, list] = {}
+    for lin in an.linears:
+        if lin.name not in seen:
+            by_act.setdefault(lin.act, []).append(lin)
+    out += [(t, None, lins) for t, lins in by_act.items()]
+    keep = lambda lin: (layer_config(lin, c, cfg) is not None and not _skip_reason(lin, c, cfg)  # noqa: E731
+                        and not is_lm_head(lin, c) and lin.node.op == "MatMul")
+    return [(t, s, [lin for lin in lins if keep(lin)]) for t, s, lins in out if any(keep(lin) for lin in lins)]
+
+
+def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndarray] | None = None,
+         ratios: dict[str, np.ndarray] | None = None, progress: bool = True) -> GptqReport:
+    """Round every eligible reader by GPTQ; `scales`: AWQ's s per site name, `ratios`: ρ per linear."""
+    from graphpass.progress import bar
+
+    if not stats.gram:
+        raise GraphpassError("GPTQ needs X^T·X per input from calibration (calibrate with gram_step > 0)")
+    rep, c = GptqReport(), an.consts
+    with one_blas_thread():
+        for t, s, lins in bar(groups(an, cfg, scales or {}), "GPTQ", "input", enabled=progress):
+            if t not in stats.gram:
+                continue
+            h = hessian(stats.gram[t], stats.gram_rows[t], s)
+            for lcfg, part in _by_config(lins, c, cfg):
+                _round_group(part, h, lcfg, ratios or {}, c, rep)
+    return rep
+
+
+def _by_config(lins: list, c, cfg: NBitsConfig) -> list[tuple[NBitsConfig, list]]:
+    out: dict[NBitsConfig, list] = {}
+    for lin in lins:
+        out.setdefault(layer_config(lin, c, cfg), []).append(lin)
+    return list(out.items())
+
+
+def _round_group(lins: list, h: np.ndarray, cfg: NBitsConfig, ratios: dict, c, rep: GptqReport) -> None:
+    ws = [lin.weight(c).astype(np.float32) for lin in lins]
+    kb = -(-ws[0].shape[0] // cfg.block_size)
+    rho = np.concatenate([ratios.get(lin.name, np.ones((kb, w.shape[1]), np.float32)) for lin, w in zip(lins, ws)], 1)
+    w = np.concatenate(ws, 1)
+    r = gptq_round(w, h, cfg.bits, cfg.block_size, cfg.symmetric, rho)
+    rtn = fake_quant_weight_blocks(clip_blocks(w, rho, cfg.block_size, cfg.symmetric), cfg)
+    rep.rows.append(dict(readers=[lin.name for lin in lins], rtn=_h_error(w - rtn, h), gptq=_h_error(w - r.dequantized, h)))
+    at = 0
+    for lin, wi in zip(lins, ws):
+        cols = slice(at, at + wi.shape[1])
+        at += wi.shape[1]
+        zp = None if r.zero_points is None else r.zero_points[cols]
+        rep.packed[lin.name] = pack_codes(r.codes[:, cols], r.scales[cols], zp, cfg.bits, cfg.block_size)
+        lin.set_weight(c, np.ascontiguousarray(r.dequantized[:, cols]))
+
+
+def _h_error(d: np.ndarray, h: np.ndarray) -> float:
+    """tr(D^T·H·D): the calibration output error of a weight error D [K, N] (up to the factor 2/R)."""
+    d = d.astype(np.float64)
+    return float(np.einsum("kn,kn->", d, h @ d))

@@ -1,0 +1,154 @@
+"""GPTQ rounding (search/gptq.py, passes/gptq.py), its packing (passes/nbits_codes.py), the Gram
+matrices calibration sums for it (calibrate/gram.py), and AWQ scoring a head on its own grid."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import run
+from graphpass.calibrate.stats import Stats
+from graphpass.graph.gs_io import export_into
+from graphpass.match.sites import analyze
+from graphpass.passes.awq import awq
+from graphpass.passes.gptq import gptq
+from graphpass.passes.nbits import NBitsConfig, nbits, unpack_reference
+from graphpass.passes.nbits_codes import pack_codes
+from graphpass.search.gptq import gptq_round, hessian
+from graphpass.search.nbits_alpha import fake_quant_weight_blocks, site_error_nbits
+
+GPTQ_GAIN = 0.7      # on correlated inputs GPTQ's output error is at most this fraction of RTN's
+
+
+def _correlated(k: int, rows: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(rows, k)) @ (np.eye(k) + 0.3 * rng.normal(size=(k, k)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,block,k,symmetric", [(4, 32, 96, True), (4, 128, 200, True), (4, 64, 77, False),
+                                                   (8, 32, 70, True), (8, 128, 300, False)])
+def test_gptq_output_error_below_rtn_on_the_same_grid(bits, block, k, symmetric):
+    """Same block grid, same scale rule: GPTQ's ||X·W − X·W_q||² on the calibration rows is at
+    most GPTQ_GAIN of round-to-nearest's; every code lies in the grid."""
+    x = _correlated(k, 4 * k, seed=k)
+    w = np.random.default_rng(bits).normal(size=(k, 24)).astype(np.float32)
+    r = gptq_round(w, hessian(x.T.astype(np.float64) @ x, len(x)), bits, block, symmetric)
+    rtn = fake_quant_weight_blocks(w, NBitsConfig(bits=bits, block_size=block, symmetric=symmetric))
+    err = lambda q: float(((x @ (w - q)) ** 2).sum())  # noqa: E731
+    assert err(r.dequantized) <= GPTQ_GAIN * err(rtn)
+    assert r.codes.shape == w.shape and r.codes.max() <= 2 ** bits - 1
+    assert r.scales.shape == (24, -(-k // block))
+
+
+@pytest.mark.parametrize("bits,block,k,symmetric", [(4, 32, 96, True), (4, 64, 77, False), (4, 32, 80, False),
+                                                   (8, 16, 50, True), (8, 32, 70, False)])
+def test_packed_codes_dequantize_to_what_gptq_chose(bits, block, k, symmetric):
+    """pack_codes lays the codes out as MatMulNBits reads them: the numpy reference dequantizes
+    them to GPTQ's W_q bit for bit (odd K padded, odd block counts of 4-bit zero points)."""
+    x = _correlated(k, 3 * k, seed=1)
+    w = np.random.default_rng(2).normal(size=(k, 10)).astype(np.float32)
+    r = gptq_round(w, hessian(x.T.astype(np.float64) @ x, len(x)), bits, block, symmetric)
+    p = pack_codes(r.codes, r.scales, r.zero_points, bits, block)
+    assert p.b.shape == (10, -(-k // block), block * bits // 8)
+    np.testing.assert_array_equal(unpack_reference(p, bits, block), r.dequantized)
+
+
+def test_dead_input_channels_get_zero_weight_and_no_nan():
+    x = _correlated(64, 200, seed=3)
+    x[:, 5] = 0.0
+    w = np.random.default_rng(4).normal(size=(64, 8)).astype(np.float32)
+    r = gptq_round(w, hessian(x.T.astype(np.float64) @ x, len(x)), 4, 32, True)
+    assert np.isfinite(r.dequantized).all() and (r.dequantized[5] == 0).all()
+
+
+def test_calibration_gram_is_the_sum_over_thinned_rows(synth):
+    """With every row sampled (row_step 1) and gram_step 1, Σ X^T·X equals rows^T·rows."""
+    from graphpass.calibrate.collect import calibrate
+
+    s = synth("llama")
+    st = calibrate(s.path, s.data, batch_size=2, progress=False, row_step=1, gram_step=1)
+    assert set(st.gram) == set(st.min)
+    for t, x in st.rows.items():
+        assert st.gram_rows[t] == len(x)
+        ref = x.T.astype(np.float64) @ x
+        np.testing.assert_allclose(st.gram[t], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    thin = calibrate(s.path, s.data, batch_size=2, progress=False, gram_step=3)
+    t = next(iter(thin.gram))
+    assert thin.gram_rows[t] == sum(-(-n // 3) for n in [thin.count[t] // 2] * 2) and not thin.rows
+
+
+def test_gptq_graph_runs_the_codes_it_chose_and_beats_rtn(synth):
+    """AWQ (clip ratios kept as block factors) then GPTQ on a synthetic Llama: MatMulNBits at
+    float compute reproduces the graph holding GPTQ's dequantized float weights (so the packed
+    bytes are GPTQ's codes, not re-rounded), and the Hessian-weighted error is below RTN's."""
+    from graphpass.calibrate.collect import calibrate
+
+    s = synth("llama")
+    st = calibrate(s.path, s.data, batch_size=2, progress=False, row_step=2, gram_step=1)
+    cfg = NBitsConfig(bits=4, block_size=32, accuracy_level=0, lm_head=False)
+    an = analyze(s.fresh())
+    a = awq(an, st, cfg, progress=False, apply_clip=False)
+    rep = gptq(an, st, cfg, {k: ch.scales for k, ch in a.choices.items()},
+               {r["linear"]: r["ratio"] for r in a.clip}, progress=False)
+    n_lin = len(an.linears) - 1                       # all but the head, kept in float here
+    assert len(rep.packed) == n_lin
+    assert sum(r["gptq"] for r in rep.rows) < sum(r["rtn"] for r in rep.rows)
+    float_model = s.fresh()
+    export_into(float_model, an.graph)
+    packed_model = s.fresh()
+    packed_model.CopyFrom(float_model)
+    q, qrep = nbits(packed_model, cfg, packed=rep.packed)
+    assert len(qrep.quantized) == n_lin
+    feeds = s.probe()
+    ref, got = run(float_model, feeds), run(q, feeds)
+    for k in ref:
+        assert np.abs(ref[k] - got[k]).max() <= 1e-4 * np.abs(ref[k]).max(), k
+
+
+def test_awq_scores_a_head_on_the_grid_it_is_packed_on():
+    """Regression: the AWQ search scored the LM head with the body's bits although --head-bits 8
+    packs it in 8 bits, and scored a --float-head head at all. The site holding the head now
+    scores each reader on its own grid."""
+    from test_awq import SMALL, _outlier_stats
+    from graphpass.passes.nbits import layer_config
+    from graphpass.passes.quantize import is_lm_head
+    from graphpass.search.awq import candidate_scales, candidates, search_awq
+    from graphpass.testing.past import build_optimum_past
+
+    an = analyze(build_optimum_past(SMALL))
+    st = _outlier_stats(an)
+    site = next(s for s in an.sites if any(is_lm_head(lin, an.consts) for lin in s.consumers))
+    x = st.rows[site.act]
+    ws = [lin.weight(an.consts).astype(np.float32) for lin in site.consumers]
+    cand = candidates(None)[5]
+    for cfg in (NBitsConfig(bits=4, block_size=32, head_bits=8), NBitsConfig(bits=4, block_size=32, lm_head=False)):
+        got = search_awq(an, st, cfg, progress=False, max_columns=10**6)[site.name].errors[cand.label]
+        s = candidate_scales(site, an, st, cand)
+        want = sum(site_error_nbits(x, [w], [x @ w], s, layer_config(lin, an.consts, cfg))
+                   for lin, w in zip(site.consumers, ws) if layer_config(lin, an.consts, cfg) is not None)
+        body = NBitsConfig(bits=4, block_size=32)
+        old = site_error_nbits(x, ws, [x @ w for w in ws], s, body)
+        assert got == pytest.approx(want, rel=1e-5) and abs(got - old) > 1e-3 * old
+
+
+def test_keep_8bit_packs_the_layers_of_largest_4_bit_error_in_8_bits(synth, tmp_path):
+    """--w4-keep-8bit N: the N layers of largest relative 4-bit output error become MatMulNBits
+    bits=8 (AWQ, GPTQ and the packer all see that grid), the others stay 4-bit."""
+    import onnx
+
+    from graphpass.calibrate.collect import calibrate
+    from graphpass.pipeline import PipelineConfig, quantize
+    from graphpass.search.mixed import rank_layers
+
+    s = synth("llama")
+    cfg = NBitsConfig(bits=4, block_size=32, accuracy_level=0, head_bits=8)
+    st = calibrate(s.path, s.data, batch_size=2, progress=False, row_step=2)
+    ranked = rank_layers(analyze(s.fresh()), st, cfg)
+    assert [e for _, e, _ in ranked] == sorted((e for _, e, _ in ranked), reverse=True) and len(ranked) > 3
+    out = tmp_path / "mixed.onnx"
+    quantize(s.path, out, s.data, PipelineConfig(scheme="w4", alpha=None, nbits=cfg, keep_8bit=3, gptq=True, row_step=2),
+             progress=False, log=lambda m: None)
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in onnx.load(out).graph.node
+            if n.op_type == "MatMulNBits"}
+    eight = {k for k, b in bits.items() if b == 8}
+    assert len(eight) == 3 + 1                                 # three kept layers and the 8-bit head
+    assert all(any(name.strip("/").replace("/", "_") in k for k in eight) for name, _, _ in ranked[:3])
