@@ -25,7 +25,7 @@ from graphpass.passes.nbits import NBitsConfig
 from graphpass.passes.smooth import site_scales, weight_absmax
 from graphpass.search.alpha import GRID as ALPHA_GRID
 from graphpass.search.blas import one_blas_thread
-from graphpass.search.nbits_alpha import site_error_nbits
+from graphpass.search.nbits_alpha import reader_configs, site_error_nbits
 
 MAX_COLUMNS = 128                                           # output channels scored per reader
 MAX_ROWS = 128                                              # sampled rows scored per site
@@ -106,10 +106,10 @@ def _search(an, stats, cfg, smoothing, progress, max_columns) -> dict[str, SiteC
         weights = [w if w.shape[1] <= max_columns else w[:, np.sort(rng.choice(w.shape[1], max_columns, False))]
                    for w in weights]
         ys = [x @ w for w in weights]
-        errs, scales = {}, {}
+        errs, scales, cfgs = {}, {}, reader_configs(site, an, cfg)
         for cand in grid:
             s = candidate_scales(site, an, stats, cand, w_max)
-            errs[cand.label] = site_error_nbits(x, weights, ys, s, cfg)
+            errs[cand.label] = site_error_nbits(x, weights, ys, s, cfgs)
             scales[cand.label] = s
         best = min(grid, key=lambda cd: errs[cd.label])
         out[site.name] = SiteChoice(site.name, best, scales[best.label], errs)

@@ -51,14 +51,27 @@ def fake_quant_weight_blocks(w: np.ndarray, cfg: NBitsConfig) -> np.ndarray:
 
 
 def site_error_nbits(x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarray], s: np.ndarray,
-                     cfg: NBitsConfig) -> float:
+                     cfg: NBitsConfig | list[NBitsConfig]) -> float:
+    """Σ_k relative error of reader k; `cfg` one config for all readers or one per reader (their
+    blocks may differ: --layer-block-size), each reader's activation rounded in its own blocks."""
+    cfgs = cfg if isinstance(cfg, list) else [cfg] * len(weights)
     xs = (x / s).astype(np.float32)
-    xq = fake_quant_act_blocks(xs, cfg.block_size) if cfg.accuracy_level == 4 else xs
+    xq: dict[tuple[int, int], np.ndarray] = {}
     err = 0.0
-    for w, y in zip(weights, ys):
-        yq = xq @ fake_quant_weight_blocks((w * s[:, None]).astype(np.float32), cfg)
+    for w, y, c in zip(weights, ys, cfgs):
+        key = (c.block_size, c.accuracy_level)
+        if key not in xq:
+            xq[key] = fake_quant_act_blocks(xs, c.block_size) if c.accuracy_level == 4 else xs
+        yq = xq[key] @ fake_quant_weight_blocks((w * s[:, None]).astype(np.float32), c)
         err += float(((y - yq) ** 2).sum() / max(float((y ** 2).sum()), 1e-30))
     return err
+
+
+def reader_configs(site, an: Analysis, cfg: NBitsConfig) -> list[NBitsConfig]:
+    """Each reader's own packing (passes/nbits.layer_config; `cfg` for a reader it leaves float)."""
+    from graphpass.passes.nbits import layer_config
+
+    return [layer_config(lin, an.consts, cfg) or cfg for lin in site.consumers]
 
 
 def search_alpha_nbits(an: Analysis, stats: Stats, cfg: NBitsConfig, grid=GRID, progress: bool = True
@@ -67,7 +80,7 @@ def search_alpha_nbits(an: Analysis, stats: Stats, cfg: NBitsConfig, grid=GRID, 
     def error(site, x, weights, ys, alpha):
         act = stats.absmax(site.act).astype(np.float64)
         s = site_scales(site, an.consts, act, alpha, weights_absmax(weights))
-        return site_error_nbits(x, weights, ys, s.astype(np.float32), cfg)
+        return site_error_nbits(x, weights, ys, s.astype(np.float32), reader_configs(site, an, cfg))
 
     return search_sites(an, stats, error, "alpha search (MatMulNBits)", grid, progress)
 
