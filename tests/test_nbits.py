@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -275,3 +276,104 @@ def test_head_bits_put_the_tied_table_in_8_bits_under_a_4_bit_body(kind):
     np.testing.assert_allclose(logits, x @ table, rtol=0, atol=1e-4 * np.abs(x @ table).max())
     with pytest.raises(GraphpassError, match="--head-bits must be 4 or 8"):
         NBitsConfig(head_bits=2)
+
+
+@pytest.mark.parametrize("kind", ["genai", "torch"])
+def test_head_block_size_packs_the_head_and_its_tied_table_in_their_own_blocks(kind):
+    """block 64 in the body, 32 at the head: the head's MatMulNBits and the tied lookup read one
+    table packed in blocks of 32 (bit for bit the block-32 table), and K = 96 needs no padding there."""
+    from graphpass.passes.nbits import layer_config
+
+    m, w = _tied(kind)
+    cfg = NBitsConfig(block_size=128, head_block_size=32, accuracy_level=0)
+    an = analyze(m)
+    head = next(lin for lin in an.linears if lin.name == "/lm_head/MatMul")
+    assert (layer_config(head, an.consts, cfg).block_size, layer_config(head, an.consts, cfg).bits) == (32, 8)
+    q, _ = nbits(m, cfg)
+    attrs = {n.op_type: {a.name: a.i for a in n.attribute} for n in q.graph.node}
+    assert attrs["MatMulNBits"]["block_size"] == 32 and attrs["GatherBlockQuantized"]["block_size"] == 32
+    assert "Slice" not in attrs                        # 96 = 3 blocks of 32: the 128 padding is gone
+    table = unpack_reference(pack(w, 8, 32), 8, 32)
+    x = np.random.default_rng(4).normal(size=(5, 96)).astype(np.float32)
+    ids = np.array([0, 7, 299, 7, 150])
+    emb, logits = make_session(q).run(["emb", "logits"], {"x": x, "ids": ids})
+    np.testing.assert_array_equal(emb, table.T[ids])
+    np.testing.assert_allclose(logits, x @ table, rtol=0, atol=1e-4 * np.abs(x @ table).max())
+    with pytest.raises(GraphpassError, match="--head-block-size must be"):
+        NBitsConfig(head_block_size=48)
+
+
+def test_head_block_size_on_the_tiny_genai_decoder_through_the_cli(tmp_path, capsys):
+    """--block-size 64 --head-block-size 16: every body layer in blocks of 64, the head and the
+    lookup in 16; prefill + decode stay near FP32 and nearer than with the head in blocks of 64
+    (activation rounding at accuracy level 4 is per block, so smaller head blocks round less)."""
+    from conftest import cli_error, cli_ok
+    from graphpass.graph.io import save_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_model(_genai_tied(CFG), src / "model.onnx")
+    (src / "genai_config.json").write_text(json.dumps(genai_config(CFG)))
+    outs = {}
+    for name, extra in (("h16", ["--head-block-size", "16"]), ("h64", [])):
+        (tmp_path / name).mkdir()
+        cli_ok(capsys, ["quantize", src / "model.onnx", "-o", tmp_path / name / "model.onnx", "--scheme", "w8",
+                        "--no-smooth", "--block-size", "64", *extra])
+        outs[name] = onnx.load(str(tmp_path / name / "model.onnx"))
+    q = outs["h16"]
+    blocks = {n.output[0] == "logits": a.i for n in q.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "block_size"}
+    assert blocks == {True: 16, False: 64}
+    assert [a.i for n in q.graph.node if n.op_type == "GatherBlockQuantized" for a in n.attribute
+            if a.name == "block_size"] == [16]
+    ids = np.random.default_rng(2).integers(0, CFG.vocab, size=(2, 12))
+    ref = _decode(_genai_tied(CFG), ids)
+    err = {k: np.abs(_decode(m, ids) - ref).max() / np.abs(ref).max() for k, m in outs.items()}
+    assert err["h16"] < 0.08 and err["h16"] <= err["h64"] * 1.05
+    msg = cli_error(capsys, ["quantize", src / "model.onnx", "-o", tmp_path / "t.onnx", "--scheme", "w8",
+                             "--float-head", "--head-block-size", "32"], absent=[tmp_path / "t.onnx"])
+    assert "--float-head" in msg and "--head-block-size" in msg
+    msg = cli_error(capsys, ["quantize", src / "model.onnx", "-o", tmp_path / "t.onnx", "--scheme", "w8",
+                             "--layer-block-size", "down_proj"], absent=[tmp_path / "t.onnx"])
+    assert "PATTERN=SIZE" in msg
+
+
+def test_layer_block_size_patterns_pick_each_layers_block():
+    """'*down_proj*=16' on the tiny genai decoder: its down projections in blocks of 16, every other
+    body layer in the default 32, the head in --head-block-size when given, else in its pattern's."""
+    from graphpass.passes.nbits import layer_config
+
+    m = _genai_tied(CFG)
+    an = analyze(m)
+    cfg = NBitsConfig(layer_blocks=(("*down_proj*", 16), ("*lm_head*", 64)))
+    got = {lin.name: layer_config(lin, an.consts, cfg).block_size for lin in an.linears}
+    assert {b for n, b in got.items() if "down_proj" in n} == {16}
+    assert {b for n, b in got.items() if "down_proj" not in n and "lm_head" not in n} == {32}
+    assert got["/lm_head/MatMul"] == 64
+    head = next(lin for lin in an.linears if lin.name == "/lm_head/MatMul")
+    assert layer_config(head, an.consts, replace(cfg, head_block_size=128)).block_size == 128
+    q, _ = nbits(m, cfg)
+    blocks = {n.name: a.i for n in q.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+              for a in n.attribute if a.name == "block_size"}
+    assert sorted({b for n, b in blocks.items() if "down_proj" in n}) == [16]
+    assert {b for n, b in blocks.items() if "lm_head" in n or "Gather" in n or "embed" in n} == {64}
+    with pytest.raises(GraphpassError, match="layer-block-size"):
+        NBitsConfig(layer_blocks=(("*", 48),))
+
+
+def test_site_error_scores_each_reader_in_its_own_blocks():
+    """Readers of one site packed in different blocks: the site's error is the sum of each reader
+    scored alone in its own blocks (activation rounded per its blocks at level 4)."""
+    from graphpass.search.nbits_alpha import site_error_nbits
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 64)).astype(np.float32)
+    x[:, 3] *= 30                                              # an outlier channel: blocks matter
+    ws = [rng.normal(size=(64, 24)).astype(np.float32) for _ in range(2)]
+    ys = [x @ w for w in ws]
+    s = np.ones(64, np.float32)
+    c16, c64 = NBitsConfig(block_size=16), NBitsConfig(block_size=64)
+    mixed = site_error_nbits(x, ws, ys, s, [c16, c64])
+    alone = site_error_nbits(x, ws[:1], ys[:1], s, c16) + site_error_nbits(x, ws[1:], ys[1:], s, c64)
+    assert mixed == pytest.approx(alone, rel=1e-12)
+    assert site_error_nbits(x, ws, ys, s, c16) < mixed < site_error_nbits(x, ws, ys, s, c64)

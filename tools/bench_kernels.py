@@ -84,7 +84,7 @@ def nbits(bits, block):
 
 
 FORMS = {"fp32": fp32, "token": token, "mitof": mitof, "nbits8_b32": nbits(8, 32), "nbits8_b64": nbits(8, 64),
-         "nbits8_b128": nbits(8, 128), "nbits4_b32": nbits(4, 32), "nbits4_b128": nbits(4, 128)}
+         "nbits8_b128": nbits(8, 128), "nbits8_b256": nbits(8, 256), "nbits4_b32": nbits(4, 32), "nbits4_b128": nbits(4, 128)}
 
 
 def time_it(sess, feed, seconds: float) -> float:

@@ -4,7 +4,7 @@
 
 Each model gets one session (2 threads, spinning off, the optimizations onnxruntime applies by
 default), two warm-up runs, then `--runs` profiled runs on the same synthetic inputs `bench`
-uses. Prints per op type the share of summed kernel time and ms per run, and the same grouped
+uses (a with-past graph: a prefill of that shape over an empty past). Prints per op type the share of summed kernel time and ms per run, and the same grouped
 by what the node is: quantized linear layer, float MatMul reading a constant (e.g. the LM head),
 attention (MatMul between two activations, Softmax), or the rest. The profiler adds a small
 cost per node, so shares of many small ops read a little high; compare graphs, not absolutes.
@@ -18,11 +18,12 @@ import tempfile
 import time
 from collections import defaultdict
 
-from graphpass.validate.bench import parse_shape, synthetic_inputs
+from graphpass.validate.bench import _prefill_inputs, parse_shape, synthetic_inputs
+from graphpass.graph.decode import load_layout
 from graphpass.graph.io import input_specs, load_model
 from graphpass.graph.runtime import Session, session_options
 
-LINEAR = {"MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul",
+LINEAR = {"MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulNBits",
           "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}
 ATTENTION = {"Softmax", "MultiHeadAttention", "GroupQueryAttention", "Attention"}
 
@@ -33,7 +34,9 @@ def profile(path: str, shape: tuple[int, int], runs: int) -> tuple[dict, dict, f
     for n in model.graph.node:       # Transpose / DequantizeLinear of constants: constant too
         if n.input and all(i in consts for i in n.input if i):
             consts.update(n.output)
-    feeds = synthetic_inputs(input_specs(model), shape)
+    layout = load_layout(path, model)          # a with-past graph: a prefill over an empty past
+    specs = input_specs(model)
+    feeds = _prefill_inputs(specs, shape, layout) if layout else synthetic_inputs(specs, shape)
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(profile=True)
         so.profile_file_prefix = os.path.join(tmp, "trace")
@@ -51,6 +54,9 @@ def profile(path: str, shape: tuple[int, int], runs: int) -> tuple[dict, dict, f
     const_matmuls = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
                      and len(n.input) > 1 and n.input[1] in consts}
     quant = _quantizer_nodes(model)
+    outs = {o.name for o in model.graph.output}
+    heads = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "MatMulNBits", "MatMulIntegerToFloat")
+             and n.output[0] in outs}
     n_runs = runs + 2
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
@@ -58,8 +64,10 @@ def profile(path: str, shape: tuple[int, int], runs: int) -> tuple[dict, dict, f
         op, node = e["args"]["op_name"], e["name"][: -len("_kernel_time")]
         ms = e["dur"] / 1e3 / n_runs
         by_op[op] += ms
-        if op in LINEAR or node in quant or node.split("/")[0] in quant:
-            kind = "int8 linear layers (with their activation quantizers)"
+        if node in heads:
+            kind = f"LM head ({op}, writes a graph output)"
+        elif op in LINEAR or node in quant or node.split("/")[0] in quant:
+            kind = "int8 / N-bit linear layers (with their activation quantizers)"
         elif op in ("MatMul", "Gemm", "FusedMatMul") and node.split("/")[0] in const_matmuls:
             kind = "float MatMul with a constant weight (LM head, float layers)"
         elif op in ("MatMul", "FusedMatMul") or op in ATTENTION:

@@ -21,6 +21,14 @@ def add_nbits_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--head-bits", type=int, choices=[4, 8],
                    help="the LM head (and a tied token table) in these bits (default: the scheme's); "
                         "w4 --head-bits 8 keeps most of the float head's accuracy at 0.18x the size")
+    g.add_argument("--head-block-size", type=int, choices=[16, 32, 64, 128, 256],
+                   help="the LM head (and a tied token table) in blocks of this size (default: --block-size); "
+                        "the head's input is rounded to int8 per block at accuracy level 4, which costs "
+                        "more at the head than in the body: w8 --block-size 128 --head-block-size 32")
+    g.add_argument("--layer-block-size", action="append", default=[], metavar="PATTERN=SIZE",
+                   help="layers whose name matches the fnmatch PATTERN in blocks of SIZE (repeatable, the first "
+                        "match wins; e.g. '*down_proj*=128'); the AWQ / alpha searches score each layer in its own "
+                        "blocks")
     g.add_argument("--no-awq", action="store_true",
                    help="plain round-to-nearest. By default, with --data, AWQ searches per site a scale "
                         "s = mean|x|^r or mean|x|^r / max|w|^(1-r) (r in 0..0.95 by 0.05; with smoothing on, "
@@ -40,23 +48,33 @@ def add_nbits_args(q: argparse.ArgumentParser) -> None:
                         "in 8 bits (each costs K*N/2 bytes more)")
 
 
+def _layer_block(text: str) -> tuple[str, int]:
+    pattern, _, size = text.rpartition("=")
+    if not pattern or not size.isdigit():
+        raise GraphpassError(f"--layer-block-size takes PATTERN=SIZE (e.g. '*down_proj*=128'), got '{text}'")
+    return pattern, int(size)
+
+
 def with_nbits(cfg, a: argparse.Namespace):
     """The pipeline config with the MatMulNBits options for w8 / w4 (unchanged for other schemes)."""
     from graphpass.passes.nbits import DEFAULT_BLOCK, NBITS_SCHEMES, NBitsConfig
 
     if cfg.scheme not in NBITS_SCHEMES:
         if (a.bits is not None or a.block_size is not None or a.asymmetric or a.float_head or a.no_awq
-                or a.no_clip or a.head_bits is not None or a.gptq is not None or a.w4_keep_8bit):
-            raise GraphpassError("--bits, --block-size, --asymmetric, --float-head, --head-bits, --no-awq, "
-                                 "--no-clip, --gptq / --no-gptq and --w4-keep-8bit apply to --scheme w8 / w4")
+                or a.no_clip or a.head_bits is not None or a.head_block_size is not None or a.layer_block_size
+                or a.gptq is not None or a.w4_keep_8bit):
+            raise GraphpassError("--bits, --block-size, --asymmetric, --float-head, --head-bits, --head-block-size, "
+                                 "--layer-block-size, --no-awq, --no-clip, --gptq / --no-gptq and --w4-keep-8bit "
+                                 "apply to --scheme w8 / w4")
         return cfg
     bits = NBITS_SCHEMES[cfg.scheme]
     if a.bits is not None and a.bits != bits:
         raise GraphpassError(f"--scheme {cfg.scheme} is {bits}-bit, but --bits {a.bits} was given")
-    if a.float_head and a.head_bits is not None:
-        raise GraphpassError("--float-head and --head-bits contradict each other: choose one")
+    if a.float_head and (a.head_bits is not None or a.head_block_size is not None):
+        raise GraphpassError("--float-head and --head-bits / --head-block-size contradict each other: choose one")
     nb = NBitsConfig(bits=bits, block_size=a.block_size or DEFAULT_BLOCK[bits], accuracy_level=a.accuracy_level,
                      symmetric=not a.asymmetric, lm_head=not a.float_head, skip=cfg.skip,
-                     head_bits=a.head_bits)
+                     head_bits=a.head_bits, head_block_size=a.head_block_size,
+                     layer_blocks=tuple(_layer_block(t) for t in a.layer_block_size))
     return replace(cfg, nbits=nb, awq=not a.no_awq, awq_clip=not a.no_clip, gptq=a.gptq,
                    keep_8bit=a.w4_keep_8bit)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)

@@ -45,6 +45,8 @@ class NBitsConfig:
     skip: tuple[str, ...] = ()        # fnmatch patterns on linear layer names
     head_bits: int | None = None      # the LM head (and a tied table) in other bits (None: `bits`)
     keep8: tuple[str, ...] = ()       # linear layers (names) kept in 8 bits under a 4-bit body (search/mixed.py)
+    head_block_size: int | None = None   # ... and in other blocks (None: `block_size`)
+    layer_blocks: tuple[tuple[str, int], ...] = ()   # (fnmatch pattern on layer names, block); first match wins
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -53,6 +55,12 @@ class NBitsConfig:
             raise GraphpassError(f"--head-bits must be 4 or 8, got {self.head_bits}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise GraphpassError(f"--block-size must be a power of two in 16..256, got {self.block_size}")
+        if self.head_block_size not in (None, 16, 32, 64, 128, 256):
+            raise GraphpassError(f"--head-block-size must be a power of two in 16..256, got {self.head_block_size}")
+        for pattern, block in self.layer_blocks:
+            if block not in (16, 32, 64, 128, 256):
+                raise GraphpassError(f"--layer-block-size {pattern}={block}: the block must be a power of two "
+                                     "in 16..256")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise GraphpassError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
 
@@ -136,13 +144,16 @@ def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig()
 
 
 def layer_config(lin: Linear, c: Consts, cfg: NBitsConfig) -> NBitsConfig | None:
-    """What one layer is packed with: the LM head in `head_bits` when set, None when it stays float
-    (--float-head); a layer named in `keep8` in 8 bits; every other layer in `cfg`."""
+    """What one layer is packed with: None for an LM head kept float (--float-head); the block of
+    the first `layer_blocks` pattern its name matches, else `block_size`; a layer named in `keep8`
+    in 8 bits; the LM head in `head_bits` / `head_block_size` when set."""
+    block = next((b for p, b in cfg.layer_blocks if fnmatch.fnmatchcase(lin.name, p)), cfg.block_size)
     if not is_lm_head(lin, c):
-        return replace(cfg, bits=8) if lin.name in cfg.keep8 and cfg.bits != 8 else cfg
+        out = cfg if block == cfg.block_size else replace(cfg, block_size=block)
+        return replace(out, bits=8) if lin.name in cfg.keep8 and cfg.bits != 8 else out
     if not cfg.lm_head:
         return None
-    return cfg if cfg.head_bits in (None, cfg.bits) else replace(cfg, bits=cfg.head_bits)
+    return replace(cfg, bits=cfg.head_bits or cfg.bits, block_size=cfg.head_block_size or block)
 
 
 def _skip_reason(lin: Linear, c: Consts, cfg: NBitsConfig) -> str:

@@ -32,8 +32,21 @@ def fake_quant_weight_blocks(w: np.ndarray, cfg: NBitsConfig) -> np.ndarray:
 
 
 def site_error_nbits(x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarray], s: np.ndarray,
-                     cfg: NBitsConfig) -> float:
-    return NBitsScorer(x, weights, cfg, ys).error(s)
+                     cfg: NBitsConfig | list[NBitsConfig]) -> float:
+    """Σ_k relative error of reader k; `cfg` one config for all readers or one per reader (their
+    blocks may differ: --layer-block-size), each group of readers on one grid scored together (the
+    activation rounded once per grid)."""
+    cfgs = cfg if isinstance(cfg, list) else [cfg] * len(weights)
+    return sum(NBitsScorer(x, [w for w, c in zip(weights, cfgs) if c == k],
+                           k, [y for y, c in zip(ys, cfgs) if c == k]).error(s)
+               for k in dict.fromkeys(cfgs))
+
+
+def reader_configs(site, an: Analysis, cfg: NBitsConfig) -> list[NBitsConfig]:
+    """Each reader's own packing (passes/nbits.layer_config; `cfg` for a reader it leaves float)."""
+    from graphpass.passes.nbits import layer_config
+
+    return [layer_config(lin, an.consts, cfg) or cfg for lin in site.consumers]
 
 
 def search_alpha_nbits(an: Analysis, stats: Stats, cfg: NBitsConfig, grid=GRID, progress: bool = True
@@ -42,7 +55,7 @@ def search_alpha_nbits(an: Analysis, stats: Stats, cfg: NBitsConfig, grid=GRID, 
     def error(site, x, weights, ys, alpha, w_max):
         act = stats.absmax(site.act).astype(np.float64)
         s = site_scales(site, an.consts, act, alpha, w_max)
-        return site_error_nbits(x, weights, ys, s.astype(np.float32), cfg)
+        return site_error_nbits(x, weights, ys, s.astype(np.float32), reader_configs(site, an, cfg))
 
     return search_sites(an, stats, error, "alpha search (MatMulNBits)", grid, progress)
 
