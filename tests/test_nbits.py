@@ -268,12 +268,7 @@ def test_head_bits_put_the_tied_table_in_8_bits_under_a_4_bit_body(kind):
     q, _ = nbits(m, cfg)
     attrs = {n.op_type: {a.name: a.i for a in n.attribute} for n in q.graph.node}
     assert attrs["MatMulNBits"]["bits"] == 8 and attrs["GatherBlockQuantized"]["bits"] == 8
-    table = unpack_reference(pack(w, 8, 32), 8, 32)
-    x = np.random.default_rng(4).normal(size=(5, 96)).astype(np.float32)
-    ids = np.array([0, 7, 299, 7, 150])
-    emb, logits = make_session(q).run(["emb", "logits"], {"x": x, "ids": ids})
-    np.testing.assert_array_equal(emb, table.T[ids])
-    np.testing.assert_allclose(logits, x @ table, rtol=0, atol=1e-4 * np.abs(x @ table).max())
+    _check_tied_table(q, w, bits=8, block=32)
     with pytest.raises(GraphpassError, match="--head-bits must be 4 or 8"):
         NBitsConfig(head_bits=2)
 
@@ -293,12 +288,7 @@ def test_head_block_size_packs_the_head_and_its_tied_table_in_their_own_blocks(k
     attrs = {n.op_type: {a.name: a.i for a in n.attribute} for n in q.graph.node}
     assert attrs["MatMulNBits"]["block_size"] == 32 and attrs["GatherBlockQuantized"]["block_size"] == 32
     assert "Slice" not in attrs                        # 96 = 3 blocks of 32: the 128 padding is gone
-    table = unpack_reference(pack(w, 8, 32), 8, 32)
-    x = np.random.default_rng(4).normal(size=(5, 96)).astype(np.float32)
-    ids = np.array([0, 7, 299, 7, 150])
-    emb, logits = make_session(q).run(["emb", "logits"], {"x": x, "ids": ids})
-    np.testing.assert_array_equal(emb, table.T[ids])
-    np.testing.assert_allclose(logits, x @ table, rtol=0, atol=1e-4 * np.abs(x @ table).max())
+    _check_tied_table(q, w, bits=8, block=32)
     with pytest.raises(GraphpassError, match="--head-block-size must be"):
         NBitsConfig(head_block_size=48)
 
@@ -377,3 +367,13 @@ def test_site_error_scores_each_reader_in_its_own_blocks():
     alone = site_error_nbits(x, ws[:1], ys[:1], s, c16) + site_error_nbits(x, ws[1:], ys[1:], s, c64)
     assert mixed == pytest.approx(alone, rel=1e-12)
     assert site_error_nbits(x, ws, ys, s, c16) < mixed < site_error_nbits(x, ws, ys, s, c64)
+
+
+def _check_tied_table(q, w: np.ndarray, bits: int, block: int) -> None:
+    """The lookup returns the packed table's rows bit for bit; the head multiplies by the same table."""
+    table = unpack_reference(pack(w, bits, block), bits, block)
+    x = np.random.default_rng(4).normal(size=(5, 96)).astype(np.float32)
+    ids = np.array([0, 7, 299, 7, 150])
+    emb, logits = make_session(q).run(["emb", "logits"], {"x": x, "ids": ids})
+    np.testing.assert_array_equal(emb, table.T[ids])
+    np.testing.assert_allclose(logits, x @ table, rtol=0, atol=1e-4 * np.abs(x @ table).max())
