@@ -246,3 +246,19 @@ def test_outlier_beats_token_smoothing_where_smoothing_leaves_outliers(tmp_path)
     assert left >= 5.0          # smoothing alone leaves outliers (max/median of X' or W')
     assert out <= 0.5 * tok, (out, tok)
     assert ores.quant.float_share < 0.04
+
+
+def test_report_json_names_the_outlier_thresholds(synth, tmp_path):
+    """quantize --report of the outlier scheme lists the threshold chosen per site (null where no
+    column goes float) and the layers given a second digit."""
+    import json
+
+    from graphpass.cli.main import main
+
+    s = synth("llama")
+    rc = main(["quantize", str(s.path), "-o", str(tmp_path / "q.onnx"), "--data", str(s.data_path),
+               "--scheme", "outlier", "--report", str(tmp_path / "r.json")])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 0 and rep["outlier_thresholds"] and set(rep["outlier_thresholds"]) <= set(rep["alphas"])
+    assert all(t is None or t >= 6.0 for t in rep["outlier_thresholds"].values())
+    assert rep["two_digit"] and all("down_proj" in n for n in rep["two_digit"])

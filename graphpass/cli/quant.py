@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from graphpass.cli.nbits import add_nbits_args, with_nbits
 from graphpass.cli.outlier import add_outlier_args, with_outlier
@@ -51,6 +52,9 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                "quantized": res.quant.quantized, "kept_float": res.quant.skipped,
                "alphas": res.alphas, "size_before": res.size_before, "size_after": res.size_after,
                "smoothing": res.smooth.rows if res.smooth else []}
+        if res.thresholds:      # scheme outlier: max|x| above which a site's columns go float (null: none)
+            rep["outlier_thresholds"] = {k: (t if math.isfinite(t) else None) for k, t in res.thresholds.items()}
+            rep["two_digit"] = list(getattr(res.quant, "two_digit", []))
         if bres is not None:
             rep["budget"] = bres.to_json()
         write_text(a.report, json.dumps(rep, indent=2) + "\n")
