@@ -4,7 +4,7 @@ For a site with sampled input rows X [R, C] (calibration) and readers W_k [C, N_
 per-channel scale s gives the error
   err(s) = Σ_k ||X·W_k − A(X / s)·Q(diag(s)·W_k)||² / ||X·W_k||²
 (Q: the MatMulNBits weight from onnxruntime's packer, dequantized; A: the int8 per-block activation
-of accuracy_level 4, else the identity; search/blockq.NBitsScorer), each reader Q on the
+of accuracy_level 4, else the identity; search/blockq.grid_scorers), each reader Q on the
 grid it is packed on (passes/nbits.layer_config: an LM head in --head-bits; a float head not
 scored, its output is exact for any s). Candidates, with m_j = mean|X_j| over every calibration
 row (Stats.mean_abs, no second pass) and w_j = max_k max_o |W_k[j, o]|:
@@ -27,7 +27,7 @@ from graphpass.passes.nbits import NBitsConfig, layer_config
 from graphpass.passes.smooth import site_scales, weight_absmax
 from graphpass.search.alpha import GRID as ALPHA_GRID
 from graphpass.search.blas import heap_scratch, one_blas_thread
-from graphpass.search.blockq import NBitsScorer
+from graphpass.search.blockq import grid_scorers
 
 MAX_COLUMNS = 128                                           # output channels scored per reader
 MAX_ROWS = 128                                              # sampled rows scored per site
@@ -89,13 +89,6 @@ class SiteChoice:
         return self.errors["awq 0.00"] / max(self.errors[self.choice.label], 1e-30)
 
 
-def reader_scorers(x, weights, cfgs: list[NBitsConfig | None]) -> list[NBitsScorer]:
-    """One scorer per distinct grid the readers are packed on (a reader kept in float: none, its
-    output is exact for any s), so the activation is fake-quantized once per grid, not per reader."""
-    return [NBitsScorer(x, [w for w, ci in zip(weights, cfgs) if ci == c], c)
-            for c in dict.fromkeys(c for c in cfgs if c is not None)]
-
-
 def search_awq(an: Analysis, stats: Stats, cfg: NBitsConfig, smoothing: float | str | None = None,
                progress: bool = True, max_columns: int = MAX_COLUMNS) -> dict[str, SiteChoice]:
     """The best candidate per site that has sampled rows, keyed by site name.
@@ -125,7 +118,7 @@ def _search(an, stats, cfg, smoothing, progress, max_columns) -> dict[str, SiteC
         return site, x, [column_subset(w, max_columns, rng) for w in weights], w_max, cfgs
 
     def work(site, x, weights, w_max, cfgs) -> SiteChoice:
-        scorers = reader_scorers(x, weights, cfgs)
+        scorers = grid_scorers(x, weights, cfgs)
         errs, scales = {}, {}
         for cand in grid:
             s = candidate_scales(site, an, stats, cand, w_max)

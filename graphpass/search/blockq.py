@@ -19,8 +19,6 @@ from graphpass.passes.clip import block_view
 from graphpass.passes.nbits import NBitsConfig
 
 
-
-
 def quantize_blocks(wb: np.ndarray, bits: int, symmetric: bool, out: np.ndarray | None = None,
                     mx: np.ndarray | None = None, mn: np.ndarray | None = None) -> np.ndarray:
     """wb [k_blocks, block, N] float32 -> its MatMulNBits rounding, dequantized, in `out`.
@@ -88,6 +86,18 @@ class NBitsScorer:
             yq = xq @ buf.reshape(-1, buf.shape[2])[:c]
             err += float(((y - yq) ** 2).sum() / norm)
         return err
+
+
+def grid_scorers(x: np.ndarray, weights: list[np.ndarray], cfgs: list[NBitsConfig | None],
+                 ys: list[np.ndarray] | None = None) -> list[NBitsScorer]:
+    """One scorer per distinct grid the readers are packed on, so the activation is rounded once
+    per grid, not per reader; a reader whose config is None (kept in float) gets none: its output
+    is exact for any s."""
+    def on(c, items):
+        return [v for v, ci in zip(items, cfgs) if ci == c]
+
+    return [NBitsScorer(x, on(c, weights), c, None if ys is None else on(c, ys))
+            for c in dict.fromkeys(c for c in cfgs if c is not None)]
 
 
 def _first_on_ties(wb: np.ndarray, mx: np.ndarray, mn: np.ndarray, v: np.ndarray) -> None:

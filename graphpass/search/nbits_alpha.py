@@ -15,7 +15,7 @@ from graphpass.match.sites import Analysis
 from graphpass.search.alpha import GRID, search_sites
 from graphpass.passes.nbits import NBitsConfig
 from graphpass.passes.smooth import site_scales
-from graphpass.search.blockq import NBitsScorer, fake_quant_act_blocks, quantize_blocks  # noqa: F401 (re-exported)
+from graphpass.search.blockq import NBitsScorer, fake_quant_act_blocks, grid_scorers, quantize_blocks  # noqa: F401 (re-exported)
 
 
 def fake_quant_weight_blocks(w: np.ndarray, cfg: NBitsConfig) -> np.ndarray:
@@ -37,9 +37,7 @@ def site_error_nbits(x: np.ndarray, weights: list[np.ndarray], ys: list[np.ndarr
     blocks may differ: --layer-block-size), each group of readers on one grid scored together (the
     activation rounded once per grid)."""
     cfgs = cfg if isinstance(cfg, list) else [cfg] * len(weights)
-    return sum(NBitsScorer(x, [w for w, c in zip(weights, cfgs) if c == k],
-                           k, [y for y, c in zip(ys, cfgs) if c == k]).error(s)
-               for k in dict.fromkeys(cfgs))
+    return sum(sc.error(s) for sc in grid_scorers(x, weights, cfgs, ys))
 
 
 def reader_configs(site, an: Analysis, cfg: NBitsConfig) -> list[NBitsConfig]:
