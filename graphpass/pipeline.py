@@ -62,7 +62,6 @@ class PipelineConfig:
     awq: bool = True                            # w8 / w4 with data: AWQ scales (smoothing α joins their grid)
     awq_clip: bool = True                       # ... and the clipping search per channel and block
     gptq: bool | None = None                    # w8 / w4: GPTQ rounding (passes/gptq.py) after AWQ; None: off
-                                                # for w4 with AWQ (not when cached stats have no X^T·X)
     keep_8bit: int = 0                          # w4 with data: this many most sensitive layers in 8 bits
 
 
@@ -150,7 +149,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
 
     res = PipelineResult(Path(output))
     awq = _awq_on(config, data, stats)   # w8 / w4: AWQ when data is given (else round to nearest)
-    gptq = _gptq_on(config, awq, stats)
+    gptq = _gptq_on(config)
     needs_stats = (needs_calibration(config) or awq or gptq or config.keep_8bit) and stats is None
     packed = None
 
@@ -341,33 +340,35 @@ def _awq_on(config: PipelineConfig, data, stats) -> bool:
 def _awq(an, stats, config: PipelineConfig, step, progress, apply_clip: bool = True):
     """AWQ scales (with SmoothQuant's α in their grid unless --no-smooth) folded, readers clipped."""
     from graphpass.passes.awq import awq
-    from graphpass.passes.nbits import default_config
 
     t0 = time.perf_counter()
     stats.require({s.act: s.consumers[0].shape(an.consts)[0] for s in an.sites}, "calibration")
-    cfg = config.nbits if config.nbits is not None else default_config(config.scheme)
-    rep = awq(an, stats, cfg, config.alpha, config.awq_clip, progress, apply_clip)
+    rep = awq(an, stats, _nbits_config(config), config.alpha, config.awq_clip, progress, apply_clip)
     step("awq", t0, rep.summary())
     return rep
 
 
-def _gptq_on(config: PipelineConfig, awq: bool, stats) -> bool:
+def _gptq_on(config: PipelineConfig) -> bool:
     from graphpass.passes.nbits import NBITS_SCHEMES
 
-    if config.scheme not in NBITS_SCHEMES:
-        return False
-    return bool(config.gptq)   # opt-in: the X^T·X sums take the job over the 2x memory bar
+    return bool(config.gptq) and config.scheme in NBITS_SCHEMES   # opt-in: its X^T·X sums take the job over the 2x memory bar
+
+
+def _nbits_config(config: PipelineConfig) -> NBitsConfig:
+    """The MatMulNBits settings of a w8 / w4 job: as given, else the scheme's defaults."""
+    from graphpass.passes.nbits import default_config
+
+    return config.nbits if config.nbits is not None else default_config(config.scheme)
 
 
 def _keep_8bit(an, stats, config: PipelineConfig, step) -> PipelineConfig:
     """The config whose nbits keeps the --w4-keep-8bit layers of largest 4-bit error in 8 bits."""
     from dataclasses import replace
 
-    from graphpass.passes.nbits import default_config
     from graphpass.search.mixed import keep_8bit
 
     t0 = time.perf_counter()
-    cfg, ranked = keep_8bit(an, stats, config.nbits or default_config(config.scheme), config.keep_8bit)
+    cfg, ranked = keep_8bit(an, stats, _nbits_config(config), config.keep_8bit)
     extra = sum(b for _, _, b in ranked[:config.keep_8bit])
     step("keep 8-bit", t0, f"{len(cfg.keep8)} of {len(ranked)} layers in 8 bits (+{extra / 1e6:.1f} MB), "
                            f"4-bit error {ranked[0][1]:.4f} .. {ranked[-1][1]:.4f}" if ranked else "no layer")
@@ -377,12 +378,11 @@ def _keep_8bit(an, stats, config: PipelineConfig, step) -> PipelineConfig:
 def _gptq(an, stats, config: PipelineConfig, awq_rep, step, progress) -> dict:
     """GPTQ codes per layer (passes/gptq.py), after the AWQ fold and with its clip ratios."""
     from graphpass.passes.gptq import gptq
-    from graphpass.passes.nbits import default_config
 
     t0 = time.perf_counter()
     if not stats.gram:
         raise GraphpassError("--gptq needs X^T·X from calibration: pass --data (cached stats have none)")
-    cfg = config.nbits if config.nbits is not None else default_config(config.scheme)
+    cfg = _nbits_config(config)
     scales = {k: ch.scales for k, ch in awq_rep.choices.items()} if awq_rep else {}
     ratios = {r["linear"]: r["ratio"] for r in awq_rep.clip} if awq_rep else {}
     rep = gptq(an, stats, cfg, scales, ratios, progress)
