@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphpass.graph.decode import DecodeRunner, past_layout
 from graphpass.graph.runtime import make_session
-from graphpass.testing.past import build_genai_past, build_optimum_past, genai_config
+from graphpass.testing.past import PAST_BUILDS, build_genai_past, build_optimum_past, genai_config
 from graphpass.testing.synthetic import SyntheticConfig, build_llama
 from graphpass.validate.generate import Sampling, TextStream, divergence, eos_ids, generate_ids, pick
 
@@ -24,7 +24,7 @@ PROMPT = " ".join(f"w{i}" for i in range(5, 13))   # 8 tokens of the WordLevel t
 PROMPT_IDS = list(range(5, 13))
 NEW = 24
 PERTURB = 0.03   # relative weight noise: greedy tokens agree for a while, then part
-BUILDS = {"optimum": build_optimum_past, "genai": build_genai_past}
+BUILDS = PAST_BUILDS
 
 
 def _runner(model):

@@ -15,11 +15,11 @@ from graphpass.errors import GraphpassError
 from graphpass.graph.decode import DecodeRunner, conform_empty_past, past_layout
 from graphpass.graph.runtime import make_session
 from graphpass.passes.kv_cache import quantize_kv_cache
-from graphpass.testing.past import build_genai_past, build_optimum_past
+from graphpass.testing.past import PAST_BUILDS, build_optimum_past, token_ids
 from graphpass.testing.synthetic import SyntheticConfig
 
 CFG = SyntheticConfig()
-BUILDS = {"optimum": build_optimum_past, "genai": build_genai_past}
+BUILDS = PAST_BUILDS
 CALIB_LEN = 64            # calibration windows; decoding runs far past them (RoPE bound)
 STEPS = 300
 # Bounds of the int8 cache against the float cache over STEPS decode steps (tiny random decoder
@@ -28,9 +28,6 @@ STEPS = 300
 # channel) scales give 7.8% / 3.5% / 94% here; one scale per head 19% / 12% / 80% (fails all three).
 MAX_REL, MEAN_REL, TOP1 = 0.12, 0.06, 0.88
 
-
-def _tokens(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(2, CFG.vocab, n)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +38,7 @@ def pair(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"kv_{form}")
         m = build(CFG)
         onnx.save(m, d / "float.onnx")
-        data = build_data(_tokens(8 * CALIB_LEN), CALIB_LEN, 8, m)
+        data = build_data(token_ids(CFG, 8 * CALIB_LEN), CALIB_LEN, 8, m)
         scales = cache_scales(cache_absmax(d / "float.onnx", data, 4, progress=False))
         for name, fold in (("int8.onnx", True), ("int8_nofold.onnx", False)):
             g = gs.import_onnx(m)
@@ -68,7 +65,7 @@ def test_cache_round_trip_against_numpy(pair, form):
     clip(round(present_f / s), -127, 127) over the prefill and every decode step, and present8 · s
     within s/2 of the float cache (a rounding tie or a last-bit difference in K may move one level)."""
     fp, qp, scales, _ = pair[form]
-    ids = _tokens(24, seed=5)
+    ids = token_ids(CFG, 24, seed=5)
     _, rf = _decode(fp, ids)
     _, rq = _decode(qp, ids)
     for name, s in scales.items():
@@ -89,9 +86,9 @@ def test_key_scales_cover_positions_past_calibration(pair):
     (calibrated on windows of CALIB_LEN) never clips a key there; the plain per-channel max of the
     calibration windows would."""
     fp, _, scales, _ = pair["optimum"]
-    _, rf = _decode(fp, _tokens(8 * CALIB_LEN)[:STEPS])
+    _, rf = _decode(fp, token_ids(CFG, 8 * CALIB_LEN)[:STEPS])
     calib = _runner(fp)
-    calib.prefill(build_data(_tokens(8 * CALIB_LEN), CALIB_LEN, 8, onnx.load(str(fp)))["input_ids"])
+    calib.prefill(build_data(token_ids(CFG, 8 * CALIB_LEN), CALIB_LEN, 8, onnx.load(str(fp)))["input_ids"])
     worst_pair, worst_plain = 0.0, 0.0
     for name, s in scales.items():
         if name != "past_key_values.0.key":
@@ -107,7 +104,7 @@ def test_key_scales_cover_positions_past_calibration(pair):
 @pytest.mark.parametrize("form", BUILDS)
 def test_300_decode_steps_stay_within_bounds_of_the_float_cache(pair, form):
     fp, qp, _, _ = pair[form]
-    ids = _tokens(STEPS + 8, seed=11)
+    ids = token_ids(CFG, STEPS + 8, seed=11)
     lf, _ = _decode(fp, ids)
     lq, rq = _decode(qp, ids)
     err = np.abs(lq - lf)
@@ -122,7 +119,7 @@ def test_300_decode_steps_stay_within_bounds_of_the_float_cache(pair, form):
 def test_folded_scales_equal_dequantize_then_float_and_both_forms_agree(pair):
     """Q·diag(s)·K̂ᵀ and (P·V̂)·diag(s) are the dequantized attention reordered; the
     decomposed graph and GroupQueryAttention's int8 cache compute the same function."""
-    ids = _tokens(40, seed=3)
+    ids = token_ids(CFG, 40, seed=3)
     folded, _ = _decode(pair["optimum"][1], ids)
     plain, _ = _decode(pair["optimum"][3], ids)
     gqa, _ = _decode(pair["genai"][1], ids)
@@ -139,15 +136,15 @@ def test_int8_graph_io_and_data_builder(pair):
     assert {p.dtype for p in lay.past} == {np.dtype(np.int8)}
     outs = {o.name: o.type.tensor_type.elem_type for o in m.graph.output}
     assert all(outs[p.present] == onnx.TensorProto.INT8 for p in lay.past)
-    data = build_data(_tokens(200), 32, 4, m)
+    data = build_data(token_ids(CFG, 200), 32, 4, m)
     assert data[lay.past_names[0]].dtype == np.int8 and data[lay.past_names[0]].shape[2] == 0
-    floaty = build_data(_tokens(200), 32, 4, onnx.load(str(pair["optimum"][0])))
+    floaty = build_data(token_ids(CFG, 200), 32, 4, onnx.load(str(pair["optimum"][0])))
     assert conform_empty_past(lay, floaty)[lay.past_names[0]].dtype == np.int8
 
 
 def test_a_float_past_with_values_is_one_line(pair):
     fp, qp, _, _ = pair["optimum"]
-    _, rf = _decode(fp, _tokens(12))
+    _, rf = _decode(fp, token_ids(CFG, 12))
     r = _runner(qp)
     batch = {"input_ids": np.array([[5]]), "attention_mask": np.ones((1, 13), np.int64),
              "position_ids": np.array([[12]]), **rf.cache.past}
@@ -186,7 +183,7 @@ def test_quantize_cli_kv_cache_alone_and_eval_in_decode_mode(tmp_path, capsys):
     from conftest import write_folder
 
     m = build_optimum_past(CFG)
-    src = write_folder(tmp_path / "src", m, "causal-lm", build_data(_tokens(8 * CALIB_LEN), CALIB_LEN, 8, m))
+    src = write_folder(tmp_path / "src", m, "causal-lm", build_data(token_ids(CFG, 8 * CALIB_LEN), CALIB_LEN, 8, m))
     out = tmp_path / "kv8.onnx"
     o, _ = cli_ok(capsys, ["quantize", src, "-o", out, "--scheme", "none", "--no-smooth",
                            "--kv-cache", "int8", "--data", src.parent / "data.npz"])
@@ -209,13 +206,13 @@ def test_key_smoothing_is_exact_in_float_through_rope(pair, form, tmp_path):
     from graphpass.passes.kv_smooth import key_factors, smooth_keys
 
     fp = pair[form][0]
-    ab = cache_absmax(fp, build_data(_tokens(8 * CALIB_LEN), CALIB_LEN, 8, onnx.load(str(fp))), 2, progress=False)
+    ab = cache_absmax(fp, build_data(token_ids(CFG, 8 * CALIB_LEN), CALIB_LEN, 8, onnx.load(str(fp))), 2, progress=False)
     sig = key_factors(ab, 1.0)
     assert all(np.all(s.max(axis=1) == 1.0) and s.min() < 0.8 for s in sig.values())   # a real rescale
     g = gs.import_onnx(onnx.load(str(fp)))
     assert smooth_keys(g, sig) == (CFG.layers, [])
     onnx.save(gs.export_onnx(g), tmp_path / "smooth.onnx")
-    ids = _tokens(48, seed=2)
+    ids = token_ids(CFG, 48, seed=2)
     lf, rf = _decode(fp, ids)
     ls, rs = _decode(tmp_path / "smooth.onnx", ids)
     assert np.abs(ls - lf).max() <= 1e-4 * np.abs(lf).max()
@@ -244,10 +241,10 @@ def test_smoothing_lets_one_scale_per_head_round_keys_like_per_channel(pair, tmp
 
     fp = pair["optimum"][0]
     m = onnx.load(str(fp))
-    data = build_data(_tokens(8 * CALIB_LEN), CALIB_LEN, 8, m)
+    data = build_data(token_ids(CFG, 8 * CALIB_LEN), CALIB_LEN, 8, m)
     ab = cache_absmax(fp, data, 2, progress=False)
     sig = key_factors(ab, 1.0)
-    ids, name = _tokens(64, seed=4), "past_key_values.0.key"
+    ids, name = token_ids(CFG, 64, seed=4), "past_key_values.0.key"
     _, rf = _decode(fp, ids)
     k = rf.cache.past[name]
     err = {}
@@ -279,12 +276,12 @@ def test_kv_cache_composes_with_w8a8_and_decode_fusions(tmp_path, capsys):
     from conftest import write_folder
 
     m = build_optimum_past(CFG)
-    src = write_folder(tmp_path / "src", m, "causal-lm", build_data(_tokens(8 * CALIB_LEN), CALIB_LEN, 8, m))
+    src = write_folder(tmp_path / "src", m, "causal-lm", build_data(token_ids(CFG, 8 * CALIB_LEN), CALIB_LEN, 8, m))
     common = ["--scheme", "token", "--alpha", "0.5", "--decode-fusions", "--data", src.parent / "data.npz"]
     cli_ok(capsys, ["quantize", src, "-o", tmp_path / "w8.onnx", *common])
     o, _ = cli_ok(capsys, ["quantize", src, "-o", tmp_path / "w8kv.onnx", *common, "--kv-cache", "int8"])
     assert f"{2 * CFG.layers} decomposed caches in int8" in o and "linear layers in int8 (token)" in o
-    ids = _tokens(100, seed=9)
+    ids = token_ids(CFG, 100, seed=9)
     lf, _ = _decode(tmp_path / "w8.onnx", ids)
     lq, rq = _decode(tmp_path / "w8kv.onnx", ids)
     assert {a.dtype for a in rq.cache.past.values()} == {np.dtype(np.int8)}
@@ -305,7 +302,7 @@ def test_a_cache_read_outside_the_repeat_kv_chain_is_dequantized_with_the_reason
     assert (rep.concat, rep.folded) == (2 * CFG.layers, 2 * CFG.layers - 1)
     assert "past_key_values.0.value': scale not folded (Transpose" in rep.skipped[0]
     onnx.save(gs.export_onnx(g), tmp_path / "odd.onnx")
-    ids = _tokens(30, seed=8)
+    ids = token_ids(CFG, 30, seed=8)
     a, _ = _decode(tmp_path / "odd.onnx", ids)
     b, _ = _decode(folded, ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
@@ -321,7 +318,7 @@ def test_value_statistic_is_the_plain_max_and_key_the_pair_norm(pair, form):
                                 "past_value_3", "past_key", "past_value")] == [True, False, True, False, True, False]
     fp = pair[form][0]
     m = onnx.load(str(fp))
-    data = build_data(_tokens(4 * CALIB_LEN), CALIB_LEN, 4, m)
+    data = build_data(token_ids(CFG, 4 * CALIB_LEN), CALIB_LEN, 4, m)
     got = cache_absmax(fp, data, 0, batch_size=4, progress=False)
     lay = past_layout(m)
     vals = dict(zip(lay.present_names, make_session(fp, 1).run(lay.present_names, data)))
@@ -343,7 +340,7 @@ def test_kv_cache_errors_come_before_any_output_is_written(synth, tmp_path, caps
     assert "with-past graph" in cli_error(capsys, ["quantize", s.path, "-o", out, "--no-smooth", "--kv-cache", "int8",
                                                    "--data", s.data_path], absent=[out])
     m = build_optimum_past(CFG)
-    src = write_folder(tmp_path / "src", m, "causal-lm", build_data(_tokens(4 * CALIB_LEN), CALIB_LEN, 4, m))
+    src = write_folder(tmp_path / "src", m, "causal-lm", build_data(token_ids(CFG, 4 * CALIB_LEN), CALIB_LEN, 4, m))
     assert "needs calibration data" in cli_error(capsys, ["quantize", src, "-o", out, "--no-smooth", "--scheme",
                                                           "dynamic", "--kv-cache", "int8"], absent=[out])
     assert "lacks the past input" in cli_error(capsys, ["quantize", src, "-o", out, "--no-smooth", "--kv-cache",

@@ -12,15 +12,12 @@ from graphpass.calibrate.kv import cache_absmax, cache_scales
 from graphpass.graph.decode import DecodeRunner, past_layout
 from graphpass.graph.runtime import make_session
 from graphpass.passes.kv_cache import quantize_kv_cache
-from graphpass.testing.past import build_optimum_past
+from graphpass.testing.past import build_optimum_past, token_ids
 from graphpass.testing.synthetic import SyntheticConfig
 
 CFG = SyntheticConfig()
 EXACT = 1e-4          # relative to max |logit|: float32 reassociation only
 
-
-def _ids(n, seed=0):
-    return np.random.default_rng(seed).integers(2, CFG.vocab, n)
 
 
 def _logits(model: onnx.ModelProto, path, ids, prefill=8) -> np.ndarray:
@@ -49,7 +46,7 @@ def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("kvg")
     m = build_optimum_past(CFG)
     onnx.save(m, d / "f.onnx")
-    return m, cache_scales(cache_absmax(d / "f.onnx", build_data(_ids(512), 64, 8, m), 2, progress=False))
+    return m, cache_scales(cache_absmax(d / "f.onnx", build_data(token_ids(CFG, 512), 64, 8, m), 2, progress=False))
 
 
 def test_grouped_read_drops_every_repeat_copy_and_equals_dequantize_then_float(base, tmp_path):
@@ -58,7 +55,7 @@ def test_grouped_read_drops_every_repeat_copy_and_equals_dequantize_then_float(b
     assert rep.grouped == rep.folded == 2 * CFG.layers and not rep.skipped
     assert sum(n.op_type == "Expand" for n in m.graph.node) == 2 * CFG.layers
     assert not [n for n in q.graph.node if n.op_type == "Expand"]
-    ids = _ids(40, seed=3)
+    ids = token_ids(CFG, 40, seed=3)
     a = _logits(q, tmp_path / "g.onnx", ids)
     b = _logits(_int8(m, scales, fold=False)[0], tmp_path / "d.onnx", ids)
     assert np.abs(a - b).max() <= EXACT * np.abs(b).max()
@@ -78,7 +75,7 @@ def test_a_scalar_on_the_keys_moves_to_the_grouped_query(base, tmp_path):
     m2 = gs.export_onnx(g.toposort())
     q, rep = _int8(m2, scales)
     assert rep.grouped == 2 * CFG.layers
-    ids = _ids(30, seed=4)
+    ids = token_ids(CFG, 30, seed=4)
     a = _logits(q, tmp_path / "g.onnx", ids)
     b = _logits(_int8(m2, scales, fold=False)[0], tmp_path / "d.onnx", ids)
     assert np.abs(a - b).max() <= EXACT * np.abs(b).max()
@@ -103,6 +100,6 @@ def test_a_shape_read_of_the_repeated_keys(base, tmp_path, axis, dropped):
     onnx.save(q, tmp_path / "q.onnx")
     lay = past_layout(q)
     r = DecodeRunner(make_session(tmp_path / "q.onnx", 1), lay, ["rk_dim"])
-    r.prefill(_ids(6)[None])
-    r.step(_ids(1)[None])
+    r.prefill(token_ids(CFG, 6)[None])
+    r.step(token_ids(CFG, 1)[None])
     assert int(r.last["rk_dim"]) == (7 if axis == 2 else CFG.heads)

@@ -12,7 +12,7 @@ from graphpass.calibrate.kv import cache_absmax, cache_scales
 from graphpass.errors import GraphpassError
 from graphpass.graph.gs_io import import_graph
 from graphpass.passes.kv_cache import cache_multipliers
-from graphpass.testing.past import build_genai_past, build_optimum_past
+from graphpass.testing.past import PAST_BUILDS, token_ids
 from graphpass.testing.synthetic import SyntheticConfig
 
 CFG = SyntheticConfig()
@@ -22,10 +22,10 @@ LEN = 32
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     out = {}
-    for form, build in (("optimum", build_optimum_past), ("genai", build_genai_past)):
+    for form, build in PAST_BUILDS.items():
         d = tmp_path_factory.mktemp(f"kvopt_{form}")
         m = build(CFG)
-        ids = np.random.default_rng(0).integers(2, CFG.vocab, 8 * LEN)
+        ids = token_ids(CFG, 8 * LEN)
         out[form] = write_folder(d / "src", m, "causal-lm", build_data(ids, LEN, 8, m))
     return out
 

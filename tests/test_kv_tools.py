@@ -14,20 +14,17 @@ from graphpass.calibrate.data import build_data
 from graphpass.graph.decode import DecodeRunner, past_layout
 from graphpass.graph.gs_io import import_graph
 from graphpass.graph.runtime import make_session
-from graphpass.testing.past import build_genai_past, build_optimum_past
+from graphpass.testing.past import PAST_BUILDS, token_ids
 from graphpass.testing.synthetic import SyntheticConfig
 
 CFG = SyntheticConfig()
-BUILDS = {"optimum": build_optimum_past, "genai": build_genai_past}
+BUILDS = PAST_BUILDS
 LEN = 32
 # Layer 0's attention output projection reads attention over int8-rounded keys and values only
 # (weights in float): its SQNR is finite (the rounding is compared) and above this floor
 # (per-channel scales round to 1/254 of each channel's range; ~35-40 dB on this decoder).
 CACHE_SQNR_FLOOR = 25.0
 
-
-def _ids(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(2, CFG.vocab, n)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,7 @@ def graphs(tmp_path_factory):
     for form, build in BUILDS.items():
         d = tmp_path_factory.mktemp(f"kvtools_{form}")
         m = build(CFG)
-        src = write_folder(d / "src", m, "causal-lm", build_data(_ids(8 * LEN), LEN, 8, m))
+        src = write_folder(d / "src", m, "causal-lm", build_data(token_ids(CFG, 8 * LEN), LEN, 8, m))
         data = d / "src" / "data.npz"
         for name, extra in (("kv8.onnx", ["--scheme", "none", "--no-smooth"]),
                             ("w8kv8.onnx", ["--scheme", "token", "--alpha", "0.5"])):

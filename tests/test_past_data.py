@@ -10,7 +10,7 @@ from graphpass.calibrate.data import build_data, check_data, load_data
 from graphpass.errors import GraphpassError
 from graphpass.graph.decode import DecodeRunner, past_layout
 from graphpass.graph.runtime import make_session
-from graphpass.testing.past import build_genai_past, build_optimum_past
+from graphpass.testing.past import PAST_BUILDS, build_optimum_past
 from graphpass.testing.synthetic import SyntheticConfig
 
 CFG = SyntheticConfig()
@@ -20,7 +20,7 @@ SEQ = 8
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     out = {}
-    for form, build in (("optimum", build_optimum_past), ("genai", build_genai_past)):
+    for form, build in PAST_BUILDS.items():
         d = tmp_path_factory.mktemp(form)
         onnx.save(build(CFG), d / "model.onnx")
         out[form] = d

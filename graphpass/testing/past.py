@@ -222,7 +222,15 @@ def _finish(b: GraphBuilder, cfg: SyntheticConfig, name: str, ins: list, check: 
     return model
 
 
+PAST_BUILDS = {"optimum": build_optimum_past, "genai": build_genai_past}   # the two forms, by name
+
+
 # ---------------------------------------------------------------------------- feeds
+def token_ids(cfg: SyntheticConfig, n: int, seed: int = 0) -> np.ndarray:
+    """n seeded token ids in 2 .. vocab - 1, the text the tests feed these decoders."""
+    return np.random.default_rng(seed).integers(2, cfg.vocab, n)
+
+
 def empty_past(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     """past_key_values.* of length 0: [batch, kv_heads, 0, head_dim], float32."""
     out = {}
