@@ -7,7 +7,6 @@ from dataclasses import replace
 from graphpass.errors import GraphpassError
 
 
-
 def add_nbits_args(q: argparse.ArgumentParser) -> None:
     g = q.add_argument_group("weight-only schemes w8 / w4 (com.microsoft MatMulNBits)")
     g.add_argument("--bits", type=int, choices=[4, 8], help="weight bits (default: 8 for w8, 4 for w4)")

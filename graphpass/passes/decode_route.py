@@ -34,6 +34,7 @@ from graphpass.errors import GraphpassError
 from graphpass.graph.gs_io import add_opset, read
 from graphpass.graph.io import unique_name
 from graphpass.passes.decode_match import NoMatch, expect, scalar
+from graphpass.passes.nbits import BLOCK_SIZES
 
 MS = "com.microsoft"
 
@@ -47,7 +48,7 @@ class RouteConfig:
     pack: bool = True             # the layers reading one X (q/k/v, gate/up) as one MatMulNBits + Split
 
     def __post_init__(self):
-        if self.block_size not in (16, 32, 64, 128, 256):
+        if self.block_size not in BLOCK_SIZES:
             raise GraphpassError(f"decode route: block size must be a power of two in 16..256, got {self.block_size}")
 
 

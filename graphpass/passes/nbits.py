@@ -33,6 +33,7 @@ from graphpass.passes.quantize import QuantReport, _detach, is_lm_head
 
 NBITS_SCHEMES = {"w8": 8, "w4": 4}
 DEFAULT_BLOCK = {8: 32, 4: 128}
+BLOCK_SIZES = (16, 32, 64, 128, 256)   # the block sizes MatMulNBits takes along K
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,12 @@ class NBitsConfig:
             raise GraphpassError(f"--bits must be 4 or 8, got {self.bits}")
         if self.head_bits not in (None, 4, 8):
             raise GraphpassError(f"--head-bits must be 4 or 8, got {self.head_bits}")
-        if self.block_size not in (16, 32, 64, 128, 256):
+        if self.block_size not in BLOCK_SIZES:
             raise GraphpassError(f"--block-size must be a power of two in 16..256, got {self.block_size}")
-        if self.head_block_size not in (None, 16, 32, 64, 128, 256):
+        if self.head_block_size not in (None, *BLOCK_SIZES):
             raise GraphpassError(f"--head-block-size must be a power of two in 16..256, got {self.head_block_size}")
         for pattern, block in self.layer_blocks:
-            if block not in (16, 32, 64, 128, 256):
+            if block not in BLOCK_SIZES:
                 raise GraphpassError(f"--layer-block-size {pattern}={block}: the block must be a power of two "
                                      "in 16..256")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
