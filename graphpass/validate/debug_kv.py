@@ -22,6 +22,7 @@ from graphpass.errors import GraphpassError
 from graphpass.graph.gs_io import import_graph
 from graphpass.graph.io import input_specs
 
+
 def recast_past(ref: onnx.ModelProto, cand: onnx.ModelProto, cand_dir: Path) -> dict[str, np.ndarray]:
     """Input name -> m [1, kv, 1, d] for every candidate input that is int8 where the reference's
     is float (an int8 KV cache); a one-line error for any other dtype mismatch."""
