@@ -230,6 +230,23 @@ def _shared_lookup(gather: gs.Node, em: _Emitted, e: Emitter, cfg: NBitsConfig) 
         e.emit("Slice", [target, i64("start", 0), i64("end", p.k), i64("axis", -1)], [out], f"{base}_unpad")
 
 
+def with_accuracy_level(model: onnx.ModelProto, level: int, only=None) -> int:
+    """Set accuracy_level = `level` on every MatMulNBits node (or those whose name `only(name)`
+    accepts), in place; the packed weights are untouched, so level 0 and 4 of one graph differ
+    only by the kernel's int8 activation (X -> int8 per row and block of block_size). Returns the
+    count of nodes set."""
+    if level not in (0, 1, 2, 3, 4):
+        raise GraphpassError(f"accuracy_level must be 0..4, got {level}")
+    n = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == MS and (only is None or only(node.name)):
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level", level)])
+            n += 1
+    return n
+
+
 def default_config(scheme: str) -> NBitsConfig:
     bits = NBITS_SCHEMES[scheme]
     return NBitsConfig(bits=bits, block_size=DEFAULT_BLOCK[bits])

@@ -9,8 +9,11 @@ Outliers. For c in outlier_channels and S = outlier_scale, every linear-layer in
 max|x[..., c]| ~ S * (typical channel) while the function stays tame:
   norm output feeding a linear   gamma[c] *= S
   o_proj / fc2 / down_proj input  W_v[:, c] *= S, W_fc1[:, c] *= S, W_up[:, c] *= S
-  the linear layer reading it     W[c, :] /= sqrt(S)   (so channel c weighs sqrt(S) times a
-                                                        normal channel, not S times)
+  the linear layer reading it     W[c, :] /= S^d, d = outlier_damp (default 1/2: channel c weighs
+                                                        sqrt(S) times a normal channel, not S times;
+                                                        d = 1: as much as one, the massive-activation
+                                                        case where int8 activations cost more than
+                                                        4-bit weights)
 The tied Llama LM head cannot be damped (its rows are the embedding); the post-LN encoder's
 outliers also ride the residual stream, as in BERT, so its later LayerNorms boost by S^(1/4).
 Inputs are int64 [batch, seq] with dim_params "batch" and "seq"; weights are float32.
@@ -45,6 +48,7 @@ class SyntheticConfig:
     seed: int = 0
     outlier_channels: tuple[int, ...] = (3, 17)
     outlier_scale: float = 40.0
+    outlier_damp: float = 0.5  # rows of the layer reading an outlier channel /= outlier_scale ** this
     opset: int = 18
     rms_form: str = "reciprocal"  # build_llama only: one of RMS_FORMS
     gemm: bool = False  # build_postln_encoder only: q/k/v, fc1, fc2 as Reshape -> Gemm(transB=1)
@@ -62,6 +66,7 @@ class SyntheticConfig:
             (any(not 0 <= c < min(self.hidden, self.ffn) for c in self.outlier_channels),
              "outlier_channels must lie in [0, min(hidden, ffn))"),
             (self.outlier_scale < 1, "outlier_scale must be >= 1"),
+            (not 0 <= self.outlier_damp <= 1, "outlier_damp must lie in [0, 1]"),
             (self.opset < 17, "opset must be >= 17 (LayerNormalization)"),
             (self.rms_form not in RMS_FORMS, f"rms_form must be one of {RMS_FORMS}"),
             (self.rms_form == "rmsnorm23" and self.opset < 23,
@@ -90,9 +95,9 @@ class _Init:
         return (self.rng.standard_normal(shape) * std).astype(np.float32)
 
     def w(self, n_in: int, n_out: int, damp=None, boost=None) -> np.ndarray:
-        """[in, out]; rows `damp` /= sqrt(S) (outlier inputs), columns `boost` *= S."""
+        """[in, out]; rows `damp` /= S^outlier_damp (outlier inputs), columns `boost` *= S."""
         w = self.normal((n_in, n_out), WEIGHT_GAIN / math.sqrt(n_in))
-        w[self.ch if damp is None else damp, :] /= math.sqrt(self.cfg.outlier_scale)
+        w[self.ch if damp is None else damp, :] /= self.cfg.outlier_scale ** self.cfg.outlier_damp
         if boost:
             w[:, boost] *= self.cfg.outlier_scale
         return w
