@@ -153,13 +153,11 @@ def run_case(title: str, model: Path, calib: dict, ev: dict, work: Path, variant
 
 def groups(model: Path, quantized: Path, ev: dict, work: Path) -> list[tuple[str, int, dict]]:
     """Level 4 on one group of SmolLM2's layers, level 0 on the rest (names from the exporter's scopes)."""
-    import onnx_graphsurgeon as gs
-
     from graphpass.passes.nbits import with_accuracy_level
     from graphpass.validate.debug_graph import module_path
     from graphpass.validate.evaluate import evaluate
 
-    paths = {n.name: module_path(n) for n in gs.import_onnx(onnx.load(str(model), load_external_data=False)).nodes}
+    paths = {n.name: module_path(n) for n in onnx.load(str(model), load_external_data=False).graph.node}
 
     def kind(node_name: str) -> str:
         path = paths.get(re.sub(r"_Q[48]$", "", node_name), "")
@@ -232,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                             work / "minilm", pairs(128) + pairs(32), 8, 4)
     if a.model:
         ev = {k: v[:a.windows] for k, v in load_data(a.eval).items()}
-        variants = pairs(128, awq_too=False) + pairs(128, 8) + pairs(32, 8, awq_too=False)
+        variants = pairs(128, awq_too=False) + pairs(128, 8) + pairs(32, 8)
         results += run_case(f"SmolLM2 ({a.windows} windows)", Path(a.model), load_data(a.calib), ev,
                             work / "smollm2", variants, 64, 1)
         grouped = groups(Path(a.model), work / "smollm2" / "b128-rtn" / "model.onnx", ev, work / "smollm2")
