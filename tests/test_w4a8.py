@@ -59,6 +59,38 @@ def test_smoothing_repairs_level_4_on_massive_activations(tmp_path):
     assert abs(smoothed[4] - smoothed[0]) <= REPAIRED * (plain[4] - plain[0]), (plain, smoothed)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [16, 32, 128])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_search_models_the_level_4_kernel(bits, block, rows):
+    """onnxruntime's MatMulNBits at level 4 = int8 of X per row and block of block_size (scale
+    max|x| / 127; search/blockq.fake_quant_act_blocks) times the dequantized weight (measured max
+    |diff| 1e-4 at outputs ~100); level 0 = X times the dequantized weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphpass.passes.nbits import pack, unpack_reference
+    from graphpass.search.blockq import fake_quant_act_blocks
+
+    rng = np.random.default_rng(block + rows)
+    k, n = 256, 48
+    x = rng.normal(size=(rows, k)).astype(np.float32)
+    x[:, 5] *= 300.0                                  # an outlier in block 0
+    p = pack((rng.normal(size=(k, n)) / 16).astype(np.float32), bits, block)
+    wq = unpack_reference(p, bits, block)
+    node = helper.make_node("MatMulNBits", ["X", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=4)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+                          [numpy_helper.from_array(p.b, "B"), numpy_helper.from_array(p.scales, "S")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 9
+    got = {lvl: make_session(m).run(["Y"], {"X": x})[0] for lvl in (4, 0) if with_accuracy_level(m, lvl)}
+    tol = 1e-5 * np.abs(got[0]).max() + 1e-4
+    assert np.abs(got[0] - x @ wq).max() <= tol
+    assert np.abs(got[4] - fake_quant_act_blocks(x, block) @ wq).max() <= tol
+    assert np.abs(got[4] - got[0]).max() > 100 * tol            # the int8 step is visible
+
+
 def test_with_accuracy_level_changes_only_the_attribute():
     from graphpass.passes.nbits import nbits
 
