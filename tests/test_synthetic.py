@@ -133,6 +133,23 @@ def test_every_linear_input_has_outlier_channels(variant):
             assert int(chmax.argmax()) in CFG.outlier_channels, node
 
 
+def test_outlier_damp_scales_the_rows_reading_an_outlier():
+    """Rows of the layer reading an outlier channel are / S^outlier_damp: with damp d and 1/2 on
+    the same seed, those rows differ by S^(d - 1/2) and every other row is equal."""
+    def weight(cfg):     # layer 0's gate_proj: the first [hidden, ffn] weight, reading the norm output
+        return next(numpy_helper.to_array(t) for t in build_llama(cfg).graph.initializer
+                    if list(t.dims) == [cfg.hidden, cfg.ffn])
+
+    half = weight(SyntheticConfig(outlier_scale=300.0))
+    full = weight(SyntheticConfig(outlier_scale=300.0, outlier_damp=1.0))
+    rows = list(CFG.outlier_channels)
+    np.testing.assert_allclose(half[rows] / full[rows], np.sqrt(300.0), rtol=1e-5)
+    others = np.setdiff1d(np.arange(half.shape[0]), rows)
+    np.testing.assert_array_equal(half[others], full[others])
+    with pytest.raises(ValueError, match="outlier_damp must lie in"):
+        SyntheticConfig(outlier_damp=1.5)
+
+
 # ---------------------------------------------------------------------------- structure
 def test_postln_norm_output_feeds_linear_and_residual():
     for variant in ("postln", "postln-gemm"):

@@ -59,7 +59,8 @@ class Variant:
 def pairs(block: int, head_bits: int | None = None, awq_too: bool = True) -> list[Variant]:
     """RTN and AWQ + clip, each without and with smoothing (α auto, searched on level 4)."""
     head = f", head {head_bits}-bit" if head_bits else ""
-    out = [Variant(f"RTN{head}", block, False, False, head_bits), Variant(f"RTN + smoothing{head}", block, False, True, head_bits)]
+    out = [Variant(f"RTN{head}", block, False, False, head_bits),
+           Variant(f"RTN + smoothing{head}", block, False, True, head_bits)]
     if awq_too:
         out += [Variant(f"AWQ + clip{head}", block, True, False, head_bits),
                 Variant(f"AWQ + clip + smoothing{head}", block, True, True, head_bits)]
@@ -188,7 +189,8 @@ def markdown(results: list[dict], grouped: list, header: list[str]) -> str:
                      f"{(e4 - e0) / e4:.1%} | {extra} | {r['quantize_cpu']:.1f} |")
     lines += ["", "Smoothing's factor at level 4, e(level 4, no smoothing) / e(level 4, smoothing), and the best "
               "any repair of the activations alone could reach, e(level 4) / e(level 0), without smoothing:", "",
-              "| model | weights | block | smoothing's factor | activation-only bound | 2x bar |", "|---|---|---|---|---|---|"]
+              "| model | weights | block | smoothing's factor | activation-only bound | 2x bar |",
+              "|---|---|---|---|---|---|"]
     by = {(r["model"], r["variant"].name): r for r in results}
     for r in results:
         v = r["variant"]
@@ -201,7 +203,8 @@ def markdown(results: list[dict], grouped: list, header: list[str]) -> str:
     if grouped:
         lines += ["", "SmolLM2, RTN block 128 (4-bit head), level 4 on one group of layers, level 0 on the rest:", "",
                   "| level 4 on | layers | KL | KL minus all-level-0 |", "|---|---|---|---|"]
-        base = next(error_of(r[0]) for r in results if r["model"].startswith("SmolLM2") and r["variant"].name == "b128-rtn")
+        base = next(error_of(r[0]) for r in results
+                    if r["model"].startswith("SmolLM2") and r["variant"].name == "b128-rtn")
         lines += [f"| {label} | {n} | {ev['kl']:.4f} | {ev['kl'] - base:+.4f} |" for label, n, ev in grouped]
     return "\n".join(lines) + "\n"
 
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         results += run_case(f"SmolLM2 ({a.windows} windows)", Path(a.model), load_data(a.calib), ev,
                             work / "smollm2", variants, 64, 1)
         grouped = groups(Path(a.model), work / "smollm2" / "b128-rtn" / "model.onnx", ev, work / "smollm2")
-    header = [f"# W4A8: accuracy_level 4 with and without smoothing ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    header = [f"# W4A8: accuracy_level 4 with and without smoothing ({when})",
               "", f"- machine: {machine()}",
               f"- load (1 min) at the end: {os.getloadavg()[0]:.1f}; run {time.time() - t0:.0f} s wall, "
               f"{cpu_seconds() - c0:.0f} CPU s (this process)",
