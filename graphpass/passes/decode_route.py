@@ -67,8 +67,9 @@ class RouteReport:
     attention_kept: list[str] = field(default_factory=list)
 
     def format(self) -> str:
-        s = (f"{len(self.routed)} int8 layers read through MatMulNBits at one token, "
-             f"{self.weights} weights stored once; {self.attention} attention blocks over the concatenated cache")
+        s = (f"{len(self.routed)} int8 layers read through MatMulNBits at one token, {self.weights} weights "
+             "stored once; " if self.routed else "one token: ") + \
+            f"{self.attention} attention blocks over the concatenated cache"
         s += f" (kept: {self.attention_kept[0]})" if self.attention_kept else ""
         return s + (f"; kept: {self.kept[0][0]}: {self.kept[0][1]}" if self.kept else "")
 
