@@ -119,7 +119,8 @@ def test_w4_route_prefill_exact_decode_close_weights_once(tmp_path):
     size = lambda m: sum(int(np.prod(t.dims)) for t in initializers(m))  # noqa: E731
     assert size(route) <= size(plain) + 1000                   # weights in the main graph, once
     ids = np.random.default_rng(0).integers(0, 64, size=(2, 12))
-    runs = [DecodeRunner(make_session(p), past_layout(onnx.load(p))) for p in (tmp_path / "w4.onnx", tmp_path / "route.onnx")]
+    runs = [DecodeRunner(make_session(p), past_layout(onnx.load(p)))
+            for p in (tmp_path / "w4.onnx", tmp_path / "route.onnx")]
     np.testing.assert_array_equal(runs[1].prefill(ids[:, :8]), runs[0].prefill(ids[:, :8]))
     for k in range(8, 12):
         a, b = runs[0].step(ids[:, k:k + 1]), runs[1].step(ids[:, k:k + 1])
