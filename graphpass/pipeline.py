@@ -58,7 +58,7 @@ class PipelineConfig:
     kv_smooth: float | None = None              # key-channel smoothing strength (None: off)
     outlier: OutlierConfig = OutlierConfig()    # scheme outlier: which columns stay in float
     outlier_thresholds: tuple[tuple[str, float], ...] = ()   # per site, searched earlier (budget re-runs)
-    decode_route: bool = False                  # token + decode fusions: one token through MatMulNBits (If)
+    decode_route: bool = False                  # decode fusions: one top-level If, one token on its own kernels
     awq: bool = True                            # w8 / w4 with data: AWQ scales (smoothing α joins their grid)
     awq_clip: bool = True                       # ... and the clipping search per channel and block
     gptq: bool | None = None                    # w8 / w4: GPTQ rounding (passes/gptq.py) after AWQ; None: off
@@ -89,8 +89,8 @@ class PipelineConfig:
             check_alpha(self.alpha)
         for key, a in self.site_alpha:
             check_alpha(a, f"alpha for site '{key}'")
-        if self.decode_route and (self.scheme != "token" or not self.decode_fusions):
-            raise GraphpassError("--decode-route needs --scheme token and --decode-fusions")
+        if self.decode_route and (self.scheme not in ("token", "w8", "w4") or not self.decode_fusions):
+            raise GraphpassError("--decode-route needs --decode-fusions and --scheme token, w8 or w4")
         if self.keep_8bit and (self.scheme != "w4" or self.keep_8bit < 0):
             raise GraphpassError(f"--w4-keep-8bit takes a count >= 0 with --scheme w4, got {self.keep_8bit} "
                                  f"with --scheme {self.scheme}")

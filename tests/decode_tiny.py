@@ -162,3 +162,17 @@ def feeds(model: onnx.ModelProto, ids: np.ndarray, past: dict | None, mask: np.n
     if positions is None:
         positions = np.broadcast_to(np.arange(plen, plen + s), (bsz, s)).astype(np.int64)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
+
+
+def session(model: onnx.ModelProto):
+    """One-thread onnxruntime session over an in-memory model."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(sess, model: onnx.ModelProto, *args, **kw) -> dict:
+    """{output name: value} of one call with feeds(model, *args, **kw)."""
+    return dict(zip([o.name for o in model.graph.output], sess.run(None, feeds(model, *args, **kw))))

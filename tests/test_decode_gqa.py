@@ -12,25 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_tiny import feeds, tiny_decoder  # noqa: E402
+from decode_tiny import run as _run  # noqa: E402
+from decode_tiny import session as _sess  # noqa: E402
+from decode_tiny import tiny_decoder  # noqa: E402
 
 from graphpass.passes.decode import fuse_decode  # noqa: E402
 
 ATOL, RTOL = 1e-4, 1e-4
-
-
-def _sess(m: onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def _run(sess, m, *args, **kw) -> dict:
-    return dict(zip([o.name for o in m.graph.output], sess.run(None, feeds(m, *args, **kw))))
 
 
 def _close(a: dict, b: dict, valid=None) -> None:

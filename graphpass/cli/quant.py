@@ -108,9 +108,10 @@ def add_parsers(sub, positive) -> None:
                    help="causal attention: N query chunks, each reading only the keys it sees (1: off)")
     q.add_argument("--batch-size", type=positive(int), default=1)
     q.add_argument("--decode-route", action="store_true",
-                   help="with --scheme token --decode-fusions: one top-level If on the new-token count; "
-                        "one token runs the int8 weights through MatMulNBits, several through "
-                        "MatMulIntegerToFloat (the bytes stored once)")
+                   help="with --decode-fusions (--scheme token, w8 or w4): one top-level If on the new-token "
+                        "count; one token runs attention over the concatenated cache (and, with token, the "
+                        "int8 weights through MatMulNBits), several tokens the graph as it was (the bytes "
+                        "stored once)")
     q.add_argument("--decode-fusions", action="store_true",
                    help="with-past graphs: attention with its cache -> GroupQueryAttention + RotaryEmbedding, "
                         "residual + RMSNorm -> SkipSimplifiedLayerNormalization, row rescales folded "

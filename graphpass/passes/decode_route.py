@@ -21,7 +21,12 @@ reads Wq = Cast(Transpose(Reshape(B)[:, :K]) XOR 0x80, int8) (onnxruntime casts 
 without the Transpose, for a tied head / lookup), a chain of constants onnxruntime folds at
 session load. The prefill branch computes what the graph computed before, bit for bit; the
 decode branch differs only by MatMulNBits' per-block activation rounding.
-Every other node is in both bodies; outer-scope graph inputs are read by name.
+Every other node is in both bodies; outer-scope graph inputs are read by name. In the decode body,
+where every row has one new token, each GroupQueryAttention becomes attention over the
+concatenated cache (passes/decode_attention.py: 0.6x the kernel's CPU time at a past of 256).
+That alone is worth the If in a graph with no int8 token layer (w8 / w4 after the decode fusions,
+their MatMulNBits weights read from the main graph by both bodies): the prefill body is the graph
+as it was, bit for bit, and the decode body differs by float summation order only.
 """
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphpass.errors import GraphpassError
-from graphpass.graph.gs_io import add_opset, read
+from graphpass.graph.gs_io import add_opset, opset_version, read
 from graphpass.graph.io import unique_name
+from graphpass.passes.decode_attention import attend_one_token
 from graphpass.passes.decode_match import NoMatch, expect, scalar
 from graphpass.passes.nbits import BLOCK_SIZES
 
@@ -57,10 +63,14 @@ class RouteReport:
     routed: list[str] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)
     weights: int = 0
+    attention: int = 0                 # GroupQueryAttention nodes unfused in the decode body
+    attention_kept: list[str] = field(default_factory=list)
 
     def format(self) -> str:
-        s = (f"{len(self.routed)} int8 layers read through MatMulNBits at one token, "
-             f"{self.weights} weights stored once")
+        s = (f"{len(self.routed)} int8 layers read through MatMulNBits at one token, {self.weights} weights "
+             "stored once; " if self.routed else "one token: ") + \
+            f"{self.attention} attention blocks over the concatenated cache"
+        s += f" (kept: {self.attention_kept[0]})" if self.attention_kept else ""
         return s + (f"; kept: {self.kept[0][0]}: {self.kept[0][1]}" if self.kept else "")
 
 
@@ -128,7 +138,8 @@ def nbits_layout(table: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.n
 
 
 def route_decode(g: gs.Graph, cfg: RouteConfig = RouteConfig()) -> RouteReport:
-    """Rewrite g in place into the If form above; a graph with no matching layer is left as is."""
+    """Rewrite g in place into the If form above; a graph with neither a matching layer nor an
+    attention block to unfuse at one token is left as is."""
     rep, layers = RouteReport(), []
     for n in g.nodes:
         if n.op == "MatMulIntegerToFloat":
@@ -142,7 +153,7 @@ def route_decode(g: gs.Graph, cfg: RouteConfig = RouteConfig()) -> RouteReport:
             except NoMatch:
                 pass                  # attention and other float MatMuls: not weights
     tokens = next((t for t in g.inputs if t.name == cfg.token_input), None)
-    if not layers:
+    if not layers and not any(n.op == "GroupQueryAttention" for n in g.nodes):
         return rep
     if tokens is None:
         raise GraphpassError(f"decode route: the graph has no input '{cfg.token_input}' to tell decode from prefill")
@@ -162,6 +173,9 @@ def route_decode(g: gs.Graph, cfg: RouteConfig = RouteConfig()) -> RouteReport:
         _to_nbits(dec, grp, cfg)
         rep.routed += [lay.node.name for lay in grp.layers]
     rep.weights = len(views)
+    rep.attention, rep.attention_kept = attend_one_token(dec, opset_version(g), taken)
+    if not layers and not rep.attention:
+        return rep
     _assemble(g, dec, pre, tokens, top, taken)
     return rep
 
