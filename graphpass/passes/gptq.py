@@ -24,7 +24,7 @@ from graphpass.passes.nbits import NBitsConfig, Packed, _skip_reason, layer_conf
 from graphpass.passes.nbits_codes import pack_codes
 from graphpass.passes.quantize import is_lm_head
 from graphpass.search.blas import one_blas_thread
-from graphpass.search.gptq import gptq_round, hessian
+from graphpass.search.gptq import GptqConfig, gptq_round, hessian
 from graphpass.search.nbits_alpha import fake_quant_weight_blocks
 
 
@@ -58,7 +58,8 @@ def groups(an: Analysis, cfg: NBitsConfig, scales: dict[str, np.ndarray]) -> lis
 
 
 def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndarray] | None = None,
-         ratios: dict[str, np.ndarray] | None = None, progress: bool = True) -> GptqReport:
+         ratios: dict[str, np.ndarray] | None = None, progress: bool = True,
+         how: GptqConfig = GptqConfig()) -> GptqReport:
     """Round every eligible reader by GPTQ; `scales`: AWQ's s per site name, `ratios`: ρ per linear."""
     from graphpass.progress import bar
 
@@ -71,7 +72,7 @@ def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndar
                 continue
             h = hessian(stats.gram[t], stats.gram_rows[t], s)
             for lcfg, part in _by_config(lins, c, cfg):
-                _round_group(part, h, lcfg, ratios or {}, c, rep)
+                _round_group(part, h, lcfg, ratios or {}, c, rep, how)
     return rep
 
 
@@ -82,12 +83,13 @@ def _by_config(lins: list, c, cfg: NBitsConfig) -> list[tuple[NBitsConfig, list]
     return list(out.items())
 
 
-def _round_group(lins: list, h: np.ndarray, cfg: NBitsConfig, ratios: dict, c, rep: GptqReport) -> None:
+def _round_group(lins: list, h: np.ndarray, cfg: NBitsConfig, ratios: dict, c, rep: GptqReport,
+                 how: GptqConfig) -> None:
     ws = [lin.weight(c).astype(np.float32) for lin in lins]
     kb = -(-ws[0].shape[0] // cfg.block_size)
     rho = np.concatenate([ratios.get(lin.name, np.ones((kb, w.shape[1]), np.float32)) for lin, w in zip(lins, ws)], 1)
     w = np.concatenate(ws, 1)
-    r = gptq_round(w, h, cfg.bits, cfg.block_size, cfg.symmetric, rho)
+    r = gptq_round(w, h, cfg.bits, cfg.block_size, cfg.symmetric, rho, how.damp, how.act_order)
     rtn = fake_quant_weight_blocks(clip_blocks(w, rho, cfg.block_size, cfg.symmetric), cfg)
     rep.rows.append(dict(readers=[lin.name for lin in lins], rtn=_h_error(w - rtn, h), gptq=_h_error(w - r.dequantized, h)))
     at = 0
