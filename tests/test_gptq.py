@@ -96,7 +96,8 @@ def test_dead_input_channels_get_zero_weight_and_no_nan():
 
 
 def test_calibration_gram_is_the_sum_over_thinned_rows(synth):
-    """With every row sampled (row_step 1) and gram_step 1, Σ X^T·X equals rows^T·rows."""
+    """With every row sampled (row_step 1) and gram_step 1, Σ X^T·X equals rows^T·rows; the Grams
+    are computed from rows parked on disk (no [C, C] sum is held), on every read."""
     from graphpass.calibrate.collect import calibrate
 
     s = synth("llama")
@@ -106,6 +107,7 @@ def test_calibration_gram_is_the_sum_over_thinned_rows(synth):
         assert st.gram_rows[t] == len(x)
         ref = x.T.astype(np.float64) @ x
         np.testing.assert_allclose(st.gram[t], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+        np.testing.assert_array_equal(st.gram[t], st.gram[t])     # the spilled rows stay for a second read
     thin = calibrate(s.path, s.data, batch_size=2, progress=False, gram_step=3)
     t = next(iter(thin.gram))
     assert thin.gram_rows[t] == sum(-(-n // 3) for n in [thin.count[t] // 2] * 2) and not thin.rows
