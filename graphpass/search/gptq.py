@@ -59,16 +59,19 @@ def inverse_factor(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.nd
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     lam = damp * float(np.mean(np.diag(h)))
+    flip = h[::-1, ::-1]          # J·H·J, J the reversal
     for _ in range(6):            # not positive definite in float64 (collinear rows): damp harder
         try:
-            low = np.linalg.cholesky(h + lam * np.eye(len(h)))
+            low = np.linalg.cholesky(flip + lam * np.eye(len(h)))
             break
         except np.linalg.LinAlgError:
             lam *= 10.0
     else:
         raise np.linalg.LinAlgError("GPTQ: the Hessian stays singular after damping")
-    linv = np.linalg.inv(low)                       # H^-1 = L^-T · L^-1
-    return np.linalg.cholesky(linv.T @ linv).T, dead
+    # J·H·J = M·M^T  =>  H^-1 = J·M^-T·M^-1·J = U^T·U with U = J·M^-1·J, upper with a positive diagonal:
+    # the upper Cholesky factor of H^-1, from one factorization and one inverse (was: two and a product).
+    m_inv = np.linalg.inv(low)
+    return np.ascontiguousarray(m_inv[::-1, ::-1]), dead
 
 
 def _block_grid(wb: np.ndarray, ratio: np.ndarray, bits: int, symmetric: bool):
