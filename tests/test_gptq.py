@@ -218,6 +218,23 @@ def test_keep_8bit_with_gptq_takes_the_layers_gptq_left_worst(synth, tmp_path):
     assert set(worst) != set(before_awq)                       # the two rankings disagree on this model
     out = tmp_path / "mixed.onnx"
     quantize(s.path, out, s.data, PipelineConfig(scheme="w4", alpha=None, nbits=cfg, keep_8bit=3, gptq=True,
-                                                 row_step=2), progress=False, log=lambda m: None)
+                                                 row_step=2, batch_size=2), progress=False, log=lambda m: None)
     eight = _eight_bit_layers(out)
     assert len(eight) == 3 + 1 and _named(worst, eight)
+
+
+def test_gptq_order_option_reaches_the_pipeline_config():
+    """--gptq-order: 'act' by default, 'natural' turns act-order off; other schemes refuse it."""
+    import argparse
+
+    from graphpass.cli.nbits import add_nbits_args, with_nbits
+    from graphpass.errors import GraphpassError
+    from graphpass.pipeline import PipelineConfig
+
+    p = argparse.ArgumentParser()
+    add_nbits_args(p)
+    cfg = lambda scheme, *args: with_nbits(PipelineConfig(scheme=scheme, alpha=None), p.parse_args(list(args)))  # noqa: E731
+    assert cfg("w4", "--gptq").gptq_how.act_order
+    assert not cfg("w4", "--gptq", "--gptq-order", "natural").gptq_how.act_order
+    with pytest.raises(GraphpassError, match="--gptq-order"):
+        cfg("token", "--gptq-order", "natural")

@@ -29,7 +29,7 @@ LAZY = 128           # columns per lazy batch update
 class GptqConfig:
     """act_order: round input channels by decreasing diag(H), on static block grids (gptq_round);
     damp: λ, the fraction of mean(diag H) added to its diagonal."""
-    act_order: bool = False
+    act_order: bool = True
     damp: float = DAMP
 
 
