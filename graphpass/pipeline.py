@@ -184,7 +184,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
                           decode_steps=config.decode_steps, cache=kv_abs, gram_step=GRAM_STEP if gptq else 0)
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples"
              + (f" (and the {len(kv_abs)} KV caches)" if kv_abs else ""))
-    if config.keep_8bit and not gptq:      # with GPTQ: chosen by the error GPTQ leaves (_gptq)
+    if config.keep_8bit:
         config = _keep_8bit(an, stats, config, step)
     kv_known = None              # the written graph's cache statistic, when no run is needed for it
     if config.kv_cache and config.kv_smooth is not None:   # on the float q / k weights
@@ -194,7 +194,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     elif config.alpha is not None:
         _smooth(an, stats, config, res, step, progress)
     if gptq:
-        config, packed = _gptq(an, stats, config, awq_rep if awq else None, step, progress)
+        packed = _gptq(an, stats, config, awq_rep if awq else None, step, progress)
     if config.simplify_attention:
         t0 = time.perf_counter()
         _, n, why = drop_softmax_nan_guards(g)
@@ -377,14 +377,9 @@ def _keep_8bit(an, stats, config: PipelineConfig, step) -> PipelineConfig:
     return replace(config, nbits=cfg)
 
 
-def _gptq(an, stats, config: PipelineConfig, awq_rep, step, progress) -> tuple[PipelineConfig, dict]:
-    """GPTQ codes per layer (passes/gptq.py), after the AWQ fold and with its clip ratios; with
-    --w4-keep-8bit N, the N layers of largest GPTQ'd relative error then go to 8 bits (round to
-    nearest), their 4-bit codes dropped. Returns the config (its keep8) and the codes."""
-    from dataclasses import replace
-
+def _gptq(an, stats, config: PipelineConfig, awq_rep, step, progress) -> dict:
+    """GPTQ codes per layer (passes/gptq.py), after the AWQ fold and with its clip ratios."""
     from graphpass.passes.gptq import gptq
-    from graphpass.search.mixed import keep_8bit_after_gptq
 
     t0 = time.perf_counter()
     if not stats.gram:
@@ -392,13 +387,6 @@ def _gptq(an, stats, config: PipelineConfig, awq_rep, step, progress) -> tuple[P
     cfg = _nbits_config(config)
     scales = {k: ch.scales for k, ch in awq_rep.choices.items()} if awq_rep else {}
     ratios = {r["linear"]: r["ratio"] for r in awq_rep.clip} if awq_rep else {}
-    rep = gptq(an, stats, cfg, scales, ratios, progress, config.gptq_how, set_weights=False)
+    rep = gptq(an, stats, cfg, scales, ratios, progress, config.gptq_how)
     step("gptq", t0, rep.summary())
-    if not config.keep_8bit:
-        return config, rep.packed
-    t0 = time.perf_counter()
-    cfg, packed, ranked = keep_8bit_after_gptq(rep.relative, rep.packed, cfg, config.keep_8bit)
-    extra = sum(b for _, _, b in ranked[:config.keep_8bit])
-    step("keep 8-bit", t0, f"{len(cfg.keep8)} of {len(ranked)} layers in 8 bits (+{extra / 1e6:.1f} MB), "
-                           f"GPTQ'd relative error {ranked[0][1]:.4f} .. {ranked[-1][1]:.4f}" if ranked else "no layer")
-    return replace(config, nbits=cfg), packed
+    return rep.packed

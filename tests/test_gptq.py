@@ -179,8 +179,8 @@ def _named(names, nodes: set[str]) -> bool:
 
 
 def test_keep_8bit_packs_the_layers_of_largest_4_bit_error_in_8_bits(synth, tmp_path):
-    """--w4-keep-8bit N without GPTQ: the N layers of largest relative 4-bit output error become
-    MatMulNBits bits=8 (AWQ and the packer see that grid), the others stay 4-bit."""
+    """--w4-keep-8bit N: the N layers of largest relative 4-bit output error become MatMulNBits
+    bits=8 (AWQ, GPTQ and the packer all see that grid), the others stay 4-bit."""
     from graphpass.calibrate.collect import calibrate
     from graphpass.pipeline import PipelineConfig, quantize
     from graphpass.search.mixed import rank_layers
@@ -191,36 +191,11 @@ def test_keep_8bit_packs_the_layers_of_largest_4_bit_error_in_8_bits(synth, tmp_
     ranked = rank_layers(analyze(s.fresh()), st, cfg)
     assert [e for _, e, _ in ranked] == sorted((e for _, e, _ in ranked), reverse=True) and len(ranked) > 3
     out = tmp_path / "mixed.onnx"
-    quantize(s.path, out, s.data, PipelineConfig(scheme="w4", alpha=None, nbits=cfg, keep_8bit=3, row_step=2),
+    quantize(s.path, out, s.data, PipelineConfig(scheme="w4", alpha=None, nbits=cfg, keep_8bit=3, gptq=True, row_step=2),
              progress=False, log=lambda m: None)
     eight = _eight_bit_layers(out)
     assert len(eight) == 3 + 1                                 # three kept layers and the 8-bit head
     assert _named([name for name, _, _ in ranked[:3]], eight)
-
-
-def test_keep_8bit_with_gptq_takes_the_layers_gptq_left_worst(synth, tmp_path):
-    """--gptq --w4-keep-8bit N: the N layers of largest tr(D^T·H·D) / tr(W^T·H·W) after AWQ and
-    GPTQ (not the round-to-nearest ranking before AWQ) become 8-bit; the others keep GPTQ's codes."""
-    from graphpass.calibrate.collect import calibrate
-    from graphpass.calibrate.gram import GRAM_STEP
-    from graphpass.pipeline import PipelineConfig, quantize
-    from graphpass.search.mixed import rank_layers
-
-    s = synth("llama")
-    cfg = NBitsConfig(bits=4, block_size=32, accuracy_level=0, head_bits=8)
-    st = calibrate(s.path, s.data, batch_size=2, progress=False, row_step=2, gram_step=GRAM_STEP)
-    an = analyze(s.fresh())
-    a = awq(an, st, cfg, progress=False, apply_clip=False)
-    rep = gptq(an, st, cfg, {k: ch.scales for k, ch in a.choices.items()}, {r["linear"]: r["ratio"] for r in a.clip},
-               progress=False)
-    worst = sorted(rep.relative, key=lambda k: -rep.relative[k])[:3]
-    before_awq = [name for name, _, _ in rank_layers(analyze(s.fresh()), st, cfg)[:3]]
-    assert set(worst) != set(before_awq)                       # the two rankings disagree on this model
-    out = tmp_path / "mixed.onnx"
-    quantize(s.path, out, s.data, PipelineConfig(scheme="w4", alpha=None, nbits=cfg, keep_8bit=3, gptq=True,
-                                                 row_step=2, batch_size=2), progress=False, log=lambda m: None)
-    eight = _eight_bit_layers(out)
-    assert len(eight) == 3 + 1 and _named(worst, eight)
 
 
 def test_gptq_order_option_reaches_the_pipeline_config():

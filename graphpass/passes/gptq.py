@@ -32,7 +32,6 @@ from graphpass.search.nbits_alpha import fake_quant_weight_blocks
 @dataclass
 class GptqReport:
     packed: dict[str, Packed] = field(default_factory=dict)    # linear name -> what MatMulNBits stores
-    relative: dict[str, float] = field(default_factory=dict)   # linear name -> tr(D^T·H·D) / tr(W^T·H·W) after GPTQ
     rows: list[dict] = field(default_factory=list)             # per input: readers, H-weighted error RTN / GPTQ
 
     def summary(self) -> str:
@@ -61,11 +60,9 @@ def groups(an: Analysis, cfg: NBitsConfig, scales: dict[str, np.ndarray]) -> lis
 
 def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndarray] | None = None,
          ratios: dict[str, np.ndarray] | None = None, progress: bool = True,
-         how: GptqConfig = GptqConfig(), set_weights: bool = True) -> GptqReport:
+         how: GptqConfig = GptqConfig()) -> GptqReport:
     """Round every eligible reader by GPTQ; `scales`: AWQ's s per site name, `ratios`: ρ per linear.
-    Weights and Grams are read in this thread, the rounding runs on both cores (search/pool.py).
-    set_weights: each float weight becomes its dequantized W_q (else the graph keeps the float
-    weights and only the returned codes carry GPTQ's choice)."""
+    Weights and Grams are read in this thread, the rounding runs on both cores (search/pool.py)."""
     from graphpass.progress import bar
 
     if not stats.gram:
@@ -83,8 +80,8 @@ def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndar
         return stats.gram[t], stats.gram_rows[t], s, ws, rho, lcfg, how
 
     with one_blas_thread():
-        for (_, _, lcfg, part), (ws, r, row, rel) in ordered_map(prepare, _round_group,
-                                                              bar(items, "GPTQ", "weight group", enabled=progress)):
+        for (_, _, lcfg, part), (ws, r, row) in ordered_map(prepare, _round_group,
+                                                         bar(items, "GPTQ", "weight group", enabled=progress)):
             rep.rows.append(dict(readers=[lin.name for lin in part], **row))
             at = 0
             for lin, wi in zip(part, ws):
@@ -92,9 +89,7 @@ def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndar
                 at += wi.shape[1]
                 zp = None if r.zero_points is None else r.zero_points[cols]
                 rep.packed[lin.name] = pack_codes(r.codes[:, cols], r.scales[cols], zp, lcfg.bits, lcfg.block_size)
-                rep.relative[lin.name] = float(rel[0][cols].sum() / max(rel[1][cols].sum(), 1e-30))
-                if set_weights:
-                    lin.set_weight(c, np.ascontiguousarray(r.dequantized[:, cols]))
+                lin.set_weight(c, np.ascontiguousarray(r.dequantized[:, cols]))
     return rep
 
 
@@ -106,19 +101,17 @@ def _by_config(lins: list, c, cfg: NBitsConfig) -> list[tuple[NBitsConfig, list]
 
 
 def _round_group(gram, rows: int, s, ws: list, rho: np.ndarray, cfg: NBitsConfig, how: GptqConfig):
-    """(ws, GPTQ's Rounded, H-weighted errors of clipped RTN and GPTQ, and per output column
-    (d_n^T·H·d_n, w_n^T·H·w_n) of GPTQ's error D) for the readers ws of one input."""
+    """(ws, GPTQ's Rounded, H-weighted errors of clipped RTN and GPTQ) for readers ws of one input."""
     h = hessian(gram, rows, s)
     w = np.concatenate(ws, 1)
     r = gptq_round(w, h, cfg.bits, cfg.block_size, cfg.symmetric, rho, how.damp, how.act_order)
     rtn = fake_quant_weight_blocks(clip_blocks(w, rho, cfg.block_size, cfg.symmetric), cfg)
     h32 = h.astype(np.float32)
-    per = (_h_columns(w - r.dequantized, h32), _h_columns(w, h32))
-    return ws, r, dict(rtn=float(_h_columns(w - rtn, h32).sum()), gptq=float(per[0].sum())), per
+    return ws, r, dict(rtn=_h_error(w - rtn, h32), gptq=_h_error(w - r.dequantized, h32))
 
 
-def _h_columns(d: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """d_n^T·H·d_n per column n of D [K, N]: the calibration output error of a weight error, per
-    output channel (up to the factor 2/R); float32 products, summed in float64."""
+def _h_error(d: np.ndarray, h: np.ndarray) -> float:
+    """tr(D^T·H·D): the calibration output error of a weight error D [K, N] (up to the factor 2/R);
+    a report, so float32 products, summed in float64."""
     d = d.astype(np.float32)
-    return np.einsum("kn,kn->n", d, h @ d, dtype=np.float64)
+    return float(np.einsum("kn,kn->", d, h @ d, dtype=np.float64))

@@ -1,16 +1,12 @@
 """Mixed precision under a 4-bit body: which linear layers to keep in 8 bits.
 
-Without GPTQ, each layer W [K, N] (not the LM head, which --head-bits sets) is scored on its
-sampled calibration rows X [R, K] by the relative output error of its 4-bit weight,
+Each layer W [K, N] (not the LM head, which --head-bits sets) is scored on its sampled
+calibration rows X [R, K] by the relative output error of its 4-bit weight,
   e = ||X·W − X·Q4(W)||² / ||X·W||²     (Q4: MatMulNBits' grid, round to nearest)
-before AWQ (which then runs on each layer's own grid). With GPTQ, by the error that is left after
-AWQ, the clip ratios and GPTQ, on every calibration row GPTQ saw (H = 2/R · X'^T·X'):
-  e = tr(D^T·H·D) / tr(W^T·H·W),   D = W − W_q (search/gptq.py)
-so the bytes go where the 4-bit rounding still costs most, not where GPTQ already repaired it.
-The `count` layers of largest e are kept in 8 bits (MatMulNBits bits = 8, the same block,
-round to nearest). An 8-bit layer costs K·N/2 bytes more than its 4-bit form (its scales are the
-same). Both are the layer's own error, not its share of the model's output KL, which they only
-approximate.
+and the `count` layers of largest e are kept in 8 bits (MatMulNBits bits = 8, the same block).
+An 8-bit layer costs K·N/2 bytes more than its 4-bit form (its scales are the same). The score is
+measured before AWQ and GPTQ (which then run on each layer's own grid); it is the layer's own
+error, not its share of the model's output KL, which it only approximates.
 """
 from __future__ import annotations
 
@@ -48,13 +44,3 @@ def keep_8bit(an: Analysis, stats: Stats, cfg: NBitsConfig, count: int) -> tuple
     """`cfg` with the `count` layers of largest 4-bit error in keep8, and the ranking used."""
     ranked = rank_layers(an, stats, cfg)
     return replace(cfg, keep8=tuple(name for name, _, _ in ranked[:count])), ranked
-
-
-def keep_8bit_after_gptq(relative: dict[str, float], packed: dict, cfg: NBitsConfig,
-                         count: int) -> tuple[NBitsConfig, dict, list[tuple[str, float, int]]]:
-    """(`cfg` with the `count` layers of largest GPTQ'd relative error in keep8, the GPTQ codes
-    of the others, and the ranking (layer, error, extra bytes in 8 bits), largest first)."""
-    ranked = sorted(((name, e, packed[name].k * packed[name].n // 2) for name, e in relative.items()),
-                    key=lambda r: -r[1])
-    keep = tuple(name for name, _, _ in ranked[:count])
-    return replace(cfg, keep8=keep), {k: p for k, p in packed.items() if k not in keep}, ranked
