@@ -13,7 +13,7 @@ from graphpass.passes.awq import awq
 from graphpass.passes.gptq import gptq
 from graphpass.passes.nbits import NBitsConfig, nbits, pack, unpack_reference
 from graphpass.passes.nbits_codes import pack_codes
-from graphpass.search.gptq import gptq_round, hessian
+from graphpass.search.gptq import DAMP, gptq_round, hessian
 from graphpass.search.nbits_alpha import fake_quant_weight_blocks, site_error_nbits
 
 GPTQ_GAIN = 0.7      # on correlated inputs GPTQ's output error is at most this fraction of RTN's
@@ -199,7 +199,8 @@ def test_keep_8bit_packs_the_layers_of_largest_4_bit_error_in_8_bits(synth, tmp_
 
 
 def test_gptq_order_option_reaches_the_pipeline_config():
-    """--gptq-order: 'act' by default, 'natural' turns act-order off; other schemes refuse it."""
+    """--gptq-order: 'act' by default, 'natural' turns act-order off; --gptq-damp sets λ (the default
+    DAMP), refused outside (0, 10]; other schemes refuse both."""
     import argparse
 
     from graphpass.cli.nbits import add_nbits_args, with_nbits
@@ -211,5 +212,9 @@ def test_gptq_order_option_reaches_the_pipeline_config():
     cfg = lambda scheme, *args: with_nbits(PipelineConfig(scheme=scheme, alpha=None), p.parse_args(list(args)))  # noqa: E731
     assert cfg("w4", "--gptq").gptq_how.act_order
     assert not cfg("w4", "--gptq", "--gptq-order", "natural").gptq_how.act_order
-    with pytest.raises(GraphpassError, match="--gptq-order"):
-        cfg("token", "--gptq-order", "natural")
+    assert cfg("w4", "--gptq").gptq_how.damp == DAMP and cfg("w4", "--gptq-damp", "0.03").gptq_how.damp == 0.03
+    with pytest.raises(GraphpassError, match="--gptq-damp must"):
+        cfg("w4", "--gptq-damp", "0")
+    for extra in (["--gptq-order", "natural"], ["--gptq-damp", "0.1"]):
+        with pytest.raises(GraphpassError, match="--gptq-order, --gptq-damp"):
+            cfg("token", *extra)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import NpzReader, machine, run_measured  # noqa: E402
+from _measure import NpzReader, cpu_seconds, machine, run_measured  # noqa: E402
 import bench_quant  # noqa: E402
 from bench_quant import Row, code_version, describe, fmt, log, one_line, private_copy  # noqa: E402
 
@@ -118,7 +118,7 @@ def measure(row: Row, a, work: Path, data: dict) -> dict:
         cand = Path(a.model)
         if row.name != "fp32":
             cand, q = quantize(row, a, work)
-            res.update(q)
+            res.update(q, quantize_cpu_s=cpu_seconds(cand.parent / "quantize.log"))
         ev = evaluate(cand, a.model, data, batch_size=2, threads=2, progress=False,
                       ref_cache=work / "fp32_outputs")      # FP32 logits computed once per run
         res.update(ppl=ev["perplexity_candidate"], kl=ev["kl"], top1=ev["top1"])
@@ -144,7 +144,7 @@ def markdown(results: list[dict], header: dict, total: float | None) -> str:
              f"- date: {header['date']}", f"- machine: {header['machine']}",
              f"- model: `{header['source']}` (FP32, {header['fp32_mb']:.1f} MB with external data)",
              f"- data: {header['data']}", f"- graphpass: {header['code']}", "",
-             "| method | perplexity | KL vs FP32 | top-1 | size | prefill 1x512 | decode ms/token | quantize (s) | "
+             "| method | perplexity | KL vs FP32 | top-1 | size | prefill 1x512 | decode ms/token | quantize: wall s / CPU s | "
              "peak memory (GB) | load (1 min) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ppl = fmt(r.get("ppl"), ".2f") if "error" not in r else f"failed: {r['error']}"
@@ -153,13 +153,14 @@ def markdown(results: list[dict], header: dict, total: float | None) -> str:
             f"| {r['label']}", ppl, fmt(r.get("kl"), ".4f"), fmt(r.get("top1"), ".3f"),
             (f"{r['size_ratio']:.3f}x ({r['size_mb']:.0f} MB)" if "size_ratio" in r else "—"),
             fmt(lat["ratio"], ".3f") + "x" if lat else "—", "—",
-            fmt(r.get("quantize_s"), ".1f"), fmt(r.get("peak_gb"), ".2f"),
+            f"{fmt(r.get('quantize_s'), '.1f')} / {fmt(r.get('quantize_cpu_s'), '.1f')}", fmt(r.get("peak_gb"), ".2f"),
             f"{r['load_start']:.1f}–{r['load_end']:.1f}"]) + " |")
     lines += ["", "- Perplexity / KL(FP32 || candidate) / top-1 agreement over every position of the eval data.",
               "- Prefill: candidate / FP32 median at 1x512, 2 threads, spinning off, interleaved blocks; under "
               "the load shown (the machine is shared), so ratios, not absolute times.",
-              "- Quantize time: the child's wall time (start-up, calibration and I/O included); peak memory: its max "
-              "RSS (GNU time). Decode ms/token: measured on the KV-cache forms by another tool (not here).",
+              "- Quantize time: the child's wall time and user + system CPU seconds (start-up, calibration and I/O "
+              "included); peak memory: its max RSS (GNU time). Decode ms/token: measured on the KV-cache forms by "
+              "another tool (not here).",
               f"- GPTQ is given the first {GPTQ_SAMPLES} calibration samples (it holds every MatMul's inputs).",
               "- Grid trap: SmolLM2's weights are dequantized Q4_1 (asymmetric, blocks of 32); asymmetric "
               "block-32 rows look near-lossless for that reason alone. Judge at block 128, symmetric."]

@@ -46,6 +46,8 @@ def add_nbits_args(q: argparse.ArgumentParser) -> None:
                    help="GPTQ's channel order: 'act' (default) fixes every block's scale from the weight before "
                         "rounding and rounds input channels by decreasing diag(X^T·X); 'natural' rounds them in "
                         "order, each block's scale taken from the weights as GPTQ has updated them")
+    g.add_argument("--gptq-damp", type=float, default=None, metavar="L",
+                   help="GPTQ adds L * mean(diag(X^T·X)) to the Hessian's diagonal (default 0.1)")
     g.add_argument("--w4-keep-8bit", type=int, default=0, metavar="N",
                    help="w4: keep the N linear layers of largest 4-bit output error on calibration rows "
                         "in 8 bits (each costs K*N/2 bytes more); with --gptq, of largest error left after GPTQ")
@@ -58,17 +60,26 @@ def _layer_block(text: str) -> tuple[str, int]:
     return pattern, int(size)
 
 
+def _gptq_how(a: argparse.Namespace):
+    from graphpass.search.gptq import DAMP, GptqConfig
+
+    damp = DAMP if a.gptq_damp is None else a.gptq_damp
+    if not 0.0 < damp <= 10.0:
+        raise GraphpassError(f"--gptq-damp must lie in (0, 10], got {a.gptq_damp}")
+    return GptqConfig(act_order=a.gptq_order == "act", damp=damp)
+
+
 def with_nbits(cfg, a: argparse.Namespace):
     """The pipeline config with the MatMulNBits options for w8 / w4 (unchanged for other schemes)."""
     from graphpass.passes.nbits import DEFAULT_BLOCK, NBITS_SCHEMES, NBitsConfig
-    from graphpass.search.gptq import GptqConfig
 
     if cfg.scheme not in NBITS_SCHEMES:
         if (a.bits is not None or a.block_size is not None or a.asymmetric or a.float_head or a.no_awq
                 or a.no_clip or a.head_bits is not None or a.head_block_size is not None or a.layer_block_size
-                or a.gptq is not None or a.w4_keep_8bit or a.gptq_order != "act"):
+                or a.gptq is not None or a.w4_keep_8bit or a.gptq_order != "act" or a.gptq_damp is not None):
             raise GraphpassError("--bits, --block-size, --asymmetric, --float-head, --head-bits, --head-block-size, "
-                                 "--layer-block-size, --no-awq, --no-clip, --gptq / --no-gptq, --gptq-order and --w4-keep-8bit "
+                                 "--layer-block-size, --no-awq, --no-clip, --gptq / --no-gptq, --gptq-order, --gptq-damp and "
+                                 "--w4-keep-8bit "
                                  "apply to --scheme w8 / w4")
         return cfg
     bits = NBITS_SCHEMES[cfg.scheme]
@@ -81,4 +92,4 @@ def with_nbits(cfg, a: argparse.Namespace):
                      head_bits=a.head_bits, head_block_size=a.head_block_size,
                      layer_blocks=tuple(_layer_block(t) for t in a.layer_block_size))
     return replace(cfg, nbits=nb, awq=not a.no_awq, awq_clip=not a.no_clip, gptq=a.gptq,
-                   keep_8bit=a.w4_keep_8bit, gptq_how=GptqConfig(act_order=a.gptq_order == "act"))   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)
+                   keep_8bit=a.w4_keep_8bit, gptq_how=_gptq_how(a))   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)
