@@ -61,11 +61,16 @@ def rows() -> list[Row]:
                 (*w4(128, 4), "--no-smooth", "--float-head", "--no-gptq")),
             Row("w4-awq-h8-b128-l4", "graphpass w4 AWQ + clip, block 128, level 4, --head-bits 8",
                 (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--no-gptq")),
-            Row("w4-gptq-h8-b128-l4", "graphpass w4 AWQ + clip + GPTQ, block 128, level 4, --head-bits 8",
-                (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq")),
-            *(Row(f"w4-gptq-h8-k{k}-b128-l4", f"graphpass w4 AWQ + clip + GPTQ, block 128, level 4, --head-bits 8, "
-                  f"--w4-keep-8bit {k}", (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq", "--w4-keep-8bit", str(k)))
+            Row("w4-gptq-h8-b128-l4", "graphpass w4 AWQ + clip + GPTQ (act-order, λ 0.1), block 128, level 4, "
+                "--head-bits 8", (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq")),
+            *(Row(f"w4-gptq-h8-k{k}-b128-l4", f"graphpass w4 AWQ + clip + GPTQ (act-order, λ 0.1), block 128, level 4, "
+                  f"--head-bits 8, --w4-keep-8bit {k}",
+                  (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq", "--w4-keep-8bit", str(k)))
               for k in KEEP_8BIT),
+            Row("w4-gptq-nat-h8-k50-b128-l4", "graphpass w4 AWQ + clip + GPTQ (natural order, λ 0.01), block 128, "
+                "level 4, --head-bits 8, --w4-keep-8bit 50",
+                (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq", "--gptq-order", "natural",
+                 "--gptq-damp", "0.01", "--w4-keep-8bit", "50")),
             Row("w8-rtn-b32", "graphpass w8 RTN, block 32, level 4", ("--scheme", "w8", "--no-smooth", "--no-awq")),
             Row("w8-awq-b32", "graphpass w8 AWQ + clip, block 32, level 4", ("--scheme", "w8", "--no-smooth")),
             Row("token-auto", "graphpass W8A8 token, α auto", ("--scheme", "token", "--alpha", "auto"))]

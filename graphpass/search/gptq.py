@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DAMP = 0.01          # λ: the fraction of mean(diag H) added to the diagonal (the reference's percdamp)
+DAMP = 0.1           # λ: the fraction of mean(diag H) added to the diagonal (the reference's percdamp is 0.01)
 LAZY = 128           # columns per lazy batch update
 
 
