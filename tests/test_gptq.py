@@ -198,6 +198,22 @@ def test_keep_8bit_packs_the_layers_of_largest_4_bit_error_in_8_bits(synth, tmp_
     assert _named([name for name, _, _ in ranked[:3]], eight)
 
 
+def test_keep_8bit_cost_is_what_the_8_bit_blob_adds(synth):
+    """The bytes an 8-bit layer adds are those of its packed blobs (K padded to whole blocks)."""
+    from graphpass.calibrate.collect import calibrate
+    from graphpass.search.mixed import rank_layers
+
+    s = synth("llama")
+    st = calibrate(s.path, s.data, batch_size=2, progress=False, row_step=2)
+    an = analyze(s.fresh())
+    ranked = rank_layers(an, st, NBitsConfig(bits=4, block_size=128, head_bits=8))
+    weights = {lin.name: lin.weight(an.consts) for lin in an.linears}
+    assert any(weights[name].shape[0] % 128 for name, _, _ in ranked)       # some K is padded
+    for name, _, extra in ranked:
+        w = weights[name]
+        assert extra == pack(w, 8, 128).b.nbytes - pack(w, 4, 128).b.nbytes, name
+
+
 def test_gptq_order_option_reaches_the_pipeline_config():
     """--gptq-order: 'act' by default, 'natural' turns act-order off; --gptq-damp sets λ (the default
     DAMP), refused outside (0, 10]; other schemes refuse both."""
