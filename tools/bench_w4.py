@@ -67,6 +67,10 @@ def rows() -> list[Row]:
                   f"--head-bits 8, --w4-keep-8bit {k}",
                   (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq", "--w4-keep-8bit", str(k)))
               for k in KEEP_8BIT),
+            Row("w4-gptq-h8b64-k57-b128-l4", "graphpass w4 AWQ + clip + GPTQ (act-order, λ 0.1), block 128, level 4, "
+                "--head-bits 8 --head-block-size 64, --w4-keep-8bit 57",
+                (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--head-block-size", "64", "--gptq",
+                 "--w4-keep-8bit", "57")),
             Row("w4-gptq-nat-h8-k50-b128-l4", "graphpass w4 AWQ + clip + GPTQ (natural order, λ 0.01), block 128, "
                 "level 4, --head-bits 8, --w4-keep-8bit 50",
                 (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq", "--gptq-order", "natural",
