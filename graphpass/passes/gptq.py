@@ -23,10 +23,15 @@ from graphpass.passes.clip import clip_blocks
 from graphpass.passes.nbits import NBitsConfig, Packed, _skip_reason, layer_config
 from graphpass.passes.nbits_codes import pack_codes
 from graphpass.passes.quantize import is_lm_head
-from graphpass.search.blas import one_blas_thread
+from graphpass.search.blas import heap_scratch, one_blas_thread
 from graphpass.search.pool import ordered_map
 from graphpass.search.gptq import GptqConfig, gptq_round, hessian
 from graphpass.search.nbits_alpha import fake_quant_weight_blocks
+
+
+SCRATCH = 2 << 20    # heap blocks up to 2 MB while rounding: a lazy batch's per-channel updates
+                     # (128 x up to 3,072 float32) are reused instead of fresh zero-filled mmaps;
+                     # the rounded weights (kept) stay mmapped
 
 
 @dataclass
@@ -79,7 +84,7 @@ def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndar
                               for lin, w in zip(part, ws)], 1)
         return stats.gram[t], stats.gram_rows[t], s, ws, rho, lcfg, how
 
-    with one_blas_thread():
+    with one_blas_thread(), heap_scratch(SCRATCH):
         for (_, _, lcfg, part), (ws, r, row) in ordered_map(prepare, _round_group,
                                                          bar(items, "GPTQ", "weight group", enabled=progress)):
             rep.rows.append(dict(readers=[lin.name for lin in part], **row))
