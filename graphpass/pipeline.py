@@ -29,6 +29,7 @@ from graphpass.passes.outlier import OutlierConfig, calibrated_columns, split_ou
 from graphpass.passes.sidecars import copy_sidecars
 from graphpass.passes.smooth import smooth as smooth_pass
 from graphpass.match.sites import analyze
+from graphpass.search.gptq import GptqConfig
 from graphpass.passes.smooth_checked import check_alpha
 
 
@@ -63,6 +64,7 @@ class PipelineConfig:
     awq_clip: bool = True                       # ... and the clipping search per channel and block
     gptq: bool | None = None                    # w8 / w4: GPTQ rounding (passes/gptq.py) after AWQ; None: off
     keep_8bit: int = 0                          # w4 with data: this many most sensitive layers in 8 bits
+    gptq_how: GptqConfig = GptqConfig()         # GPTQ's channel order and damping
 
 
     def __post_init__(self):
@@ -351,7 +353,7 @@ def _awq(an, stats, config: PipelineConfig, step, progress, apply_clip: bool = T
 def _gptq_on(config: PipelineConfig) -> bool:
     from graphpass.passes.nbits import NBITS_SCHEMES
 
-    return bool(config.gptq) and config.scheme in NBITS_SCHEMES   # opt-in: its X^T·X sums take the job over the 2x memory bar
+    return bool(config.gptq) and config.scheme in NBITS_SCHEMES   # opt-in: ~2x the CPU time of AWQ + clip
 
 
 def _nbits_config(config: PipelineConfig) -> NBitsConfig:
@@ -385,6 +387,6 @@ def _gptq(an, stats, config: PipelineConfig, awq_rep, step, progress) -> dict:
     cfg = _nbits_config(config)
     scales = {k: ch.scales for k, ch in awq_rep.choices.items()} if awq_rep else {}
     ratios = {r["linear"]: r["ratio"] for r in awq_rep.clip} if awq_rep else {}
-    rep = gptq(an, stats, cfg, scales, ratios, progress)
+    rep = gptq(an, stats, cfg, scales, ratios, progress, config.gptq_how)
     step("gptq", t0, rep.summary())
     return rep.packed

@@ -11,9 +11,9 @@ from graphpass.graph.gs_io import export_into
 from graphpass.match.sites import analyze
 from graphpass.passes.awq import awq
 from graphpass.passes.gptq import gptq
-from graphpass.passes.nbits import NBitsConfig, nbits, unpack_reference
+from graphpass.passes.nbits import NBitsConfig, nbits, pack, unpack_reference
 from graphpass.passes.nbits_codes import pack_codes
-from graphpass.search.gptq import gptq_round, hessian
+from graphpass.search.gptq import DAMP, gptq_round, hessian
 from graphpass.search.nbits_alpha import fake_quant_weight_blocks, site_error_nbits
 
 GPTQ_GAIN = 0.7      # on correlated inputs GPTQ's output error is at most this fraction of RTN's
@@ -52,6 +52,41 @@ def test_packed_codes_dequantize_to_what_gptq_chose(bits, block, k, symmetric):
     np.testing.assert_array_equal(unpack_reference(p, bits, block), r.dequantized)
 
 
+ACT_ORDER_GAIN = 0.8   # on skewed channel scales act-order's error is at most this fraction of natural order's
+
+
+def _skewed(k: int, rows: int, seed: int) -> np.ndarray:
+    """Correlated rows whose channel scales spread over e^±2 (log-normal), as LLM activations do."""
+    scale = np.exp(np.random.default_rng(seed + 100).normal(size=k)).astype(np.float32)
+    return _correlated(k, rows, seed) * scale
+
+
+@pytest.mark.parametrize("seed,k,block,symmetric", [(0, 256, 128, True), (2, 256, 128, True),
+                                                    (3, 200, 64, False), (4, 130, 32, True)])
+def test_act_order_lowers_the_hessian_weighted_error(seed, k, block, symmetric):
+    """Static groups + decreasing diag(H): tr(D^T·H·D) of act-order GPTQ is at most ACT_ORDER_GAIN
+    of natural-order GPTQ's on a layer whose input channels differ in scale."""
+    x = _skewed(k, 4 * k, seed)
+    w = np.random.default_rng(seed).normal(size=(k, 48)).astype(np.float32)
+    h = hessian(x.T.astype(np.float64) @ x, len(x))
+    err = lambda q: float(((x @ (w - q)) ** 2).sum())  # noqa: E731
+    plain = gptq_round(w, h, 4, block, symmetric)
+    ordered = gptq_round(w, h, 4, block, symmetric, act_order=True)
+    assert err(ordered.dequantized) <= ACT_ORDER_GAIN * err(plain.dequantized)
+
+
+@pytest.mark.parametrize("bits,block,k", [(4, 128, 300), (4, 32, 77), (8, 64, 130)])
+def test_act_order_grid_is_the_packers_and_packs_bit_for_bit(bits, block, k):
+    """Static groups: each block's scale is the one onnxruntime's packer derives from the unrounded
+    weight; the codes, packed contiguously in K (no g_idx), dequantize to GPTQ's W_q exactly."""
+    x = _skewed(k, 3 * k, seed=5)
+    w = np.random.default_rng(6).normal(size=(k, 16)).astype(np.float32)
+    r = gptq_round(w, hessian(x.T.astype(np.float64) @ x, len(x)), bits, block, True, act_order=True)
+    np.testing.assert_array_equal(r.scales, pack(w, bits, block, True).scales)
+    p = pack_codes(r.codes, r.scales, None, bits, block)
+    np.testing.assert_array_equal(unpack_reference(p, bits, block), r.dequantized)
+
+
 def test_dead_input_channels_get_zero_weight_and_no_nan():
     x = _correlated(64, 200, seed=3)
     x[:, 5] = 0.0
@@ -61,7 +96,8 @@ def test_dead_input_channels_get_zero_weight_and_no_nan():
 
 
 def test_calibration_gram_is_the_sum_over_thinned_rows(synth):
-    """With every row sampled (row_step 1) and gram_step 1, Σ X^T·X equals rows^T·rows."""
+    """With every row sampled (row_step 1) and gram_step 1, Σ X^T·X equals rows^T·rows; the Grams
+    are computed from rows parked on disk (no [C, C] sum is held), on every read."""
     from graphpass.calibrate.collect import calibrate
 
     s = synth("llama")
@@ -71,6 +107,7 @@ def test_calibration_gram_is_the_sum_over_thinned_rows(synth):
         assert st.gram_rows[t] == len(x)
         ref = x.T.astype(np.float64) @ x
         np.testing.assert_allclose(st.gram[t], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+        np.testing.assert_array_equal(st.gram[t], st.gram[t])     # the spilled rows stay for a second read
     thin = calibrate(s.path, s.data, batch_size=2, progress=False, gram_step=3)
     t = next(iter(thin.gram))
     assert thin.gram_rows[t] == sum(-(-n // 3) for n in [thin.count[t] // 2] * 2) and not thin.rows
@@ -130,11 +167,20 @@ def test_awq_scores_a_head_on_the_grid_it_is_packed_on():
         assert got == pytest.approx(want, rel=1e-5) and abs(got - old) > 1e-3 * old
 
 
+def _eight_bit_layers(path) -> set[str]:
+    import onnx
+
+    return {n.name for n in onnx.load(path).graph.node
+            if n.op_type == "MatMulNBits" and {a.name: a.i for a in n.attribute}["bits"] == 8}
+
+
+def _named(names, nodes: set[str]) -> bool:
+    return all(any(name.strip("/").replace("/", "_") in k for k in nodes) for name in names)
+
+
 def test_keep_8bit_packs_the_layers_of_largest_4_bit_error_in_8_bits(synth, tmp_path):
     """--w4-keep-8bit N: the N layers of largest relative 4-bit output error become MatMulNBits
     bits=8 (AWQ, GPTQ and the packer all see that grid), the others stay 4-bit."""
-    import onnx
-
     from graphpass.calibrate.collect import calibrate
     from graphpass.pipeline import PipelineConfig, quantize
     from graphpass.search.mixed import rank_layers
@@ -147,8 +193,44 @@ def test_keep_8bit_packs_the_layers_of_largest_4_bit_error_in_8_bits(synth, tmp_
     out = tmp_path / "mixed.onnx"
     quantize(s.path, out, s.data, PipelineConfig(scheme="w4", alpha=None, nbits=cfg, keep_8bit=3, gptq=True, row_step=2),
              progress=False, log=lambda m: None)
-    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in onnx.load(out).graph.node
-            if n.op_type == "MatMulNBits"}
-    eight = {k for k, b in bits.items() if b == 8}
+    eight = _eight_bit_layers(out)
     assert len(eight) == 3 + 1                                 # three kept layers and the 8-bit head
-    assert all(any(name.strip("/").replace("/", "_") in k for k in eight) for name, _, _ in ranked[:3])
+    assert _named([name for name, _, _ in ranked[:3]], eight)
+
+
+def test_keep_8bit_cost_is_what_the_8_bit_blob_adds(synth):
+    """The bytes an 8-bit layer adds are those of its packed blobs (K padded to whole blocks)."""
+    from graphpass.calibrate.collect import calibrate
+    from graphpass.search.mixed import rank_layers
+
+    s = synth("llama")
+    st = calibrate(s.path, s.data, batch_size=2, progress=False, row_step=2)
+    an = analyze(s.fresh())
+    ranked = rank_layers(an, st, NBitsConfig(bits=4, block_size=128, head_bits=8))
+    weights = {lin.name: lin.weight(an.consts) for lin in an.linears}
+    assert any(weights[name].shape[0] % 128 for name, _, _ in ranked)       # some K is padded
+    for name, _, extra in ranked:
+        w = weights[name]
+        assert extra == pack(w, 8, 128).b.nbytes - pack(w, 4, 128).b.nbytes, name
+
+
+def test_gptq_order_option_reaches_the_pipeline_config():
+    """--gptq-order: 'act' by default, 'natural' turns act-order off; --gptq-damp sets λ (the default
+    DAMP), refused outside (0, 10]; other schemes refuse both."""
+    import argparse
+
+    from graphpass.cli.nbits import add_nbits_args, with_nbits
+    from graphpass.errors import GraphpassError
+    from graphpass.pipeline import PipelineConfig
+
+    p = argparse.ArgumentParser()
+    add_nbits_args(p)
+    cfg = lambda scheme, *args: with_nbits(PipelineConfig(scheme=scheme, alpha=None), p.parse_args(list(args)))  # noqa: E731
+    assert cfg("w4", "--gptq").gptq_how.act_order
+    assert not cfg("w4", "--gptq", "--gptq-order", "natural").gptq_how.act_order
+    assert cfg("w4", "--gptq").gptq_how.damp == DAMP and cfg("w4", "--gptq-damp", "0.03").gptq_how.damp == 0.03
+    with pytest.raises(GraphpassError, match="--gptq-damp must"):
+        cfg("w4", "--gptq-damp", "0")
+    for extra in (["--gptq-order", "natural"], ["--gptq-damp", "0.1"]):
+        with pytest.raises(GraphpassError, match="--gptq-order, --gptq-damp"):
+            cfg("token", *extra)

@@ -32,6 +32,12 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     return wall, (int(m.group(1)) / 1e6 if m else float("nan"))
 
 
+def cpu_seconds(log: Path) -> float:
+    """User + system CPU seconds of the child `run_measured(cmd, log)` ran (its GNU time report)."""
+    text = log.with_suffix(".time").read_text()
+    return sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", text).group(1)) for k in ("User", "System"))
+
+
 def machine() -> str:
     cpu, vnni = platform.processor() or "unknown CPU", False
     try:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import NpzReader, machine, run_measured  # noqa: E402
+from _measure import NpzReader, cpu_seconds, machine, run_measured  # noqa: E402
 import bench_quant  # noqa: E402
 from bench_quant import Row, code_version, describe, fmt, log, one_line, private_copy  # noqa: E402
 
@@ -61,11 +61,20 @@ def rows() -> list[Row]:
                 (*w4(128, 4), "--no-smooth", "--float-head", "--no-gptq")),
             Row("w4-awq-h8-b128-l4", "graphpass w4 AWQ + clip, block 128, level 4, --head-bits 8",
                 (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--no-gptq")),
-            Row("w4-gptq-h8-b128-l4", "graphpass w4 AWQ + clip + GPTQ, block 128, level 4, --head-bits 8",
-                (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq")),
-            *(Row(f"w4-gptq-h8-k{k}-b128-l4", f"graphpass w4 AWQ + clip + GPTQ, block 128, level 4, --head-bits 8, "
-                  f"--w4-keep-8bit {k}", (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq", "--w4-keep-8bit", str(k)))
+            Row("w4-gptq-h8-b128-l4", "graphpass w4 AWQ + clip + GPTQ (act-order, λ 0.1), block 128, level 4, "
+                "--head-bits 8", (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq")),
+            *(Row(f"w4-gptq-h8-k{k}-b128-l4", f"graphpass w4 AWQ + clip + GPTQ (act-order, λ 0.1), block 128, level 4, "
+                  f"--head-bits 8, --w4-keep-8bit {k}",
+                  (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq", "--w4-keep-8bit", str(k)))
               for k in KEEP_8BIT),
+            Row("w4-gptq-h8b64-k57-b128-l4", "graphpass w4 AWQ + clip + GPTQ (act-order, λ 0.1), block 128, level 4, "
+                "--head-bits 8 --head-block-size 64, --w4-keep-8bit 57",
+                (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--head-block-size", "64", "--gptq",
+                 "--w4-keep-8bit", "57")),
+            Row("w4-gptq-nat-h8-k50-b128-l4", "graphpass w4 AWQ + clip + GPTQ (natural order, λ 0.01), block 128, "
+                "level 4, --head-bits 8, --w4-keep-8bit 50",
+                (*w4(128, 4), "--no-smooth", "--head-bits", "8", "--gptq", "--gptq-order", "natural",
+                 "--gptq-damp", "0.01", "--w4-keep-8bit", "50")),
             Row("w8-rtn-b32", "graphpass w8 RTN, block 32, level 4", ("--scheme", "w8", "--no-smooth", "--no-awq")),
             Row("w8-awq-b32", "graphpass w8 AWQ + clip, block 32, level 4", ("--scheme", "w8", "--no-smooth")),
             Row("token-auto", "graphpass W8A8 token, α auto", ("--scheme", "token", "--alpha", "auto"))]
@@ -118,7 +127,7 @@ def measure(row: Row, a, work: Path, data: dict) -> dict:
         cand = Path(a.model)
         if row.name != "fp32":
             cand, q = quantize(row, a, work)
-            res.update(q)
+            res.update(q, quantize_cpu_s=cpu_seconds(cand.parent / "quantize.log"))
         ev = evaluate(cand, a.model, data, batch_size=2, threads=2, progress=False,
                       ref_cache=work / "fp32_outputs")      # FP32 logits computed once per run
         res.update(ppl=ev["perplexity_candidate"], kl=ev["kl"], top1=ev["top1"])
@@ -144,7 +153,7 @@ def markdown(results: list[dict], header: dict, total: float | None) -> str:
              f"- date: {header['date']}", f"- machine: {header['machine']}",
              f"- model: `{header['source']}` (FP32, {header['fp32_mb']:.1f} MB with external data)",
              f"- data: {header['data']}", f"- graphpass: {header['code']}", "",
-             "| method | perplexity | KL vs FP32 | top-1 | size | prefill 1x512 | decode ms/token | quantize (s) | "
+             "| method | perplexity | KL vs FP32 | top-1 | size | prefill 1x512 | decode ms/token | quantize: wall s / CPU s | "
              "peak memory (GB) | load (1 min) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ppl = fmt(r.get("ppl"), ".2f") if "error" not in r else f"failed: {r['error']}"
@@ -153,13 +162,14 @@ def markdown(results: list[dict], header: dict, total: float | None) -> str:
             f"| {r['label']}", ppl, fmt(r.get("kl"), ".4f"), fmt(r.get("top1"), ".3f"),
             (f"{r['size_ratio']:.3f}x ({r['size_mb']:.0f} MB)" if "size_ratio" in r else "—"),
             fmt(lat["ratio"], ".3f") + "x" if lat else "—", "—",
-            fmt(r.get("quantize_s"), ".1f"), fmt(r.get("peak_gb"), ".2f"),
+            f"{fmt(r.get('quantize_s'), '.1f')} / {fmt(r.get('quantize_cpu_s'), '.1f')}", fmt(r.get("peak_gb"), ".2f"),
             f"{r['load_start']:.1f}–{r['load_end']:.1f}"]) + " |")
     lines += ["", "- Perplexity / KL(FP32 || candidate) / top-1 agreement over every position of the eval data.",
               "- Prefill: candidate / FP32 median at 1x512, 2 threads, spinning off, interleaved blocks; under "
               "the load shown (the machine is shared), so ratios, not absolute times.",
-              "- Quantize time: the child's wall time (start-up, calibration and I/O included); peak memory: its max "
-              "RSS (GNU time). Decode ms/token: measured on the KV-cache forms by another tool (not here).",
+              "- Quantize time: the child's wall time and user + system CPU seconds (start-up, calibration and I/O "
+              "included); peak memory: its max RSS (GNU time). Decode ms/token: measured on the KV-cache forms by "
+              "another tool (not here).",
               f"- GPTQ is given the first {GPTQ_SAMPLES} calibration samples (it holds every MatMul's inputs).",
               "- Grid trap: SmolLM2's weights are dequantized Q4_1 (asymmetric, blocks of 32); asymmetric "
               "block-32 rows look near-lossless for that reason alone. Judge at block 128, symmetric."]

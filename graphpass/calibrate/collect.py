@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from graphpass.progress import bar
 
 from graphpass.calibrate.data import batches, check_data
-from graphpass.calibrate.gram import add_gram, add_grams
+from graphpass.calibrate.gram import Grams, add_grams
 from graphpass.calibrate.kv_stat import update_cache_absmax
 from graphpass.calibrate.rows import RowSpill
 from graphpass.calibrate.stats import Stats
@@ -162,6 +162,8 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
         sess = make_session(src, threads, prepack=False, external_dir=str(p.parent.resolve())
                             if isinstance(src, onnx.ModelProto) else None)
     stats, per = Stats(kv_absmax=cache), 5 if row_step else 4
+    if grams:
+        stats.gram = Grams()           # S^T·S per input, computed from spilled rows when GPTQ reads it
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rng = np.random.default_rng(0)
 
@@ -180,12 +182,13 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
                     stats.update(t, vals[per * k], vals[per * k + 1])
                     stats.add_abs(t, vals[per * k + 2], int(vals[per * k + 3][0]))
                     if grams:
-                        add_gram(stats, t, vals[len(outs) + k])
+                        stats.gram.add(t, vals[len(outs) + k])
                     if row_step:
                         rows.add(t, vals[per * k + 4])
             stats.samples += next(iter(b.values())).shape[0]
         del sess, vals                 # weights and activations go before the rows come back
         stats.require(targets, "calibration")
+        stats.gram_rows = dict(stats.gram.rows) if grams else {}
         for t in rows.names():
             stats.rows[t] = rows.take(t)
     return stats

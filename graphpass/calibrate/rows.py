@@ -31,10 +31,16 @@ class RowSpill:
         return list(self._pieces)
 
     def take(self, t: str) -> np.ndarray:
-        """All rows of `t` in arrival order, concatenated on the first axis."""
+        """All rows of `t` in arrival order, concatenated on the first axis; forgotten here."""
+        x = self.read(t)
+        del self._pieces[t]
+        return x
+
+    def read(self, t: str) -> np.ndarray:
+        """All rows of `t` in arrival order, concatenated on the first axis; kept on disk."""
         self._f.flush()
         parts = []
-        for offset, shape, dtype in self._pieces.pop(t):
+        for offset, shape, dtype in self._pieces[t]:
             self._f.seek(offset)
             n = int(np.prod(shape))
             parts.append(np.fromfile(self._f, dtype, n).reshape(shape))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ class Stats:
     abs_sum: dict[str, np.ndarray] = field(default_factory=dict)   # Σ over rows of |X_j| (float64)
     count: dict[str, int] = field(default_factory=dict)            # rows summed into abs_sum
     kv_absmax: dict[str, np.ndarray] | None = None   # KV-cache statistic of the same runs (calibrate/kv_stat.py; not saved)
-    gram: dict[str, np.ndarray] = field(default_factory=dict)      # Σ X^T·X of thinned rows (GPTQ; not saved)
+    gram: Mapping[str, np.ndarray] = field(default_factory=dict)   # X^T·X of thinned rows (GPTQ, calibrate/gram.Grams; not saved)
     gram_rows: dict[str, int] = field(default_factory=dict)        # rows summed into gram
 
     def mean_abs(self, t: str) -> np.ndarray:

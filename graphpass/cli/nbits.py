@@ -39,12 +39,19 @@ def add_nbits_args(q: argparse.ArgumentParser) -> None:
     gptq.add_argument("--gptq", dest="gptq", action="store_true", default=None,
                       help="GPTQ rounding after the AWQ fold: each input channel's rounding error is compensated "
                            "in the channels not yet rounded, from X^T·X summed during calibration (the clip "
-                           "ratios become block scale factors). Off by default: the sums cost memory (0.5 GB "
-                           "on SmolLM2-135M) and time; there it takes w4 block 128 from 1.24x to 1.15x FP32 perplexity")
+                           "ratios become block scale factors). Off by default: on SmolLM2-135M it doubles the CPU time "
+                           "(165 against 79 CPU s); there it takes w4 block 128 from 1.24x to 1.12x FP32 perplexity, "
+                           "1.09x with --w4-keep-8bit 50")
     gptq.add_argument("--no-gptq", dest="gptq", action="store_false", help="round to nearest after AWQ (the default)")
+    g.add_argument("--gptq-order", choices=["act", "natural"], default="act",
+                   help="GPTQ's channel order: 'act' (default) fixes every block's scale from the weight before "
+                        "rounding and rounds input channels by decreasing diag(X^T·X); 'natural' rounds them in "
+                        "order, each block's scale taken from the weights as GPTQ has updated them")
+    g.add_argument("--gptq-damp", type=float, default=None, metavar="L",
+                   help="GPTQ adds L * mean(diag(X^T·X)) to the Hessian's diagonal (default 0.1)")
     g.add_argument("--w4-keep-8bit", type=int, default=0, metavar="N",
                    help="w4: keep the N linear layers of largest 4-bit output error on calibration rows "
-                        "in 8 bits (each costs K*N/2 bytes more)")
+                        "in 8 bits (each costs K*N/2 bytes more); with --gptq, of largest error left after GPTQ")
 
 
 def _layer_block(text: str) -> tuple[str, int]:
@@ -54,6 +61,15 @@ def _layer_block(text: str) -> tuple[str, int]:
     return pattern, int(size)
 
 
+def _gptq_how(a: argparse.Namespace):
+    from graphpass.search.gptq import DAMP, GptqConfig
+
+    damp = DAMP if a.gptq_damp is None else a.gptq_damp
+    if not 0.0 < damp <= 10.0:
+        raise GraphpassError(f"--gptq-damp must lie in (0, 10], got {a.gptq_damp}")
+    return GptqConfig(act_order=a.gptq_order == "act", damp=damp)
+
+
 def with_nbits(cfg, a: argparse.Namespace):
     """The pipeline config with the MatMulNBits options for w8 / w4 (unchanged for other schemes)."""
     from graphpass.passes.nbits import DEFAULT_BLOCK, NBITS_SCHEMES, NBitsConfig
@@ -61,9 +77,10 @@ def with_nbits(cfg, a: argparse.Namespace):
     if cfg.scheme not in NBITS_SCHEMES:
         if (a.bits is not None or a.block_size is not None or a.asymmetric or a.float_head or a.no_awq
                 or a.no_clip or a.head_bits is not None or a.head_block_size is not None or a.layer_block_size
-                or a.gptq is not None or a.w4_keep_8bit):
+                or a.gptq is not None or a.w4_keep_8bit or a.gptq_order != "act" or a.gptq_damp is not None):
             raise GraphpassError("--bits, --block-size, --asymmetric, --float-head, --head-bits, --head-block-size, "
-                                 "--layer-block-size, --no-awq, --no-clip, --gptq / --no-gptq and --w4-keep-8bit "
+                                 "--layer-block-size, --no-awq, --no-clip, --gptq / --no-gptq, --gptq-order, --gptq-damp and "
+                                 "--w4-keep-8bit "
                                  "apply to --scheme w8 / w4")
         return cfg
     bits = NBITS_SCHEMES[cfg.scheme]
@@ -76,4 +93,4 @@ def with_nbits(cfg, a: argparse.Namespace):
                      head_bits=a.head_bits, head_block_size=a.head_block_size,
                      layer_blocks=tuple(_layer_block(t) for t in a.layer_block_size))
     return replace(cfg, nbits=nb, awq=not a.no_awq, awq_clip=not a.no_clip, gptq=a.gptq,
-                   keep_8bit=a.w4_keep_8bit)   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)
+                   keep_8bit=a.w4_keep_8bit, gptq_how=_gptq_how(a))   # --alpha auto: searched on MatMulNBits arithmetic (search/nbits_alpha.py)

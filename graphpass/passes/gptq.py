@@ -23,9 +23,15 @@ from graphpass.passes.clip import clip_blocks
 from graphpass.passes.nbits import NBitsConfig, Packed, _skip_reason, layer_config
 from graphpass.passes.nbits_codes import pack_codes
 from graphpass.passes.quantize import is_lm_head
-from graphpass.search.blas import one_blas_thread
-from graphpass.search.gptq import gptq_round, hessian
+from graphpass.search.blas import heap_scratch, one_blas_thread
+from graphpass.search.pool import ordered_map
+from graphpass.search.gptq import GptqConfig, gptq_round, hessian
 from graphpass.search.nbits_alpha import fake_quant_weight_blocks
+
+
+SCRATCH = 2 << 20    # heap blocks up to 2 MB while rounding: a lazy batch's per-channel updates
+                     # (128 x up to 3,072 float32) are reused instead of fresh zero-filled mmaps;
+                     # the rounded weights (kept) stay mmapped
 
 
 @dataclass
@@ -58,20 +64,37 @@ def groups(an: Analysis, cfg: NBitsConfig, scales: dict[str, np.ndarray]) -> lis
 
 
 def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndarray] | None = None,
-         ratios: dict[str, np.ndarray] | None = None, progress: bool = True) -> GptqReport:
-    """Round every eligible reader by GPTQ; `scales`: AWQ's s per site name, `ratios`: ρ per linear."""
+         ratios: dict[str, np.ndarray] | None = None, progress: bool = True,
+         how: GptqConfig = GptqConfig()) -> GptqReport:
+    """Round every eligible reader by GPTQ; `scales`: AWQ's s per site name, `ratios`: ρ per linear.
+    Weights and Grams are read in this thread, the rounding runs on both cores (search/pool.py)."""
     from graphpass.progress import bar
 
     if not stats.gram:
         raise GraphpassError("GPTQ needs X^T·X per input from calibration (calibrate with gram_step > 0)")
-    rep, c = GptqReport(), an.consts
-    with one_blas_thread():
-        for t, s, lins in bar(groups(an, cfg, scales or {}), "GPTQ", "input", enabled=progress):
-            if t not in stats.gram:
-                continue
-            h = hessian(stats.gram[t], stats.gram_rows[t], s)
-            for lcfg, part in _by_config(lins, c, cfg):
-                _round_group(part, h, lcfg, ratios or {}, c, rep)
+    rep, c, ratios = GptqReport(), an.consts, ratios or {}
+    items = [(t, s, lcfg, part) for t, s, lins in groups(an, cfg, scales or {}) if t in stats.gram
+             for lcfg, part in _by_config(lins, c, cfg)]
+
+    def prepare(item):
+        t, s, lcfg, part = item
+        ws = [lin.weight(c).astype(np.float32) for lin in part]
+        kb = -(-ws[0].shape[0] // lcfg.block_size)
+        rho = np.concatenate([ratios.get(lin.name, np.ones((kb, w.shape[1]), np.float32))
+                              for lin, w in zip(part, ws)], 1)
+        return stats.gram[t], stats.gram_rows[t], s, ws, rho, lcfg, how
+
+    with one_blas_thread(), heap_scratch(SCRATCH):
+        for (_, _, lcfg, part), (ws, r, row) in ordered_map(prepare, _round_group,
+                                                         bar(items, "GPTQ", "weight group", enabled=progress)):
+            rep.rows.append(dict(readers=[lin.name for lin in part], **row))
+            at = 0
+            for lin, wi in zip(part, ws):
+                cols = slice(at, at + wi.shape[1])
+                at += wi.shape[1]
+                zp = None if r.zero_points is None else r.zero_points[cols]
+                rep.packed[lin.name] = pack_codes(r.codes[:, cols], r.scales[cols], zp, lcfg.bits, lcfg.block_size)
+                lin.set_weight(c, np.ascontiguousarray(r.dequantized[:, cols]))
     return rep
 
 
@@ -82,24 +105,18 @@ def _by_config(lins: list, c, cfg: NBitsConfig) -> list[tuple[NBitsConfig, list]
     return list(out.items())
 
 
-def _round_group(lins: list, h: np.ndarray, cfg: NBitsConfig, ratios: dict, c, rep: GptqReport) -> None:
-    ws = [lin.weight(c).astype(np.float32) for lin in lins]
-    kb = -(-ws[0].shape[0] // cfg.block_size)
-    rho = np.concatenate([ratios.get(lin.name, np.ones((kb, w.shape[1]), np.float32)) for lin, w in zip(lins, ws)], 1)
+def _round_group(gram, rows: int, s, ws: list, rho: np.ndarray, cfg: NBitsConfig, how: GptqConfig):
+    """(ws, GPTQ's Rounded, H-weighted errors of clipped RTN and GPTQ) for readers ws of one input."""
+    h = hessian(gram, rows, s)
     w = np.concatenate(ws, 1)
-    r = gptq_round(w, h, cfg.bits, cfg.block_size, cfg.symmetric, rho)
+    r = gptq_round(w, h, cfg.bits, cfg.block_size, cfg.symmetric, rho, how.damp, how.act_order)
     rtn = fake_quant_weight_blocks(clip_blocks(w, rho, cfg.block_size, cfg.symmetric), cfg)
-    rep.rows.append(dict(readers=[lin.name for lin in lins], rtn=_h_error(w - rtn, h), gptq=_h_error(w - r.dequantized, h)))
-    at = 0
-    for lin, wi in zip(lins, ws):
-        cols = slice(at, at + wi.shape[1])
-        at += wi.shape[1]
-        zp = None if r.zero_points is None else r.zero_points[cols]
-        rep.packed[lin.name] = pack_codes(r.codes[:, cols], r.scales[cols], zp, cfg.bits, cfg.block_size)
-        lin.set_weight(c, np.ascontiguousarray(r.dequantized[:, cols]))
+    h32 = h.astype(np.float32)
+    return ws, r, dict(rtn=_h_error(w - rtn, h32), gptq=_h_error(w - r.dequantized, h32))
 
 
 def _h_error(d: np.ndarray, h: np.ndarray) -> float:
-    """tr(D^T·H·D): the calibration output error of a weight error D [K, N] (up to the factor 2/R)."""
-    d = d.astype(np.float64)
-    return float(np.einsum("kn,kn->", d, h @ d))
+    """tr(D^T·H·D): the calibration output error of a weight error D [K, N] (up to the factor 2/R);
+    a report, so float32 products, summed in float64."""
+    d = d.astype(np.float32)
+    return float(np.einsum("kn,kn->", d, h @ d, dtype=np.float64))

@@ -21,8 +21,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DAMP = 0.01          # λ: the fraction of mean(diag H) added to the diagonal (the reference's percdamp)
+DAMP = 0.1           # λ: the fraction of mean(diag H) added to the diagonal (the reference's percdamp is 0.01)
 LAZY = 128           # columns per lazy batch update
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    """act_order: round input channels by decreasing diag(H), on static block grids (gptq_round);
+    damp: λ, the fraction of mean(diag H) added to its diagonal."""
+    act_order: bool = True
+    damp: float = DAMP
 
 
 @dataclass(frozen=True)
@@ -51,16 +59,19 @@ def inverse_factor(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.nd
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     lam = damp * float(np.mean(np.diag(h)))
+    flip = h[::-1, ::-1]          # J·H·J, J the reversal
     for _ in range(6):            # not positive definite in float64 (collinear rows): damp harder
         try:
-            low = np.linalg.cholesky(h + lam * np.eye(len(h)))
+            low = np.linalg.cholesky(flip + lam * np.eye(len(h)))
             break
         except np.linalg.LinAlgError:
             lam *= 10.0
     else:
         raise np.linalg.LinAlgError("GPTQ: the Hessian stays singular after damping")
-    linv = np.linalg.inv(low)                       # H^-1 = L^-T · L^-1
-    return np.linalg.cholesky(linv.T @ linv).T, dead
+    # J·H·J = M·M^T  =>  H^-1 = J·M^-T·M^-1·J = U^T·U with U = J·M^-1·J, upper with a positive diagonal:
+    # the upper Cholesky factor of H^-1, from one factorization and one inverse (was: two and a product).
+    m_inv = np.linalg.inv(low)
+    return np.ascontiguousarray(m_inv[::-1, ::-1]), dead
 
 
 def _block_grid(wb: np.ndarray, ratio: np.ndarray, bits: int, symmetric: bool):
@@ -79,16 +90,23 @@ def _block_grid(wb: np.ndarray, ratio: np.ndarray, bits: int, symmetric: bool):
 
 
 def gptq_round(w: np.ndarray, h: np.ndarray, bits: int = 4, block_size: int = 128, symmetric: bool = True,
-               ratio: np.ndarray | None = None, damp: float = DAMP) -> Rounded:
+               ratio: np.ndarray | None = None, damp: float = DAMP, act_order: bool = False) -> Rounded:
     """W [K, N] rounded by GPTQ against the Hessian h [K, K] on MatMulNBits' block grid.
-    Rows of W (input channels) are rounded in turn; the working copy is float32, as the reference's."""
+    Rows of W (input channels) are rounded in turn; the working copy is float32, as the reference's.
+    act_order: static groups (every block's grid fixed from W before any rounding), then the rows
+    rounded in order of decreasing diag(H), so the channels that matter most are rounded while the
+    most channels remain to absorb their error; blocks stay contiguous in K (no g_idx)."""
     k, n = w.shape
     kb = -(-k // block_size)
     ratio = np.ones((kb, n)) if ratio is None else np.broadcast_to(np.asarray(ratio, np.float64), (kb, n))
-    u_mat, dead = inverse_factor(h, damp)
-    u32 = u_mat.astype(np.float32)
     wk = np.array(w, np.float32)
-    wk[dead] = 0.0
+    wk[np.diag(h) <= 0] = 0.0
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    u_mat, _ = inverse_factor(h[np.ix_(order, order)] if act_order else h, damp)
+    u32 = u_mat.astype(np.float32)
+    grids = [_block_grid(wk[b * block_size:(b + 1) * block_size], ratio[b], bits, symmetric)
+             for b in range(kb)] if act_order else [None] * kb
+    wk = wk[order]
     codes = np.zeros((k, n), np.uint8)
     deq = np.zeros((k, n), np.float32)
     scales = np.zeros((n, kb), np.float32)
@@ -100,18 +118,18 @@ def gptq_round(w: np.ndarray, h: np.ndarray, bits: int = 4, block_size: int = 12
         w1, err = wk[i1:i2].copy(), np.zeros((i2 - i1, n), np.float32)
         hinv1 = u32[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % block_size == 0:
-                b = col // block_size
-                scale, inv, zero = _block_grid(w1[i:i + block_size], ratio[b], bits, symmetric)
+            row = order[i1 + i]
+            b = row // block_size
+            if act_order or row % block_size == 0:     # dynamic grid: fixed at the block's first row
+                scale, inv, zero = grids[b] or _block_grid(w1[i:i + block_size], ratio[b], bits, symmetric)
                 scales[:, b] = scale
                 zp = np.float32(0) if symmetric else zero        # codes stored with -lo added when symmetric
                 if zeros is not None:
                     zeros[:, b] = zero
             u = np.clip(np.rint(w1[i] * inv) + zp, lo, hi)
-            codes[col] = u - lo if symmetric else u
+            codes[row] = u - lo if symmetric else u
             q = (u - zp) * scale
-            deq[col] = q
+            deq[row] = q
             e = (w1[i] - q) / hinv1[i, i]
             w1[i + 1:] -= np.outer(hinv1[i, i + 1:], e)
             err[i] = e

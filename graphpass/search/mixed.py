@@ -4,7 +4,8 @@ Each layer W [K, N] (not the LM head, which --head-bits sets) is scored on its s
 calibration rows X [R, K] by the relative output error of its 4-bit weight,
   e = ||X·W − X·Q4(W)||² / ||X·W||²     (Q4: MatMulNBits' grid, round to nearest)
 and the `count` layers of largest e are kept in 8 bits (MatMulNBits bits = 8, the same block).
-An 8-bit layer costs K·N/2 bytes more than its 4-bit form (its scales are the same). The score is
+An 8-bit layer costs K'·N/2 bytes more than its 4-bit form, K' = K padded to whole blocks (576
+in blocks of 128: 640); its scales are the same. The score is
 measured before AWQ and GPTQ (which then run on each layer's own grid); it is the layer's own
 error, not its share of the model's output KL, which it only approximates.
 """
@@ -36,7 +37,7 @@ def rank_layers(an: Analysis, stats: Stats, cfg: NBitsConfig) -> list[tuple[str,
             w = lin.weight(c).astype(np.float32)
             y = x @ w
             e = float(((y - x @ fake_quant_weight_blocks(w, lcfg)) ** 2).sum() / max(float((y ** 2).sum()), 1e-30))
-            out.append((lin.name, e, w.size // 2))
+            out.append((lin.name, e, -(-w.shape[0] // lcfg.block_size) * lcfg.block_size * w.shape[1] // 2))
     return sorted(out, key=lambda r: -r[1])
 
 
