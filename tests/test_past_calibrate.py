@@ -105,3 +105,20 @@ def test_cli_decode_steps(capsys, saved, tmp_path):
         capsys, ["calibrate", path, "--data", tmp_path / "d.npz", "--decode-steps", -1, "-o", tmp_path / "x.npz"])
     assert "--decode-steps must be >= 0, got -2" in cli_error(
         capsys, ["quantize", path, "--data", tmp_path / "d.npz", "--decode-steps", -2, "-o", tmp_path / "q.onnx"])
+
+
+@pytest.mark.parametrize("row_step", [0, 3])
+def test_windows_in_flight_give_the_stats_of_one_at_a_time_to_the_bit(saved, row_step):
+    path, _, data, _ = saved
+    one = ({}, {})     # the KV-cache statistic, gathered in the same runs from two threads
+    a, b = (_calib(path, data, K, batch_size=1, row_step=row_step, cache=c, windows=w)
+            for c, w in ((one[0], 1), (one[1], 2)))
+    assert a.samples == b.samples == N and set(a.min) == set(b.min) and set(a.rows) == set(b.rows)
+    for t in a.min:
+        for f in ("min", "max", "abs_sum", "rows"):
+            if t in getattr(a, f):
+                np.testing.assert_array_equal(getattr(a, f)[t], getattr(b, f)[t], err_msg=f"{f} of {t}")
+        assert a.count[t] == b.count[t]
+    assert one[0].keys() == one[1].keys() and one[0]
+    for k in one[0]:
+        np.testing.assert_array_equal(one[0][k], one[1][k])
