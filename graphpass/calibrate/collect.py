@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -139,19 +139,23 @@ def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, n
 def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads: int = 2,
               progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0,
               decode_steps: int = DECODE_STEPS, cache: dict[str, np.ndarray] | None = None,
-              gram_step: int = 0, windows: int | None = None) -> Stats:
+              gram_step: int = 0, windows: int | None = None,
+              rewrite: Callable[[gs.Graph], object] | None = None) -> Stats:
     """See _calibrate; a model with inline weights is read through an external-data copy.
     gram_step > 0: stats.gram also sums X^T·X of every gram_step-th row (calibrate/gram.py).
-    windows: batches run at once (default min(threads, WINDOWS)); the stats do not depend on it."""
+    windows: batches run at once (default min(threads, WINDOWS)); the stats do not depend on it.
+    rewrite: applied in place to the graph that is run, before its reductions; it must keep every
+    linear input (e.g. the exact decode fusions: the same inputs, fewer nodes to run)."""
     with externalized(model_path) as p:
         return _calibrate(p, data, batch_size, threads, progress, targets, row_step, decode_steps,
                           Path(model_path).parent, cache, gram_step,
-                          min(threads, WINDOWS) if windows is None else windows)
+                          min(threads, WINDOWS) if windows is None else windows, rewrite)
 
 
 def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: bool,
                targets: dict[str, int] | None, row_step: int, decode_steps: int, folder: Path,
-               cache: dict[str, np.ndarray] | None = None, gram_step: int = 0, windows: int = 1) -> Stats:
+               cache: dict[str, np.ndarray] | None = None, gram_step: int = 0, windows: int = 1,
+               rewrite: Callable[[gs.Graph], object] | None = None) -> Stats:
     """Per-channel min/max of every linear layer's input over `data`, batch by batch.
 
     `data`: dict of arrays (first axis = samples) or a CalibrationDataReader. With row_step > 0,
@@ -176,6 +180,11 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
     if not targets:
         raise GraphpassError(f"{p}: no linear layer with a constant weight; nothing to calibrate")
     names = sorted(targets)
+    if rewrite is not None:
+        rewrite(g)
+        lost = sorted(set(names) - set(g.tensors()))
+        if lost:
+            raise GraphpassError(f"calibration: the rewritten graph no longer has the linear input '{lost[0]}'")
     if isinstance(data, dict):
         check_data(data, check_model, "data")   # before any progress bar is drawn
     drop_softmax_nan_guards(g)   # exact where it drops one (positional masks): ~13% of a SmolLM2 forward
