@@ -152,7 +152,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     zero-filled mmaps (with-past SmolLM2 after calibration: 2.0 M -> 0.5 M page faults, 7.5 ->
     4.5 s of system time), while the sessions (calibration, the job's peak) return freed blocks at once."""
     from graphpass.calibrate.collect import calibrate
-    from graphpass.search.blas import give_back, heap_scratch
+    from graphpass.search.blas import heap_scratch
 
     res = PipelineResult(Path(output))
     awq = _awq_on(config, data, stats)   # w8 / w4: AWQ when data is given (else round to nearest)
@@ -161,7 +161,6 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     packed = None
 
     def step(name: str, t0: float, what: str) -> None:
-        give_back()      # weights the step replaced: their heap pages go back before the next step
         res.steps.append((name, time.perf_counter() - t0, what))
         log(f"{name}: {what} ({res.steps[-1][1]:.1f} s)")
 

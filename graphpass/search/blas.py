@@ -89,14 +89,6 @@ def heap_scratch(nbytes: int = 1 << 25):
 _SCRATCH: list[int] = []     # the nbytes of the heap_scratch blocks open now, outermost first
 
 
-def give_back() -> None:
-    """Inside heap_scratch: return the heap's free pages to the OS (its holes too), e.g. between
-    rewrites whose weights replace the last one's: live memory stays, freed copies go."""
-    libc = _libc() if _SCRATCH else None
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
 def _libc():
     """glibc, or None (another platform or C library)."""
     import sys
