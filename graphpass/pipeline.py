@@ -5,7 +5,6 @@ per-tensor range [min_j(min_j / s_j), max_j(max_j / s_j)] from the per-channel s
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -133,9 +132,8 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     from graphpass.graph.runtime import fixed_mmap_threshold
 
     fixed_mmap_threshold()   # freed weights and activations go back to the OS, not to a heap hole
-    # inline weights: read once, then one at a time; after calibration, scratch from the heap
-    with externalized(model) as src, contextlib.ExitStack() as after_calibration:
-        res = _quantize(src, output, data, config, progress, log, stats, Path(model), after_calibration)
+    with externalized(model) as src:     # inline weights: read once, then one at a time
+        res = _quantize(src, output, data, config, progress, log, stats, Path(model))
     res.size_before = model_size(model)
     return res
 
@@ -146,13 +144,8 @@ def needs_calibration(config: PipelineConfig) -> bool:
 
 
 def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, log, stats,
-              original: Path, after_calibration: contextlib.ExitStack) -> PipelineResult:
-    """The job. `after_calibration` holds search/blas.heap_scratch() from the searches to the
-    save: they and the rewrites reuse weight-sized temporaries from the heap instead of fresh
-    zero-filled mmaps (with-past SmolLM2 after calibration: 2.0 M -> 0.5 M page faults, 7.5 ->
-    4.5 s of system time), while the sessions (calibration, the job's peak) return freed blocks at once."""
+              original: Path) -> PipelineResult:
     from graphpass.calibrate.collect import calibrate
-    from graphpass.search.blas import heap_scratch
 
     res = PipelineResult(Path(output))
     awq = _awq_on(config, data, stats)   # w8 / w4: AWQ when data is given (else round to nearest)
@@ -195,8 +188,6 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     kv_known = None              # the written graph's cache statistic, when no run is needed for it
     if config.kv_cache and config.kv_smooth is not None:   # on the float q / k weights
         kv_known = _kv_smooth(g, original, data, config, step, progress, stats.kv_absmax if stats is not None else None)
-    if not gptq:     # (GPTQ's X^T·X sums are the peak there: their memory goes back at once)
-        after_calibration.enter_context(heap_scratch())   # until the graph is saved
     if awq:
         awq_rep = _awq(an, stats, config, step, progress, apply_clip=not gptq)
     elif config.alpha is not None:
@@ -233,7 +224,6 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
     t0 = time.perf_counter()
     save_graph(g, output, check=True)
     step("save", t0, "onnx.checker passed" + copy_sidecars(original, output))
-    after_calibration.close()    # the cache calibration below runs a session: blocks go back at once
     if config.kv_cache:
         _kv_cache(Path(output), data, config, step, progress, kv_known)
     res.size_before, res.size_after = model_size(src), model_size(output)
