@@ -181,7 +181,8 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         row_step = config.row_step if config.alpha == "auto" or awq or config.keep_8bit else 0
         kv_abs = {} if config.kv_cache and config.kv_smooth is not None else None   # same runs: one read
         stats = calibrate(src, data, config.batch_size, config.threads, progress, row_step=row_step,
-                          decode_steps=config.decode_steps, cache=kv_abs, gram_step=GRAM_STEP if gptq else 0)
+                          decode_steps=config.decode_steps, cache=kv_abs, gram_step=GRAM_STEP if gptq else 0,
+                          rewrite=_calibration_fusions(config))
         step("calibrate", t0, f"{len(stats.min)} tensors over {stats.samples} samples"
              + (f" (and the {len(kv_abs)} KV caches)" if kv_abs else ""))
     if config.keep_8bit:
@@ -229,6 +230,16 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         _kv_cache(Path(output), data, config, step, progress, kv_known)
     res.size_before, res.size_after = model_size(src), model_size(output)
     return res
+
+
+def _calibration_fusions(config: PipelineConfig):
+    """With --decode-fusions, calibration runs the graph after the attention and norm fusions:
+    the same linear inputs, computed by the written graph's own kernels (exact up to float
+    rounding), and far fewer nodes (with-past SmolLM2: 7,426 -> 598; calibration ~14% less CPU).
+    Not with a batch over one window: GroupQueryAttention refuses batch > 1 with a past."""
+    if not config.decode_fusions or config.batch_size != 1:
+        return None
+    return lambda g: fuse_decode_graph(g, rescales=False)
 
 
 def _kv_smooth(g, original: Path, data, config: PipelineConfig, step, progress: bool,

@@ -92,6 +92,32 @@ def test_calibration_graph_drops_the_lm_head(synth):
     assert "lm_head" in {n.name.split("/")[1] for n in synth("llama").model.graph.node}
 
 
+def test_each_linear_input_is_reduced_as_soon_as_it_exists(synth, tmp_path):
+    """The reductions sit right behind the node that makes their input, and a session in node
+    order runs them there (onnxruntime's default order ran them all after the last layer, with
+    every linear input alive until then)."""
+    import json
+    from pathlib import Path
+
+    from graphpass.graph.runtime import make_session
+
+    m = copy_model(synth("llama").model)
+    targets = sorted(calibration_targets(m))
+    add_reductions(m, targets)
+    order = [n.name for n in m.graph.node]
+    made = {o: i for i, n in enumerate(m.graph.node) for o in n.output}
+    for k, t in enumerate(targets):
+        assert order.index(f"gp_calib_Flatten_{k}") == made[t] + 1, t
+    sess = make_session(m, 1, in_order=True, profile=True)
+    data = np.load(synth("llama").dir / "data.npz")
+    sess.run(None, {i.name: data[i.name][:1] for i in sess.get_inputs()})
+    prof = Path(sess.end_profiling())
+    ran = [e["name"] for e in json.loads(prof.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    prof.unlink()
+    first = min(i for i, n in enumerate(ran) if n.startswith("gp_calib_Reduce"))
+    assert first < len(ran) // 4, f"the first reduction ran as node {first} of {len(ran)}"
+
+
 def test_model_without_linear_layers(tmp_path):
     m = make_model([node("Relu", ["x"], "y")], [("x", ["n", 4])], [("y", ["n", 4])], {})
     path = write_folder(tmp_path / "m", m, "encoder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 from graphpass.calibrate.collect import calibrate, run_window, with_next_tokens
@@ -105,3 +106,50 @@ def test_cli_decode_steps(capsys, saved, tmp_path):
         capsys, ["calibrate", path, "--data", tmp_path / "d.npz", "--decode-steps", -1, "-o", tmp_path / "x.npz"])
     assert "--decode-steps must be >= 0, got -2" in cli_error(
         capsys, ["quantize", path, "--data", tmp_path / "d.npz", "--decode-steps", -2, "-o", tmp_path / "q.onnx"])
+
+
+@pytest.mark.parametrize("row_step", [0, 3])
+def test_windows_in_flight_give_the_stats_of_one_at_a_time_to_the_bit(saved, row_step):
+    path, _, data, _ = saved
+    one = ({}, {})     # the KV-cache statistic, gathered in the same runs from two threads
+    a, b = (_calib(path, data, K, batch_size=1, row_step=row_step, cache=c, windows=w)
+            for c, w in ((one[0], 1), (one[1], 2)))
+    assert a.samples == b.samples == N and set(a.min) == set(b.min) and set(a.rows) == set(b.rows)
+    for t in a.min:
+        for f in ("min", "max", "abs_sum", "rows"):
+            if t in getattr(a, f):
+                np.testing.assert_array_equal(getattr(a, f)[t], getattr(b, f)[t], err_msg=f"{f} of {t}")
+        assert a.count[t] == b.count[t]
+    assert one[0].keys() == one[1].keys() and one[0]
+    for k in one[0]:
+        np.testing.assert_array_equal(one[0][k], one[1][k])
+
+
+def test_calibration_on_the_fused_graph_reads_the_same_inputs(tmp_path):
+    """With --decode-fusions the pipeline calibrates the graph after the attention and norm
+    fusions: fewer nodes, the same linear inputs, stats equal up to float rounding (RTOL). A
+    rewrite that loses a linear input is refused on one line."""
+    from decode_tiny import tiny_decoder
+    from graphpass.errors import GraphpassError
+    from graphpass.pipeline import PipelineConfig, _calibration_fusions
+
+    model = tiny_decoder()
+    onnx.save(model, tmp_path / "m.onnx")
+    data = build_data(np.random.default_rng(5).integers(0, 64, N * S), S, N, model)
+    fuse = _calibration_fusions(PipelineConfig(scheme="token", decode_fusions=True))
+    seen = []
+    fused = _calib(tmp_path / "m.onnx", data, K, batch_size=1, row_step=3,
+                   rewrite=lambda g: seen.append((len(g.nodes), fuse(g), len(g.nodes))))
+    plain = _calib(tmp_path / "m.onnx", data, K, batch_size=1, row_step=3)
+    assert seen and seen[0][1].attention == 2 and seen[0][2] < seen[0][0]
+    assert set(fused.min) == set(plain.min) and _close(fused, plain)
+    for t in plain.rows:
+        np.testing.assert_allclose(fused.rows[t], plain.rows[t], rtol=RTOL, atol=RTOL * np.abs(plain.rows[t]).max())
+    assert _calibration_fusions(PipelineConfig(scheme="token")) is None
+    assert _calibration_fusions(PipelineConfig(scheme="token", decode_fusions=True, batch_size=2)) is None
+
+    def lose(g):
+        lin = next(n for n in g.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant))
+        lin.inputs[0].name = "renamed"
+    with pytest.raises(GraphpassError, match="no longer has the linear input"):
+        _calib(tmp_path / "m.onnx", data, K, rewrite=lose)

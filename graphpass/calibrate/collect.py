@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphpass.progress import bar
+from graphpass.search.pool import ordered_map
 
 from graphpass.calibrate.data import batches, check_data
 from graphpass.calibrate.gram import Grams, add_grams
@@ -45,6 +47,7 @@ from graphpass.passes.attention import drop_softmax_nan_guards
 F32 = np.float32
 
 DECODE_STEPS = 4   # decode steps per calibration window of a with-past graph
+WINDOWS = 2        # calibration batches in flight on one session (at most `threads`)
 
 
 def calibration_targets(model: onnx.ModelProto | gs.Graph, base_dir: str | None = None) -> dict[str, int]:
@@ -71,25 +74,27 @@ def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_st
         # the first sampled row varies batch by batch (fed at run time), so every position is seen
         start = gs.Variable("gp_calib_start", np.int64, [1])
         g.inputs.append(start)
-    outs = []
+    outs, after = [], {}
     for k, t in enumerate(targets):
         flat = gs.Variable(f"gp_calib_flat_{k}")
-        g.nodes.append(gs.Node("Flatten", f"gp_calib_Flatten_{k}", {"axis": -1}, [tensors[t]], [flat]))
         absf = gs.Variable(f"gp_calib_abs_{k}")
-        g.nodes.append(gs.Node("Abs", f"gp_calib_Abs_{k}", {}, [flat], [absf]))
+        nodes = [gs.Node("Flatten", f"gp_calib_Flatten_{k}", {"axis": -1}, [tensors[t]], [flat]),
+                 gs.Node("Abs", f"gp_calib_Abs_{k}", {}, [flat], [absf])]
         for red, src in (("Min", flat), ("Max", flat), ("Sum", absf)):
             o = gs.Variable(f"gp_calib_{red.lower()}_{k}", F32)
             new = new18 or red == "Sum"        # ReduceSum takes axes as an input from opset 13
             ins, kw = ([src, axes], {}) if new else ([src], {"axes": [0]})
-            g.nodes.append(gs.Node(f"Reduce{red}", f"gp_calib_Reduce{red}_{k}", {"keepdims": 0, **kw}, ins, [o]))
+            nodes.append(gs.Node(f"Reduce{red}", f"gp_calib_Reduce{red}_{k}", {"keepdims": 0, **kw}, ins, [o]))
             outs.append(o)
         o = gs.Variable(f"gp_calib_shape_{k}", np.int64)
-        g.nodes.append(gs.Node("Shape", f"gp_calib_Shape_{k}", {}, [flat], [o]))
+        nodes.append(gs.Node("Shape", f"gp_calib_Shape_{k}", {}, [flat], [o]))
         outs.append(o)
         if row_step:
             o = gs.Variable(f"gp_calib_rows_{k}", F32)
-            g.nodes.append(gs.Node("Slice", f"gp_calib_Slice_{k}", {}, [flat, start, end, axes, step], [o]))
+            nodes.append(gs.Node("Slice", f"gp_calib_Slice_{k}", {}, [flat, start, end, axes, step], [o]))
             outs.append(o)
+        after.setdefault(id(tensors[t].inputs[0]) if tensors[t].inputs else None, []).extend(nodes)
+    g.nodes = _placed(g.nodes, after)
     kept = [o for o in g.outputs if o.name in set(keep)]
     if len(kept) != len(keep):
         lost = sorted(set(keep) - {o.name for o in kept})[0]
@@ -99,6 +104,20 @@ def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_st
     if isinstance(model, onnx.ModelProto):
         export_into(model, g)
     return [o.name for o in outs]
+
+
+def _placed(nodes: list, after: dict) -> list:
+    """`nodes` with each list in `after` right behind the node it is keyed by (its id; None: in front).
+
+    A session in node order (runtime.session_options(in_order=True)) then reduces each linear
+    input as soon as it exists and frees it. onnxruntime's default order, or the reductions
+    appended at the end, ran them after the whole forward pass with every input alive till then
+    (SmolLM2 with a KV cache, 121 inputs at 512 tokens: ~200 MB more per run)."""
+    out = list(after.get(None, []))
+    for n in nodes:
+        out.append(n)
+        out.extend(after.get(id(n), []))
+    return out
 
 
 def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, np.ndarray]]:
@@ -120,17 +139,23 @@ def feeds(data, batch_size: int, model: onnx.ModelProto) -> Iterator[dict[str, n
 def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads: int = 2,
               progress: bool = True, targets: dict[str, int] | None = None, row_step: int = 0,
               decode_steps: int = DECODE_STEPS, cache: dict[str, np.ndarray] | None = None,
-              gram_step: int = 0) -> Stats:
+              gram_step: int = 0, windows: int | None = None,
+              rewrite: Callable[[gs.Graph], object] | None = None) -> Stats:
     """See _calibrate; a model with inline weights is read through an external-data copy.
-    gram_step > 0: stats.gram also sums X^T·X of every gram_step-th row (calibrate/gram.py)."""
+    gram_step > 0: stats.gram also sums X^T·X of every gram_step-th row (calibrate/gram.py).
+    windows: batches run at once (default min(threads, WINDOWS)); the stats do not depend on it.
+    rewrite: applied in place to the graph that is run, before its reductions; it must keep every
+    linear input (e.g. the exact decode fusions: the same inputs, fewer nodes to run)."""
     with externalized(model_path) as p:
         return _calibrate(p, data, batch_size, threads, progress, targets, row_step, decode_steps,
-                          Path(model_path).parent, cache, gram_step)
+                          Path(model_path).parent, cache, gram_step,
+                          min(threads, WINDOWS) if windows is None else windows, rewrite)
 
 
 def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: bool,
                targets: dict[str, int] | None, row_step: int, decode_steps: int, folder: Path,
-               cache: dict[str, np.ndarray] | None = None, gram_step: int = 0) -> Stats:
+               cache: dict[str, np.ndarray] | None = None, gram_step: int = 0, windows: int = 1,
+               rewrite: Callable[[gs.Graph], object] | None = None) -> Stats:
     """Per-channel min/max of every linear layer's input over `data`, batch by batch.
 
     `data`: dict of arrays (first axis = samples) or a CalibrationDataReader. With row_step > 0,
@@ -138,6 +163,10 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
     `decode_steps`: for a with-past graph, the K of the module docstring (0: prefill only).
     `cache`: a dict to fill, in the same runs, with the KV-cache statistic of a with-past graph
     (calibrate/kv_stat.py: what calibrate/kv.cache_absmax returns), saving a pass over the data.
+    `windows`: batches (each a prefill and its decode steps) run at once on one session, as
+    onnxruntime allows; a graph of many small nodes (a decode step) keeps one core busy per run.
+    Their random row offsets are drawn and their results merged in batch order, so the stats are
+    those of one batch at a time, to the bit.
     """
     p = Path(model_path)
     graph_only = load_model(p, load_weights=False)
@@ -151,6 +180,11 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
     if not targets:
         raise GraphpassError(f"{p}: no linear layer with a constant weight; nothing to calibrate")
     names = sorted(targets)
+    if rewrite is not None:
+        rewrite(g)
+        lost = sorted(set(names) - set(g.tensors()))
+        if lost:
+            raise GraphpassError(f"calibration: the rewritten graph no longer has the linear input '{lost[0]}'")
     if isinstance(data, dict):
         check_data(data, check_model, "data")   # before any progress bar is drawn
     drop_softmax_nan_guards(g)   # exact where it drops one (positional masks): ~13% of a SmolLM2 forward
@@ -159,7 +193,7 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
     with tempfile.TemporaryDirectory(prefix="graphpass-calib-") as tmp:
         src = _spill(g, Path(tmp))
         del g   # inline weights now sit in tmp: their protobuf copy goes back to the OS
-        sess = make_session(src, threads, prepack=False, external_dir=str(p.parent.resolve())
+        sess = make_session(src, threads, prepack=False, in_order=True, external_dir=str(p.parent.resolve())
                             if isinstance(src, onnx.ModelProto) else None)
     stats, per = Stats(kv_absmax=cache), 5 if row_step else 4
     if grams:
@@ -167,17 +201,27 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rng = np.random.default_rng(0)
 
-    def start(f: dict) -> dict:     # where this run's row samples begin
+    def start(tokens: int) -> dict:     # where a run's row samples begin
         if not row_step:
             return {}
-        tokens = max(1, f["input_ids"].size if "input_ids" in f else next(iter(f.values())).size)
-        return {"gp_calib_start": rng.integers(0, min(row_step, tokens), 1, dtype=np.int64)}
+        return {"gp_calib_start": rng.integers(0, min(row_step, max(1, tokens)), 1, dtype=np.int64)}
+
+    def prepare(pair):     # in order, in this thread: the random draws of the window's runs
+        b, nxt = pair
+        steps = nxt.shape[1] if layout is not None and nxt is not None else 0
+        ids = b["input_ids"] if "input_ids" in b else next(iter(b.values()))
+        return b, nxt, [start(ids.size)] + [start(nxt.shape[0]) for _ in range(steps)]
+
+    def work(b, nxt, firsts):     # one window's runs, on a worker thread (onnxruntime frees the GIL)
+        it = iter(firsts)
+        return list(run_window(sess, outs + grams, b, layout, nxt, lambda f: next(it), on_cache))
 
     pairs = with_next_tokens(feeds(data, batch_size, check_model), decode_steps if layout else 0)
-    on_cache = None if cache is None or layout is None else partial(update_cache_absmax, cache, layout)
+    on_cache = None if cache is None or layout is None else _locked(partial(update_cache_absmax, cache, layout))
     with RowSpill() as rows:           # sampled rows wait on disk while the session holds memory
-        for b, nxt in bar(pairs, "calibrate", "batch", total, enabled=progress):
-            for vals in run_window(sess, outs + grams, b, layout, nxt, start, on_cache):
+        for (b, _), runs in bar(ordered_map(prepare, work, pairs, windows), "calibrate", "batch", total,
+                                enabled=progress):
+            for vals in runs:
                 for k, t in enumerate(names):
                     stats.update(t, vals[per * k], vals[per * k + 1])
                     stats.add_abs(t, vals[per * k + 2], int(vals[per * k + 3][0]))
@@ -186,7 +230,7 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
                     if row_step:
                         rows.add(t, vals[per * k + 4])
             stats.samples += next(iter(b.values())).shape[0]
-        del sess, vals                 # weights and activations go before the rows come back
+        del sess, vals, runs                # weights and activations go before the rows come back
         stats.require(targets, "calibration")
         stats.gram_rows = dict(stats.gram.rows) if grams else {}
         for t in rows.names():
@@ -238,6 +282,16 @@ def run_window(sess, outs: list[str], b: dict[str, np.ndarray], layout: PastLayo
         if on_cache is not None:
             on_cache(dict(zip(layout.present_names, vals[len(outs):])))
         yield vals[:len(outs)]
+
+
+def _locked(fn):
+    """fn(*args) under a lock: the windows' runs report from two threads."""
+    lock = threading.Lock()
+
+    def call(*args):
+        with lock:
+            return fn(*args)
+    return call
 
 
 def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,7 +13,8 @@ from graphpass.errors import GraphpassError
 
 def session_options(threads: int = 2, spinning: bool = False,
                     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                    profile: bool = False, prepack: bool = True, arena: bool = True) -> ort.SessionOptions:
+                    profile: bool = False, prepack: bool = True, arena: bool = True,
+                    in_order: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -25,6 +26,8 @@ def session_options(threads: int = 2, spinning: bool = False,
     # Without the arena a freed output goes back to the OS at once; with it, a batch of logits
     # (1 GB at 2 x 512 tokens x 262k vocab) may be kept and a second one allocated beside it.
     so.enable_cpu_mem_arena = arena
+    if in_order:     # ready nodes run in the model's node order (default: a depth-first order from the outputs)
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not prepack:  # lean mode for streaming runs over large models: no prepacked weight
         so.add_session_config_entry("session.disable_prepacking", "1")   # copies, and no
         so.enable_mem_pattern = False                                      # preplanned arena block

@@ -169,8 +169,9 @@ def route_decode(g: gs.Graph, cfg: RouteConfig = RouteConfig()) -> RouteReport:
                 if isinstance(t, gs.Constant) and t.name in mine:
                     n.inputs[i] = mine[t.name]
     _local_dq_params(g, pre, {v.name for v in views.values()}, taken)
+    nodes, tensors = {n.name: n for n in dec.nodes}, dec.tensors()   # once: each group rewires only its own layers
     for grp in groups:
-        _to_nbits(dec, grp, cfg)
+        _to_nbits(dec, grp, cfg, nodes, tensors)
         rep.routed += [lay.node.name for lay in grp.layers]
     rep.weights = len(views)
     rep.attention, rep.attention_kept = attend_one_token(dec, opset_version(g), taken)
@@ -262,10 +263,10 @@ def _pack(grp: _Group, cfg: RouteConfig, taken: set, top: list) -> _Group:
     return grp
 
 
-def _to_nbits(dec: gs.Graph, grp: _Group, cfg: RouteConfig) -> None:
+def _to_nbits(dec: gs.Graph, grp: _Group, cfg: RouteConfig, nodes: dict, tensors: dict) -> None:
     """In the decode body: the group's layers -> MatMulNBits(X, B, scales) (+ Split back to each
-    layer's output when several share B); their quantizers go at cleanup."""
-    nodes, tensors = {n.name: n for n in dec.nodes}, dec.tensors()
+    layer's output when several share B); their quantizers go at cleanup. `nodes` / `tensors`:
+    dec's nodes and tensors by name, taken before the first group (a group's X stays in dec)."""
     n_all, _, block = grp.b.shape
     k = grp.layers[0].weight.shape[1 if grp.layers[0].transposed else 0]
     attrs = dict(K=int(k), N=int(n_all), bits=8, block_size=int(block), accuracy_level=cfg.accuracy_level)
