@@ -14,12 +14,12 @@ import sys
 
 import pytest
 
-from graphpass.search.blas import _libc
+from graphpass.graph.runtime import glibc
 
 ROUNDS = 50
 FEW = ROUNDS * 10          # page faults: reused blocks stay far below, fresh mmaps far above (~ROUNDS * 256)
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or _libc() is None,
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or glibc() is None,
                                 reason="glibc's mallopt only")
 
 CHILD = f"""

@@ -78,11 +78,20 @@ def fixed_mmap_threshold(nbytes: int = 1 << 17) -> None:
     attention-score size come from the heap and are not given back: on SmolLM2 that held ~1 GB
     of freed activations at 1x512 (debug), and let eval grow by ~50 MB over 8 batches of
     SmolLM2-sized logits. A fixed threshold keeps large blocks mmapped (freed at once)."""
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(-3, nbytes)    # M_MMAP_THRESHOLD
+
+
+def glibc():
+    """glibc through ctypes (mallopt, malloc_trim), or None (another platform or C library)."""
     import ctypes
     import sys
 
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)    # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None

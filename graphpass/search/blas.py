@@ -65,7 +65,9 @@ def heap_scratch(nbytes: int = 1 << 25):
     the innermost `nbytes` holds; when the outermost exits, the fixed threshold and the default
     trim threshold are set again and the heap's free memory returned.
     """
-    libc = _libc()
+    from graphpass.graph.runtime import fixed_mmap_threshold, glibc
+
+    libc = glibc()
     if libc is None:
         yield
         return
@@ -79,24 +81,9 @@ def heap_scratch(nbytes: int = 1 << 25):
         if _SCRATCH:
             libc.mallopt(-3, _SCRATCH[-1])
         else:
-            from graphpass.graph.runtime import fixed_mmap_threshold
-
             fixed_mmap_threshold()
             libc.mallopt(-1, TRIM_DEFAULT)
             libc.malloc_trim(0)
 
 
 _SCRATCH: list[int] = []     # the nbytes of the heap_scratch blocks open now, outermost first
-
-
-def _libc():
-    """glibc, or None (another platform or C library)."""
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
