@@ -90,3 +90,28 @@ def test_w4_decoder_packs_qkv_and_gate_up_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(b.prefill(ids[:, :7]), a.prefill(ids[:, :7]))
     for k in range(7, 10):
         np.testing.assert_array_equal(b.step(ids[:, k:k + 1]), a.step(ids[:, k:k + 1]))
+
+
+@pytest.mark.parametrize("k", [32, 64])
+def test_float_and_packed_zero_points_stay_apart(k):
+    """MatMulNBits takes zero points as packed uint8 [N, ceil(blocks·bits/8)] or as float [N, blocks]:
+    one concatenation of both would read the uint8 bytes as float zero points (one block per row:
+    same shape, wrong values) or fail (two blocks: other shapes)."""
+    rng = np.random.default_rng(k)
+    kb, nodes, inits = k // 32, [], []
+    for i, (n, zf) in enumerate(((16, False), (8, True))):
+        z = (rng.random((n, kb)) * 15).astype(np.float32) if zf else \
+            rng.integers(0, 256, (n, -(-kb * 4 // 8)), dtype=np.uint8)
+        inits += [nh.from_array(rng.integers(0, 256, (n, kb, 16), dtype=np.uint8), f"b{i}"),
+                  nh.from_array((rng.random((n, kb)) * 0.02 + 0.001).astype(np.float32), f"s{i}"),
+                  nh.from_array(z, f"z{i}")]
+        nodes.append(h.make_node("MatMulNBits", ["x", f"b{i}", f"s{i}", f"z{i}"], [f"y{i}"], name=f"l{i}",
+                                 domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=0))
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, "s", k])],
+                     [h.make_tensor_value_info(f"y{i}", T.FLOAT, None) for i in range(2)], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)], ir_version=9)
+    p, n = _packed(m)
+    assert n == 0
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    for u, v in zip(make_session(m).run(None, {"x": x}), make_session(p).run(None, {"x": x})):
+        np.testing.assert_array_equal(v, u)

@@ -1,8 +1,9 @@
 """MatMulNBits layers reading one activation packed into one MatMulNBits and a Split.
 
-For layers Y_i = MatMulNBits(X, B_i, s_i[, z_i]) with the same X, K, bits, block_size and
-accuracy_level (q/k/v after one norm, gate/up after another), B_i [N_i, blocks, blob] holding
-one output channel per row:
+For layers Y_i = MatMulNBits(X, B_i, s_i[, z_i]) with the same X, K, bits, block_size,
+accuracy_level and parameter layouts (types and trailing shapes: z_i all float or all packed
+uint8) (q/k/v after one norm, gate/up after another), B_i [N_i, blocks, blob] holding one output
+channel per row:
     [Y_1 | ... | Y_n] = MatMulNBits(X, [B_1; ...; B_n], [s_1; ...; s_n][, [z_1; ...; z_n]])
     Y_1, ..., Y_n     = Split(that, [N_1, ..., N_n], axis=-1)
 Each output channel is the same product of the same rows (at accuracy_level 4 X is rounded per
@@ -28,7 +29,8 @@ def pack_nbits(g: gs.Graph, names: set[str], opset: int = 13) -> int:
     groups: dict[tuple, list[gs.Node]] = {}
     for n in g.nodes:
         if _packable(n):
-            key = (n.inputs[0].name, len(n.inputs), *(int(n.attrs.get(a, 0)) for a in SAME))
+            key = (n.inputs[0].name, *(int(n.attrs.get(a, 0)) for a in SAME),
+                   *((t.dtype, tuple(t.shape[1:])) for t in n.inputs[1:]))   # float or packed uint8 zero points
             groups.setdefault(key, []).append(n)
     merged = 0
     for grp in groups.values():
@@ -44,8 +46,7 @@ def _packable(n: gs.Node) -> bool:
     if n.op != "MatMulNBits" or len(n.inputs) not in (3, 4) or n.attrs.get("weight_prepacked", 0):
         return False
     params = n.inputs[1:]
-    return all(isinstance(t, gs.Constant) and len(t.outputs) == 1 for t in params) and \
-        len({t.dtype for t in params[2:]}) <= 1
+    return all(isinstance(t, gs.Constant) and len(t.outputs) == 1 for t in params)
 
 
 def _merge(g: gs.Graph, grp: list[gs.Node], names: set[str], opset: int) -> None:
