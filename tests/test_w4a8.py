@@ -105,3 +105,23 @@ def test_with_accuracy_level_changes_only_the_attribute():
     assert {t.name: t.raw_data for t in q.graph.initializer} == before
     with pytest.raises(GraphpassError, match="accuracy_level must be 0..4"):
         with_accuracy_level(q, 5)
+
+
+def test_with_accuracy_level_reaches_the_decode_route_bodies(tmp_path):
+    """After --decode-route the MatMulNBits layers sit inside the If's two bodies: every one is set."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode_tiny import tiny_decoder
+
+    onnx.save(tiny_decoder(layers=2, heads=6, kv=2, d=8), tmp_path / "m.onnx")
+    cfg = PipelineConfig(scheme="w4", alpha=None, decode_fusions=True, decode_route=True,
+                         nbits=NBitsConfig(bits=4, block_size=16, accuracy_level=4))
+    quantize(tmp_path / "m.onnx", tmp_path / "r.onnx", None, cfg, progress=False, log=lambda *a: None)
+    q = onnx.load(str(tmp_path / "r.onnx"))
+    (node,) = [n for n in q.graph.node if n.op_type == "If"]
+    nbits = [n for a in node.attribute for n in a.g.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) >= 2 and not any(n.op_type == "MatMulNBits" for n in q.graph.node)
+    assert with_accuracy_level(q, 0) == len(nbits)
+    assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {0}

@@ -74,9 +74,14 @@ def _proto_subgraphs(g: onnx.GraphProto) -> list[onnx.GraphProto]:
     return out
 
 
+def proto_graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    """The main graph and every subgraph (If / Loop bodies), recursively."""
+    return [model.graph, *_proto_subgraphs(model.graph)]
+
+
 def initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Initializers of the main graph and of every subgraph."""
-    return [t for g in [model.graph, *_proto_subgraphs(model.graph)] for t in g.initializer]
+    return [t for g in proto_graphs(model) for t in g.initializer]
 
 
 def _hoist(model: onnx.ModelProto, local: set[str]) -> None:

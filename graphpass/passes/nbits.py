@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from graphpass.errors import GraphpassError
 from graphpass.graph.consts import Consts, attr
-from graphpass.graph.gs_io import add_opset, export_into, opset_version
+from graphpass.graph.gs_io import add_opset, export_into, opset_version, proto_graphs
 from graphpass.match.linears import Linear
 from graphpass.match.sites import analyze
 from graphpass.passes.qforms import MS, Emitter
@@ -232,13 +232,13 @@ def _shared_lookup(gather: gs.Node, em: _Emitted, e: Emitter, cfg: NBitsConfig) 
 
 def with_accuracy_level(model: onnx.ModelProto, level: int, only=None) -> int:
     """Set accuracy_level = `level` on every MatMulNBits node (or those whose name `only(name)`
-    accepts), in place; the packed weights are untouched, so level 0 and 4 of one graph differ
-    only by the kernel's int8 activation (X -> int8 per row and block of block_size). Returns the
-    count of nodes set."""
+    accepts), in place, subgraphs included (a decode route's If bodies); the packed weights are
+    untouched, so level 0 and 4 of one graph differ only by the kernel's int8 activation (X -> int8
+    per row and block of block_size). Returns the count of nodes set."""
     if level not in (0, 1, 2, 3, 4):
         raise GraphpassError(f"accuracy_level must be 0..4, got {level}")
     n = 0
-    for node in model.graph.node:
+    for node in (node for g in proto_graphs(model) for node in g.node):
         if node.op_type == "MatMulNBits" and node.domain == MS and (only is None or only(node.name)):
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
