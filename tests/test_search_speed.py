@@ -114,6 +114,25 @@ def test_ordered_map_keeps_item_order_skips_none_and_prepares_in_one_thread():
     assert list(ordered_map(prepare, work, range(7), workers=1)) == [(i, i * i) for i in range(7) if i % 5]
 
 
+def test_ordered_map_closed_early_runs_no_queued_item():
+    """A consumer that stops (an error, Ctrl-C) leaves the items already running to finish, not the
+    ones still queued (up to 2 · workers + 1 are submitted: calibration windows take seconds each)."""
+    started = []
+
+    def work(i):
+        started.append(i)
+        time.sleep(0.5 if i else 0.0)                                   # item 0 done at once, 1 and 2 run on
+        return i
+
+    it = ordered_map(lambda i: (i,), work, range(20), workers=2)
+    assert next(it) == (0, 0)
+    t0 = time.perf_counter()
+    while len(started) < 3 and time.perf_counter() - t0 < 0.4:         # both workers busy, 3 and 4 queued
+        time.sleep(0.001)
+    it.close()                                                          # what an exception in the consumer does
+    assert sorted(started) == [0, 1, 2]
+
+
 def test_alpha_search_error_takes_max_w_over_every_channel():
     """search_sites hands the error max|W| of the readers once per site, equal to weights_absmax."""
     from graphpass.calibrate.stats import Stats

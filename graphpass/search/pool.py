@@ -4,7 +4,9 @@ A search scores each site (or weight) on its own: `work(*prepare(item))` per ite
 reads weights from the graph (lazy external data: not thread safe) in the calling thread;
 `work` (numpy and BLAS, which release the GIL) runs in up to `workers` threads. Results come
 back in item order, so every choice is the one a single thread would make; at most
-2 · workers prepared items wait, so memory stays that of a few sites' weights.
+2 · workers prepared items wait, so memory stays that of a few sites' weights. Stopped early (an
+exception or Ctrl-C where the results are read), the items already running finish; the queued ones
+do not start.
 """
 from __future__ import annotations
 
@@ -25,13 +27,17 @@ def ordered_map(prepare: Callable, work: Callable, items: Iterable, workers: int
         return
     pending: deque = deque()
     with ThreadPoolExecutor(workers) as ex:
-        for it in items:
-            args = prepare(it)
-            if args is not None:
-                pending.append((it, ex.submit(work, *args)))
-            while len(pending) > 2 * workers:
+        try:
+            for it in items:
+                args = prepare(it)
+                if args is not None:
+                    pending.append((it, ex.submit(work, *args)))
+                while len(pending) > 2 * workers:
+                    done, fut = pending.popleft()
+                    yield done, fut.result()
+            while pending:
                 done, fut = pending.popleft()
                 yield done, fut.result()
-        while pending:
-            done, fut = pending.popleft()
-            yield done, fut.result()
+        finally:     # closed early (an error or Ctrl-C): items not started are dropped, not run
+            for _, fut in pending:
+                fut.cancel()
