@@ -97,6 +97,16 @@ def test_mask_without_causal_conjunct_is_left_with_reason():
     assert "LessOrEqual" in rep.skipped[0]
 
 
+def test_head_size_not_a_multiple_of_8_is_left_with_reason():
+    """onnxruntime's CPU GroupQueryAttention refuses a head size that is not a multiple of 8 at run
+    time: such attention stays as exported, and the graph runs and matches."""
+    m = tiny_decoder(layers=1, heads=4, kv=2, d=4)
+    fused, rep = fuse_decode(m, norms=False)
+    assert rep.attention == 0 and "multiple of 8" in rep.skipped[0]
+    ids = np.array([[3, 5, 7]], np.int64)
+    _close(_run(_sess(m), m, ids, None), _run(_sess(fused), fused, ids, None))
+
+
 def test_rotate_half_split_elsewhere_is_left():
     m = tiny_decoder(layers=1)
     for n in m.graph.node:           # split at d/4 instead of d/2: not RotaryEmbedding's function

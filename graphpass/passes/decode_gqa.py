@@ -13,7 +13,8 @@ It becomes, with T = M.shape[3] the total length and the graph's own cos/sin row
 Exact up to float summation order when: the mask implies GroupQueryAttention's causal window
 (proven in decode_mask), cos and sin repeat their halves (Concat(F, F) behind Cos/Sin, scalar Muls
 and Casts), rotate_half splits at d/2, repeat(K) is Unsqueeze(axis 2)-Expand-Reshape (kv-major, as
-GroupQueryAttention groups heads), and every layer's cache has the length the mask implies
+GroupQueryAttention groups heads), the head size d is a multiple of 8 (the CPU kernel's
+requirement, checked at run time), and every layer's cache has the length the mask implies
 (T - s; otherwise onnxruntime refuses the shapes). A row whose every key is masked reads 0 in both
 (the NaN guard there; GroupQueryAttention's causal path). A batch > 1 with both a past and more than
 one new token is refused by the onnxruntime CPU kernel ("batch_size must be 1 ...").
@@ -78,6 +79,8 @@ def match_layer(sm: gs.Node, graph_inputs: set[str]) -> Layer:
     kv = static_dim(past_k, 1)
     if d is None or kv is None or rep_k != rep_v:
         raise NoMatch("past key has no static head count or head size, or K and V repeat differently")
+    if d % 8:
+        raise NoMatch(f"head size {d} is not a multiple of 8 (onnxruntime's GroupQueryAttention refuses it at run time)")
     qh, cos, sin = match_rope(qrot)
     kh, cos_k, sin_k = match_rope(krot)
     if cos_k is not cos or sin_k is not sin:
