@@ -51,7 +51,8 @@ def add_nbits_args(q: argparse.ArgumentParser) -> None:
                    help="GPTQ adds L * mean(diag(X^T·X)) to the Hessian's diagonal (default 0.1)")
     g.add_argument("--w4-keep-8bit", type=int, default=0, metavar="N",
                    help="w4: keep the N linear layers of largest 4-bit output error on calibration rows "
-                        "in 8 bits (each costs K*N/2 bytes more); with --gptq, of largest error left after GPTQ")
+                        "in 8 bits (each costs K*N/2 bytes more, K padded to whole blocks); ranked by the "
+                        "round-to-nearest error before AWQ, with --gptq too")
 
 
 def _layer_block(text: str) -> tuple[str, int]:
