@@ -180,6 +180,12 @@ def add_opset(g: gs.Graph, domain: str, version: int = 1) -> None:
     ops.setdefault(domain, version)
 
 
+def is_stub(t: onnx.TensorProto) -> bool:
+    """t is a stub export_graph left for the caller to fill (not a tensor exported with its bytes)."""
+    return t.data_location == onnx.TensorProto.EXTERNAL and \
+        any(e.key == "location" and e.value == STUB_LOCATION for e in t.external_data)
+
+
 def _stub(c: gs.Constant) -> onnx.TensorProto:
     """A TensorProto with c's name, type and shape whose bytes are not there yet."""
     v = c._values

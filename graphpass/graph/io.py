@@ -202,7 +202,7 @@ def save_graph(graph, path: str | os.PathLike, external: bool | None = None, che
     still lazy in the source's external data are copied over: the output is self-contained.
     The graph's values are consumed: do not use it afterwards.
     """
-    from graphpass.graph.gs_io import export_graph, fill, initializers, nbytes, tensor_bytes
+    from graphpass.graph.gs_io import export_graph, fill, initializers, is_stub, nbytes, tensor_bytes
 
     p = Path(path)
     model, pending = export_graph(graph)
@@ -213,7 +213,8 @@ def save_graph(graph, path: str | os.PathLike, external: bool | None = None, che
         tmp = temp_beside(p, made=made)
         tmp_data = Path(tmp + ".data")
         made.append(str(tmp_data))
-        stubs = [t for t in initializers(model) if t.name in pending]
+        # a name stubbed once: a sibling branch's own initializer of that name was exported whole
+        stubs = [t for t in initializers(model) if t.name in pending and is_stub(t)]
         if external:
             with open(tmp_data, "wb") as f:
                 for t in stubs:
