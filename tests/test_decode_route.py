@@ -185,3 +185,15 @@ def test_float_head_on_the_int8_table_goes_to_nbits_at_decode(tmp_path):
     assert _nbits_layers(dec) == t_ops.count("MatMulIntegerToFloat") + 1
     assert "DequantizeLinear" not in _ops(dec)
     _check(fp32, token, route, 64)
+
+
+def test_route_past_1_gb_saves_with_its_local_scale_in_external_data(tmp_path, monkeypatch):
+    """A model past the external-data threshold writes the prefill body's own DequantizeLinear
+    scale (the int8 table's, [vocab] float) into the data file too: the checked save must pass and
+    the route run as before (threshold lowered to 0 to stand for a model past 1 GB)."""
+    import graphpass.graph.io as gio
+
+    monkeypatch.setattr(gio, "EXTERNAL_DATA_THRESHOLD", 0)
+    fp32, token, route = _quantize(tmp_path, _tied(tiny_decoder(vocab=256)), embedding_int8=True)
+    assert (tmp_path / "route.onnx.data").exists()
+    _check(fp32, token, route, 256)

@@ -82,7 +82,8 @@ def _check_supported(model: onnx.ModelProto, p: Path) -> None:
 
 
 def _skeleton(model: onnx.ModelProto, remap: bool = True) -> onnx.ModelProto:
-    """The graph without weight data (initializers become typed inputs), for onnx.checker.
+    """The graph without weight data (initializers, and branches' own initializers in external data,
+    become typed inputs), for onnx.checker (which would look for external data beside the cwd).
 
     Checking this instead of the model keeps the check cheap and possible past 2 GB. With remap,
     ops that onnxruntime registers in the ONNX domain but onnx does not know
@@ -108,8 +109,18 @@ def _skeleton(model: onnx.ModelProto, remap: bool = True) -> onnx.ModelProto:
             for m in _nodes(sk.graph.node[-1]):
                 if m.domain in ("", "ai.onnx") and m.op_type in _ort_only_ops():
                     m.domain = _ORT_DOMAIN
+    from graphpass.graph.gs_io import proto_graphs
+
+    for sub in proto_graphs(sk)[1:]:   # a branch's own weight in external data: read from the outer scope
+        ext = [t for t in sub.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        for t in ext:
+            weights.append(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
+            sub.initializer.remove(t)
+    seen = set(declared)
     for t in weights:
-        sk.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        if t.name not in seen:
+            seen.add(t.name)
+            sk.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return sk
 
 
