@@ -176,9 +176,20 @@ def _dequantized_input(c: Consts, q: gs.Tensor) -> gs.Tensor | None:
         return None
     x = p.inputs[0]
     d = c.producer(x)
-    if p.op == "QuantizeLinear" and d is not None and d.op == "Div" and not c.is_const(d.inputs[1]):
-        x = d.inputs[0]                                            # token: X̂ / r
+    if p.op == "QuantizeLinear" and d is not None and d.op == "Div" and _reads(c, d.inputs[1], d.inputs[0]):
+        x = d.inputs[0]                                            # token: X̂ / r, r from X̂
     return x
+
+
+def _reads(c: Consts, t: gs.Tensor, x: gs.Tensor, depth: int = 5) -> bool:
+    """t is computed from x within `depth` nodes (the token form's row scale r = max|X̂| / 127)."""
+    frontier = [t]
+    for _ in range(depth):
+        nodes = [n for n in map(c.producer, frontier) if n is not None]
+        if any(i is x for n in nodes for i in n.inputs):
+            return True
+        frontier = [i for n in nodes for i in n.inputs if not c.is_const(i)]
+    return False
 
 
 def _mmitf_weight(c: Consts, n: gs.Node) -> np.ndarray | None:
