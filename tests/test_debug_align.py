@@ -127,6 +127,23 @@ def test_duplicated_postln_norm_is_compared_where_the_layers_read(synth, calibra
 
 
 # ---------------------------------------------------------------------------- what cannot be aligned
+def test_reader_with_columns_rescaled_beyond_the_folds_gives_no_input_gain(synth, calibrated, tmp_path):
+    """q_proj's columns rescaled as --kv-smooth does (σ no site records): the shared input's gain
+    comes from another reader (before: from q_proj, input 10 dB), and q_proj's row says why its
+    output differs."""
+    s = synth("llama")
+    m, _ = smooth_model(s.fresh(), calibrated("llama"), SmoothConfig(alpha=0.5))
+    q = next(n for n in m.graph.node if n.name == "/model/layers.0/self_attn/q_proj/MatMul")
+    t = next(t for t in m.graph.initializer if t.name == q.input[1])
+    w = onnx.numpy_helper.to_array(t)
+    sigma = np.random.default_rng(3).uniform(0.5, 2.0, w.shape[1]).astype(np.float32)
+    t.CopyFrom(onnx.numpy_helper.from_array(w * sigma, t.name))
+    res = debug(s.path, write_folder(tmp_path / "sigma", m, "causal-lm"), s.data, progress=False)
+    row = next(r for r in res.layers if r.name == q.name)
+    assert row.input_sqnr > EXACT_DB and row.sqnr_db < 20.0 and "not diag(s)·W" in row.note
+    assert [r.name for r in res.layers if r.note] == [q.name]
+
+
 def test_row_of_an_unknown_form_says_why(synth, tmp_path, capsys):
     """A layer whose weight comes through an op the matcher does not know: its input is compared
     by name, and the row says so (text and JSON)."""

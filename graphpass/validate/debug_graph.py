@@ -249,7 +249,11 @@ def build_merged(ref_path: Path, cand_path: Path, local: bool = True) -> Merged:
     g.node.extend(ref.graph.node)
     g.value_info.extend(ref.graph.value_info)
     scalable = rescaled_channels(an)
-    gains = weight_gains(pairs, an.consts, cand, str(cand_path.parent.resolve()), scalable)
+    gains, odd = weight_gains(pairs, an.consts, cand, str(cand_path.parent.resolve()), scalable)
+    for p in pairs:
+        if p.tensor in odd and not p.note:
+            p.note = ("W' is not diag(s)·W on columns no smoothing fold names (a column rescale such as "
+                      "--kv-smooth's, or a weight error): counted as error")
     acts = {p.act for p in pairs}
     wide = {p.tensor for p in pairs if p.lin.shape(an.consts)[1] >= WIDE and p.tensor not in scalable.keys() | acts}
     folder = WeightFolder(ref_path.parent.resolve())
