@@ -129,8 +129,8 @@ def test_duplicated_postln_norm_is_compared_where_the_layers_read(synth, calibra
 # ---------------------------------------------------------------------------- what cannot be aligned
 def test_reader_with_columns_rescaled_beyond_the_folds_gives_no_input_gain(synth, calibrated, tmp_path):
     """q_proj's columns rescaled as --kv-smooth does (σ no site records): the shared input's gain
-    comes from another reader (before: from q_proj, input 10 dB), and q_proj's row says why its
-    output differs."""
+    comes from another reader (taken from q_proj, the input read 11 dB), and q_proj's row says
+    why its output differs."""
     s = synth("llama")
     m, _ = smooth_model(s.fresh(), calibrated("llama"), SmoothConfig(alpha=0.5))
     q = next(n for n in m.graph.node if n.name == "/model/layers.0/self_attn/q_proj/MatMul")
