@@ -22,6 +22,7 @@ import onnx
 from graphpass.graph.consts import Consts
 from graphpass.graph.gs_io import import_graph
 from graphpass.match.rewritten import read_rewritten
+from graphpass.validate.debug_wide import WIDE
 
 GAIN_EPS = 1e-30
 MISFIT = 3.0            # misfit of W' to diag(s_in)·W above this x what rounding explains: not a smoothing
@@ -41,6 +42,8 @@ def weight_gains(pairs, ref_consts: Consts, cand: onnx.ModelProto, cand_dir: str
 
     def both(p):
         rw = read_rewritten(c, tensors.get(p.tensor)) if p.lin is not None else None
+        if rw is not None and rw.form == "float" and p.lin.shape(ref_consts)[1] >= WIDE:
+            return None, None        # a float LM head: W and W' whole in float64 would cost GBs
         w1 = rw.weight(c) if rw is not None else None
         if w1 is None or w1.shape != tuple(p.lin.shape(ref_consts)):
             return None, None
