@@ -21,13 +21,14 @@ from graphpass.passes.quantize import QuantConfig
 from graphpass.passes.smooth import SmoothConfig
 from graphpass.passes.smooth_checked import smooth_model
 from graphpass.pipeline import PipelineConfig, quantize
-from graphpass.testing.past import build_genai_past
+from graphpass.testing.past import build_genai_past, build_optimum_past
 from graphpass.testing.synthetic import SyntheticConfig
 from graphpass.validate.debug import debug
 
 EXACT_DB = 60.0        # dB: a smoothed, unquantized candidate, every row (float32 reassociation only)
 INT8_DB = 15.0         # dB: every honestly quantized tiny layer, at its input and alone (before: -24..4)
-W8_STEP = 0.5 / 127    # |W' − W| <= half an int8 step of the column's max |W|
+W8_STEP = 1 / 127      # |W' − W| <= one 8-bit step of max |W| (onnxruntime's 8-bit packing
+W4_STEP = 1 / 7        # rounds to 0.51 of a step, its 4-bit to 0.66: a misread is O(max |W|))
 QKV = "/attn/qkv_proj/MatMul"
 
 
@@ -47,11 +48,14 @@ def _aligned(res, what: str):
 
 
 # ---------------------------------------------------------------------------- the matcher
-@pytest.mark.parametrize("scheme", ["token", "dynamic", "static", "outlier"])
+@pytest.mark.parametrize("scheme", ["token", "dynamic", "static", "outlier", "w8", "w4"])
 def test_rewritten_layers_read_back_their_input_and_weight(synth, quantized, scheme):
-    """Unsmoothed: X̂ is the reference's X and W' is W up to int8 rounding, in every form."""
+    """Unsmoothed: X̂ is the reference's X and W' is W up to rounding (one step of max |W| on the
+    8-bit / 4-bit grid), in every form."""
     s = synth("llama")
-    qpath, _, _ = quantized("llama", scheme=scheme, alpha=None)
+    extra = {"awq": False, "awq_clip": False} if scheme in ("w8", "w4") else {}
+    qpath, _, _ = quantized("llama", scheme=scheme, alpha=None, **extra)
+    step = W4_STEP if scheme == "w4" else W8_STEP
     an = analyze(s.model)
     c = Consts(import_graph(onnx.load(str(qpath))))
     tensors = c.graph.tensors()
@@ -60,10 +64,10 @@ def test_rewritten_layers_read_back_their_input_and_weight(synth, quantized, sch
         rw = read_rewritten(c, tensors[lin.node.outputs[0].name])
         assert rw is not None and rw.x.name == lin.act, (lin.name, rw and rw.x.name)
         w, w1 = lin.weight(an.consts).astype(np.float64), rw.weight(c)
-        assert np.abs(w1 - w).max(0).max() <= W8_STEP * np.abs(w).max() * 1.0001, lin.name
+        assert np.abs(w1 - w).max() <= step * np.abs(w).max() * 1.0001, lin.name
         forms |= {rw.form} | {p.form for p in rw.parts}
     want = {"token": {"token", "float"}, "dynamic": {"dynamic", "float"}, "static": {"qdq", "float"},
-            "outlier": {"split", "token", "digits", "float"}}[scheme]
+            "outlier": {"split", "token", "digits", "float"}, "w8": {"nbits"}, "w4": {"nbits"}}[scheme]
     assert forms <= want and ("split" in forms) == (scheme == "outlier"), forms
 
 
@@ -92,6 +96,21 @@ def test_packed_qkv_rescaled_on_v_columns_only(genai):
     res = debug(ref, q, data, progress=False)
     _aligned(res, "quantized genai")
     assert all(r.rescaled for r in res.layers if r.name.endswith(QKV))
+
+
+def test_layers_packed_into_one_nbits_product_are_read_back(tmp_path):
+    """--decode-fusions packs q/k/v (and gate/up) into one MatMulNBits and a Split: each output
+    is its columns of the packed weight (before: 'form not recognized', gains fitted on data)."""
+    m = build_optimum_past(SyntheticConfig())
+    ref = write_folder(tmp_path / "ref", m, "causal-lm")
+    data = build_data(np.random.default_rng(9).integers(0, 256, 96), 16, 6, m)
+    q = tmp_path / "q" / "model.onnx"
+    q.parent.mkdir()
+    quantize(ref, q, data, PipelineConfig(scheme="w8", decode_fusions=True), progress=False, log=lambda _: None)
+    assert any(n.op_type == "Split" for n in onnx.load(str(q)).graph.node)
+    res = debug(ref, q, data, progress=False)
+    assert [r.note for r in res.layers if r.note] == []
+    _aligned(res, "packed w8")
 
 
 # ---------------------------------------------------------------------------- outlier split

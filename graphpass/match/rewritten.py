@@ -13,7 +13,9 @@ to rounding, for a smoothed layer). The forms, with Q / DQ QuantizeLinear / Dequ
   static    : MatMulIntegerToFloat(Q(X̂), Wq, a, w, z, _, b)                      W' = (Wq − z)·w
   split     : P1(X̂ ⊙ m) + P2(X̂[..., O])   (outlier scheme; P1, P2 of the forms above)
               W' = diag(m)·W'_1, rows O += W'_2
-  MatMulNBits(X̂, ...)                                                             W' not read
+  MatMulNBits(X̂, B, s[, z])                                                   W' = (q − z)·s per block
+  packed    : Split(P, axis -1)[i], P of the forms above (MatMulNBits layers reading one X̂)
+              W' = P's columns of output i
 and any of them followed by a bias Add(Ŷ', b), b constant. Structure only until weight() runs.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Part:
     form: str                             # "float", "qdq", "token", "digits", "dynamic", "static", "nbits"
     view: str = "all"                     # "all" | "mask" | "gather"
     index: gs.Tensor | None = None        # m (mask) or O (gather), a constant
+    levels: float = 127.0                 # max |code| of its weight grid (int8: 127; 4 bits: 7)
 
 
 @dataclass(eq=False)
@@ -44,8 +47,13 @@ class Rewritten:
     form: str                             # a Part's form, or "split"
     parts: list[Part] = field(default_factory=list)
 
+    @property
+    def levels(self) -> float:
+        """The coarsest weight grid among the parts: W' rounds to max|W'_c| / levels steps or finer."""
+        return min(p.levels for p in self.parts)
+
     def weight(self, c: Consts) -> np.ndarray | None:
-        """W' [in, out] float64, or None when a part's weight is not read (MatMulNBits, ...)."""
+        """W' [in, out] float64, or None when a part's weight cannot be read (float zero points, ...)."""
         ws = [p.read(c) for p in self.parts]
         if any(w is None for w in ws):
             return None
@@ -72,6 +80,8 @@ class Rewritten:
 def read_rewritten(c: Consts, y: gs.Tensor | None) -> Rewritten | None:
     """The layer writing `y` in one of the module docstring's forms, else None."""
     n = c.producer(y)
+    if n is not None and n.op == "Split":
+        return _split_columns(c, n, y)
     if n is not None and n.op == "Add":
         k = next((i for i, t in enumerate(n.inputs) if c.is_const(t)), None)
         if k is not None:                                          # bias
@@ -79,6 +89,25 @@ def read_rewritten(c: Consts, y: gs.Tensor | None) -> Rewritten | None:
         return _split(c, n)
     part = _product(c, y)
     return None if part is None else Rewritten(part.x, part.form, [part])
+
+
+def _split_columns(c: Consts, n: gs.Node, y: gs.Tensor) -> Rewritten | None:
+    """Y_i = Split(X̂·[W_1 | ... | W_n], axis -1)[i] (layers packed into one product): W'_i is
+    its columns of the packed weight."""
+    sizes = c.get(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1].name else attr(n, "split", None)
+    if attr(n, "axis", 0) != -1 or sizes is None:
+        return None
+    k = next(i for i, o in enumerate(n.outputs) if o is y)
+    ends = np.cumsum(np.asarray(sizes, np.int64).reshape(-1))
+    packed = read_rewritten(c, n.inputs[0])
+    if packed is None or k >= ends.size:
+        return None
+    lo, hi = int(ends[k - 1]) if k else 0, int(ends[k])
+
+    def read(cc: Consts):
+        w = packed.weight(cc)
+        return None if w is None else w[:, lo:hi]
+    return Rewritten(packed.x, packed.form, [Part(packed.x, read, packed.form, levels=packed.levels)])
 
 
 def _split(c: Consts, add: gs.Node) -> Rewritten | None:
@@ -111,7 +140,8 @@ def _product(c: Consts, y: gs.Tensor) -> Part | None:
         x = _dequantized_input(c, n.inputs[0])
         return None if x is None else Part(x, lambda cc: _mmitf_weight(cc, n), "static")
     if n.op == "MatMulNBits":
-        return Part(n.inputs[0], lambda cc: None, "nbits")
+        return Part(n.inputs[0], lambda cc: _nbits_weight(cc, n), "nbits",
+                    levels=float(2 ** (int(attr(n, "bits", 4)) - 1) - 1))
     if n.op != "Mul":
         return None
     for i in n.inputs:
@@ -201,6 +231,23 @@ def _dynamic_weight(c: Consts, mmi: gs.Node, comb: gs.Node) -> np.ndarray | None
     w = next((j for j in comb.inputs if c.is_const(j) and (c.shape(j) or (1,))[-1] > 1), None)
     zp = mmi.inputs[3] if len(mmi.inputs) > 3 else None
     return None if w is None else _scaled(c, mmi.inputs[1], w, zp)
+
+
+def _nbits_weight(c: Consts, n: gs.Node) -> np.ndarray | None:
+    """MatMulNBits(A, B, scales[, zero_points]) with uint8 codes and zero points (graphpass's and
+    onnxruntime's packing): W' = (q − z)·s per block; None with g_idx, a bias or float zero points."""
+    from graphpass.passes.nbits import Packed, unpack_reference
+
+    if len(n.inputs) > 4 and any(t.name for t in n.inputs[4:]):
+        return None
+    k, m, bits, block = (int(attr(n, a, 0)) for a in ("K", "N", "bits", "block_size"))
+    b, s = c.get(n.inputs[1]), c.get(n.inputs[2])
+    zp = c.get(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3].name else None
+    if b is None or s is None or bits not in (4, 8) or block <= 0 or (zp is not None and zp.dtype != np.uint8):
+        return None
+    kb = -(-k // block)
+    packed = Packed(b.reshape(m, kb, block * bits // 8), s.reshape(m, kb), None if zp is None else zp.reshape(m, -1), k, m)
+    return unpack_reference(packed, bits, block).astype(np.float64)
 
 
 def _scaled(c: Consts, q: gs.Tensor, scale: gs.Tensor, zp: gs.Tensor | None) -> np.ndarray | None:

@@ -43,30 +43,30 @@ def weight_gains(pairs, ref_consts: Consts, cand: onnx.ModelProto, cand_dir: str
     def both(p):
         rw = read_rewritten(c, tensors.get(p.tensor)) if p.lin is not None else None
         if rw is not None and rw.form == "float" and p.lin.shape(ref_consts)[1] >= WIDE:
-            return None, None        # a float LM head: W and W' whole in float64 would cost GBs
+            return None, None, 0     # a float LM head: W and W' whole in float64 would cost GBs
         w1 = rw.weight(c) if rw is not None else None
         if w1 is None or w1.shape != tuple(p.lin.shape(ref_consts)):
-            return None, None
-        return p.lin.weight(ref_consts).astype(np.float64), w1
+            return None, None, 0
+        return p.lin.weight(ref_consts).astype(np.float64), w1, rw.levels
 
     gains: dict[str, np.ndarray] = {}
     odd: set[str] = set()
     for p in pairs:                                      # inputs, from the columns not rescaled
         plain = _plain(rescalable, p.tensor) if p.act in rescalable else None
-        w, w1 = both(p) if plain is not None else (None, None)
+        w, w1, levels = both(p) if plain is not None else (None, None, 0)
         if w is None or not (w[:, plain] != 0).any():
             continue
         w, w1 = w[:, plain], w1[:, plain]
         s = gains.get(p.act)
         s = (w1 * w).sum(1) / np.maximum((w * w).sum(1), GAIN_EPS) if s is None else s
-        if _misfit(w, w1, s) > 1.0:
+        if _misfit(w, w1, s, levels) > 1.0:
             odd.add(p.tensor)
         else:
             gains.setdefault(p.act, s)
     for p in pairs:                                      # outputs that absorbed 1/s
         if p.tensor not in rescalable or p.tensor in odd or (p.lin.act in rescalable and p.act not in gains):
             continue
-        w, w1 = both(p)
+        w, w1, _ = both(p)
         if w is None:
             continue
         ws = w * gains.get(p.act, np.ones(w.shape[0]))[:, None]
@@ -77,11 +77,11 @@ def weight_gains(pairs, ref_consts: Consts, cand: onnx.ModelProto, cand_dir: str
     return {t: g.astype(np.float32) for t, g in gains.items() if np.isfinite(g).all()}, odd
 
 
-def _misfit(w: np.ndarray, w1: np.ndarray, s: np.ndarray) -> float:
-    """Σ (W' − diag(s)·W)² over what int8 rounding of W' per column explains (K·Σ_c step_c²/12,
-    step_c = max_j |W'_jc| / 127, plus 1e-3 of Σ W'²): <= 1 for a smoothing of the input, int8
-    or float; a rescale of columns by 10% or more reads well above 1 (module docstring)."""
-    step = np.abs(w1).max(0) / 127.0
+def _misfit(w: np.ndarray, w1: np.ndarray, s: np.ndarray, levels: float = 127.0) -> float:
+    """Σ (W' − diag(s)·W)² over MISFIT x what rounding of W' per column explains (K·Σ_c step_c²/12,
+    step_c = max_j |W'_jc| / levels, plus 1e-3 of Σ W'²): <= 1 for a smoothing of the input,
+    float, int8 or N-bit; a rescale of columns by 10% or more reads well above 1."""
+    step = np.abs(w1).max(0) / levels
     room = w1.shape[0] * float((step * step).sum()) / 12.0 + 1e-3 * float((w1 * w1).sum())
     return float(((w1 - s[:, None] * w) ** 2).sum()) / max(MISFIT * room, GAIN_EPS)
 
