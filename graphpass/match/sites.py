@@ -106,6 +106,24 @@ class _Graph:
         return v is not None and v.size == width and v.shape[-1] == width
 
 
+def rescaled_channels(an: Analysis) -> dict[str, np.ndarray | None]:
+    """Tensors smoothing may rescale per channel -> the channels it may rescale (None: all of
+    them): each site's input X (X·diag(s)^-1), and the output of each producing linear layer that
+    absorbed 1/s, on the columns its fold names (packed q/k/v: v's columns only)."""
+    out: dict[str, np.ndarray | None] = {}
+    for s in an.sites:
+        if not isinstance(s.fold, LinearFold):
+            continue
+        p, cmap = s.fold.producer, s.fold.channel_map
+        mask = None
+        if cmap is not None:
+            mask = np.zeros(p.shape(an.consts)[1], bool)
+            mask[cmap] = True
+        out[p.node.outputs[0].name] = None if mask is None or mask.all() else mask
+    out.update((s.act, None) for s in an.sites)
+    return out
+
+
 def graph_of(model, base_dir: str | None = None) -> gs.Graph:
     """A gs.Graph as given, or imported from a ModelProto (external weights read from base_dir)."""
     return model if isinstance(model, gs.Graph) else import_graph(model, base_dir)

@@ -52,6 +52,7 @@ class LayerError:
     input_sqnr: float | None = None    # dB, None when X has no counterpart in the candidate
     local_signal: float | None = None  # Σ Y_loc²
     local_noise: float | None = None   # Σ (g·Ŷ − Y_loc)²
+    note: str = ""                     # why a figure of this row is missing or not exact
 
     @property
     def label(self) -> str:
@@ -73,7 +74,8 @@ class LayerError:
         return {"name": self.name, "module": self.module, "tensor": self.tensor, "index": self.index,
                 "quantized": self.quantized, "sqnr_db": _finite(self.sqnr_db), "rel_l2": self.rel_l2,
                 "rescaled": self.rescaled, "input_sqnr_db": _finite(self.input_sqnr),
-                "layer_sqnr_db": _finite(self.layer_sqnr_db), "signal": self.signal, "noise": self.noise}
+                "layer_sqnr_db": _finite(self.layer_sqnr_db), "signal": self.signal, "noise": self.noise,
+                **({"note": self.note} if self.note else {})}
 
 
 @dataclass
@@ -110,6 +112,8 @@ class DebugResult:
         for k, r in enumerate(q[:top], 1):
             lines.append(f"  {k:>4}  {r.label[-44:]:<44} {_fmt(r.sqnr_db):>8} {r.rel_l2:>8.4f} "
                          f"{_fmt(r.input_sqnr):>9} {_fmt(r.layer_sqnr_db):>9}")
+            if r.note:
+                lines.append(f"        ^ {r.note}")
         floats = [r for r in self.layers if not r.quantized]
         for r in floats[:5]:
             lines.append(f"  kept in float: {r.label} (SQNR {_fmt(r.sqnr_db)} dB at its output)")
@@ -148,13 +152,13 @@ def debug(reference: str | os.PathLike, candidate: str | os.PathLike, data: dict
     outs, fetch = mg.outputs(), mg.outputs() + mg.wide_outputs()
     at = {o: j for j, o in enumerate(outs)}
     ones = np.ones(1, np.float32)
-    gains = {f"gp_dbg_{k}_gain": g if (g := mg.gains.get(t)) is not None and _rescaled(g) else ones
-             for k, t in enumerate(mg.tensors)}
+    gains = {f"gp_dbg_{k}_gain": g if (g := mg.gains.get(t)) is not None and _rescaled(g, mg.rescalable.get(t))
+             else ones for k, t in enumerate(mg.tensors)}
     if mg.fit:                     # gains the weights do not give: fitted on the first batch
         vals = _run(sess, outs, {**next(batches(data, batch_size)), **_fed(mg, gains)}, 0)
         for k, t in enumerate(mg.tensors):
             if t in mg.fit:
-                g = _gain(*(vals[at[f"gp_dbg_{k}_{x}"]] for x in "abc"))
+                g = _gain(*(vals[at[f"gp_dbg_{k}_{x}"]] for x in "abc"), mg.rescalable[t])
                 if g is not None:
                     gains[f"gp_dbg_{k}_gain"] = g
     sums = np.zeros(len(outs))
@@ -196,29 +200,37 @@ def _collect(mg: Merged, sums: dict[str, float], gains: dict, n: int) -> DebugRe
     for i, p in enumerate(mg.pairs):
         k = at[p.tensor]
         r = LayerError(p.name, p.tensor, p.index, p.quantized, sums[f"gp_dbg_{k}_s"], sums[f"gp_dbg_{k}_e"],
-                       gains[f"gp_dbg_{k}_gain"].size > 1, p.module)
+                       gains[f"gp_dbg_{k}_gain"].size > 1, p.module, note=p.note)
         if p.act:
             j = at[p.act]
             r.input_sqnr = _db(sums[f"gp_dbg_{j}_s"], sums[f"gp_dbg_{j}_e"])
         if i in mg.local:
             r.local_signal, r.local_noise = sums[f"gp_dbg_loc{i}_l"], sums[f"gp_dbg_loc{i}_m"]
+        if p.quantized and r.rescaled and p.tensor in mg.fit and not r.note:
+            r.note = ("output gain fitted on data (no weight read back): a per-channel scale error "
+                      "here is not counted")
         layers.append(r)
     return DebugResult(layers, mg.unmatched, n)
 
 
-def _gain(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray | None:
+def _gain(a: np.ndarray, b: np.ndarray, c: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray | None:
     """Per-channel gain g_j = Σ T_j² / Σ T_j T̂_j (T̂ regressed on T: noise in T̂ that T does not
-    explain leaves it unbiased, unlike the fit of T on T̂), or None when the tensor is not rescaled."""
+    explain leaves it unbiased, unlike the fit of T on T̂) on the channels smoothing may rescale
+    (`mask`, None: all; 1 elsewhere), or None when the tensor is not rescaled."""
     a, b, c = (v.astype(np.float64) for v in (a, b, c))
     live = (a > 0) & (b > 0) & (c > 0)
+    if mask is not None:
+        live &= mask
     if not live.any():
         return None
     g = np.where(live, a / np.where(live, c, 1.0), 1.0).astype(np.float32)
-    return g if _rescaled(g) else None
+    return g if _rescaled(g, mask) else None
 
 
-def _rescaled(g: np.ndarray) -> bool:
-    """A real per-channel rescale (smoothing), not rounding noise around 1."""
+def _rescaled(g: np.ndarray, mask: np.ndarray | None = None) -> bool:
+    """A real per-channel rescale (smoothing) of the channels in `mask` (None: all), not rounding
+    noise around 1."""
+    g = g if mask is None or g.size != mask.size else g[mask]
     return bool(np.median(np.abs(np.log(np.maximum(np.abs(g), 1e-30)))) > RESCALED)
 
 

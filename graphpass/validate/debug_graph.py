@@ -1,7 +1,10 @@
 """One graph that runs a reference and a candidate side by side and returns only per-channel sums.
 
 The reference keeps its names; every candidate name gets the prefix "q/"; both read the same
-graph inputs. For every compared tensor T ([.., C], flattened to [rows, C]) and a gain input g_T:
+graph inputs. T̂ is the candidate's tensor of T's name, except for a layer's input X: there it is
+the tensor the candidate's layer reads (graphpass.match.rewritten; smoothing moves the readers of a
+norm that also feeds a residual to a copy of it). For every compared tensor T ([.., C], flattened
+to [rows, C]) and a gain input g_T:
   s = Σ T²,  e = Σ (g_T·T̂ − T)²                      (scalars)
 and, where g_T must be fitted on data (graphpass.debug), the channel vectors
   a = Σ_rows T²,  b = Σ_rows T̂²,  c = Σ_rows T·T̂
@@ -31,7 +34,8 @@ from graphpass.graph.consts import Consts
 from graphpass.graph.gs_io import export_into, import_graph, metadata
 from graphpass.graph.io import input_specs, load_model, opset_version
 from graphpass.match.linears import label
-from graphpass.match.sites import analyze
+from graphpass.match.rewritten import read_rewritten
+from graphpass.match.sites import analyze, rescaled_channels
 
 PREFIX = "q/"
 
@@ -44,9 +48,10 @@ class Pair:
     index: int                         # position among the reference's linear layers
     quantized: bool                    # False: the candidate still runs it as a float MatMul/Gemm
     node: onnx.NodeProto | None = None  # the reference node (for the local copy)
-    act: str = ""                      # its input X when the candidate has a tensor of that name
+    act: str = ""                      # its input X, when the candidate's counterpart is known
     module: str = ""                   # exporter's module path (node metadata), for display
     lin: object = None                 # the reference's graphpass.linears.Linear
+    note: str = ""                     # why a figure of this row is missing or not exact
 
 
 @dataclass
@@ -57,8 +62,10 @@ class Merged:
     unmatched: list[str]
     tensors: list[str]                                  # compared tensors, in output order
     local: list[int] = field(default_factory=list)      # pairs (by position) with a local copy
-    rescalable: set[str] = field(default_factory=set)   # tensors smoothing may rescale
+    rescalable: dict[str, np.ndarray | None] = field(default_factory=dict)  # tensor -> channels
+    #                                                   smoothing may rescale (None: all; match.sites)
     gains: dict[str, np.ndarray] = field(default_factory=dict)  # of those, read from the weights
+    twins: dict[str, str] = field(default_factory=dict)  # X -> the candidate's X̂ where names differ
 
     fit: set[str] = field(default_factory=set)          # rescalable, gain not in the weights
     wide: list[Wide] = field(default_factory=list)      # layers reduced in row chunks (debug_wide)
@@ -81,46 +88,48 @@ class Merged:
     def gain_input(self, tensor: str) -> str:
         return f"gp_dbg_{self.tensors.index(tensor)}_gain"
 
-
-def _is_float_linear(node, c: Consts) -> bool:
-    """A MatMul/Gemm whose weight is a float constant (or its Transpose): not quantized."""
-    if node is None or node.op not in ("MatMul", "Gemm"):
-        return False
-    w = node.inputs[1]
-    p = c.producer(w)
-    if not c.is_const(w) and p is not None and p.op == "Transpose":
-        w = p.inputs[0]
-    return c.is_const(w) and c.dtype(w) in (np.float32, np.float16, np.float64)
-
-
-def rescalable(an) -> set[str]:
-    """Tensors smoothing may rescale per channel: site inputs and the outputs of the layers that
-    absorb 1/s (value / up projections, linear -> linear). Nowhere else may a gain be fitted."""
-    from graphpass.match.sites import LinearFold
-
-    out = {s.act for s in an.sites}
-    out |= {s.fold.producer.node.outputs[0].name for s in an.sites if isinstance(s.fold, LinearFold)}
-    return out
+    def twin(self, tensor: str) -> str:
+        """The candidate's counterpart of a compared tensor, as named in the merged graph."""
+        return PREFIX + self.twins.get(tensor, tensor)
 
 
 def match_layers(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_dir: str | None):
     """(pairs, labels of the reference's linear layers with no counterpart, the reference's
-    Analysis), matched by output tensor name."""
+    Analysis, {X: X̂} where the candidate's layers read an input of another name), matched by
+    output tensor name. X̂ is what the candidate's layer reads (graphpass.match.rewritten): after
+    smoothing duplicated a norm, the reference's X still exists in the candidate unsmoothed."""
     an = analyze(ref, ref_dir)
     c = Consts(import_graph(cand))           # structure only: no weight of the candidate is read
     tensors = c.graph.tensors()
     protos = {n.output[0]: n for n in ref.graph.node if n.output}   # the local copies are protobuf
-    pairs, unmatched = [], []
+    pairs, unmatched, twins = [], [], {}
     for k, lin in enumerate(an.linears):
         y = lin.node.outputs[0].name
         prod = c.producer(tensors.get(y)) if y in tensors else None
         if prod is None:
             unmatched.append(label(lin.node))
             continue
-        has_act = c.producer(tensors.get(lin.act)) is not None if lin.act in tensors else False
-        pairs.append(Pair(label(lin.node), y, k, not _is_float_linear(prod, c), protos[y],
-                          lin.act if has_act else "", module_path(lin.node), lin))
-    return pairs, unmatched, an
+        rw = read_rewritten(c, tensors[y])
+        pair = Pair(label(lin.node), y, k, rw is None or rw.form != "float", protos[y], "",
+                    module_path(lin.node), lin)
+        pair.act, pair.note = _input_twin(c, tensors, lin.act, rw, twins)
+        pairs.append(pair)
+    return pairs, unmatched, an, twins
+
+
+def _input_twin(c: Consts, tensors: dict, x: str, rw, twins: dict[str, str]) -> tuple[str, str]:
+    """(X to compare or '', note) for a layer the candidate writes as `rw` (None: a form not
+    recognized); records X -> X̂ in `twins`."""
+    if rw is None:
+        if x in tensors and c.producer(tensors[x]) is not None:
+            return x, "layer form not recognized: its input is compared by name"
+        return "", "layer form not recognized and no input of that name: no input or layer dB"
+    if c.producer(rw.x) is None:
+        return "", "the candidate's layer reads a graph input: no input or layer dB"
+    if twins.setdefault(x, rw.x.name) != rw.x.name:
+        return "", (f"reads {rw.x.name}, while another reader of {x} reads {twins[x]}: "
+                    "no input or layer dB")
+    return x, ""
 
 
 def module_path(node) -> str:
@@ -181,10 +190,10 @@ def _nodes(g: onnx.GraphProto, p: str, spec) -> None:
         g.node.append(helper.make_node(op, ins, [p + out], name=p + out, **kw))
 
 
-def _tensor_sums(g: onnx.GraphProto, k: int, t: str, opset: int, fit: bool) -> None:
+def _tensor_sums(g: onnx.GraphProto, k: int, t: str, tq: str, opset: int, fit: bool) -> None:
     p = f"gp_dbg_{k}_"
     g.input.append(helper.make_tensor_value_info(p + "gain", TensorProto.FLOAT, [None]))
-    _nodes(g, p, [("Flatten", [t], "fy", {"axis": -1}), ("Flatten", [PREFIX + t], "fq", {"axis": -1}),
+    _nodes(g, p, [("Flatten", [t], "fy", {"axis": -1}), ("Flatten", [tq], "fq", {"axis": -1}),
                   ("Mul", [p + "fq", p + "gain"], "gq", {}), ("Sub", [p + "gq", p + "fy"], "d", {})])
     _reduce(g, "ReduceSumSquare", p + "fy", p + "s", None, opset)
     _reduce(g, "ReduceSumSquare", p + "d", p + "e", None, opset)
@@ -195,9 +204,9 @@ def _tensor_sums(g: onnx.GraphProto, k: int, t: str, opset: int, fit: bool) -> N
             _reduce(g, op, p + x, p + tag, [0], opset)
 
 
-def _local_sums(g: onnx.GraphProto, i: int, pair: Pair, gx: str, gy: str, opset: int) -> None:
+def _local_sums(g: onnx.GraphProto, i: int, pair: Pair, xq: str, gx: str, gy: str, opset: int) -> None:
     p = f"gp_dbg_loc{i}_"
-    _nodes(g, p, [("Mul", [PREFIX + pair.act, gx], "x", {})])
+    _nodes(g, p, [("Mul", [xq, gx], "x", {})])
     copy = onnx.NodeProto()
     copy.CopyFrom(pair.node)
     copy.name, copy.input[0] = p + "node", p + "x"
@@ -232,28 +241,32 @@ def build_merged(ref_path: Path, cand_path: Path, local: bool = True) -> Merged:
     if missing:
         raise GraphpassError(f"{cand_path}: input(s) {', '.join(missing)} are not inputs of the reference")
     recast = recast_past(ref, cand, cand_path.parent.resolve())      # an int8 KV cache: its own past
-    pairs, unmatched, an = match_layers(ref, cand, str(ref_path.parent.resolve()))
+    pairs, unmatched, an, twins = match_layers(ref, cand, str(ref_path.parent.resolve()))
     if not pairs:
         raise GraphpassError(f"{cand_path}: no linear layer output of the reference is found by name")
     g, opset = onnx.GraphProto(name="graphpass_debug"), opset_version(ref)
     g.input.extend(i for i in ref.graph.input if i.name in ref_in)
     g.node.extend(ref.graph.node)
     g.value_info.extend(ref.graph.value_info)
-    scalable = rescalable(an)
-    gains = weight_gains(pairs, an.consts, cand, str(cand_path.parent.resolve()), scalable)
+    scalable = rescaled_channels(an)
+    gains, odd = weight_gains(pairs, an.consts, cand, str(cand_path.parent.resolve()), scalable)
+    for p in pairs:
+        if p.tensor in odd and not p.note:
+            p.note = ("W' is not diag(s)·W on columns no smoothing fold names (a column rescale such as "
+                      "--kv-smooth's, or a weight error): counted as error")
     acts = {p.act for p in pairs}
-    wide = {p.tensor for p in pairs if p.lin.shape(an.consts)[1] >= WIDE and p.tensor not in scalable | acts}
+    wide = {p.tensor for p in pairs if p.lin.shape(an.consts)[1] >= WIDE and p.tensor not in scalable.keys() | acts}
     folder = WeightFolder(ref_path.parent.resolve())
     try:
         return _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local,
-                     scalable, gains, wide, recast)
+                     scalable, gains, wide, recast, twins)
     except BaseException:
         folder.remove()
         raise
 
 
 def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, local, scalable, gains,
-          wide, recast) -> Merged:
+          wide, recast, twins) -> Merged:
     ref_base, cand_base = ref_path.parent.resolve(), cand_path.parent.resolve()
     shared = shared_weights(ref.graph, cand.graph, ref_base, cand_base)
     keep = {i.name: i.name for i in g.input if i.name not in recast} | shared
@@ -270,17 +283,19 @@ def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, lo
     depth = {o: k for k, n in enumerate(ref.graph.node) for o in n.output}
     tensors = sorted(dict.fromkeys([p.tensor for p in pairs] + [p.act for p in pairs if p.act]),
                      key=lambda t: depth.get(t, -1))
-    res = Merged(folder.path, folder, pairs, unmatched, tensors, rescalable=scalable & set(tensors),
-                 gains={t: v for t, v in gains.items() if t in tensors}, recast=recast)
-    res.fit = res.rescalable - set(res.gains)
+    res = Merged(folder.path, folder, pairs, unmatched, tensors,
+                 rescalable={t: v for t, v in scalable.items() if t in tensors},
+                 gains={t: v for t, v in gains.items() if t in tensors}, recast=recast,
+                 twins={x: t for x, t in twins.items() if t != x and x in tensors})
+    res.fit = set(res.rescalable) - set(res.gains)
     opsets = {o.domain: o.version for o in list(cand.opset_import) + list(ref.opset_import)}
     opset_ids = [helper.make_opsetid(d, v) for d, v in opsets.items()]
-    res.wide = _wide(g, pairs, tensors, wide, local, keep, folder, opset_ids, max(ref.ir_version, cand.ir_version))
+    res.wide = _wide(g, res, wide, local, folder, opset_ids, max(ref.ir_version, cand.ir_version))
     wide_k, wide_i = {w.k for w in res.wide}, {w.i for w in res.wide}
     groups = []                                  # (depth, scratch graph holding one group's nodes)
     for k, t in enumerate(tensors):
         if k not in wide_k:
-            groups.append((depth.get(t, -1), _scratch(g, lambda h: _tensor_sums(h, k, t, opset, t in res.fit))))
+            groups.append((depth.get(t, -1), _scratch(g, lambda h: _tensor_sums(h, k, t, res.twin(t), opset, t in res.fit))))
     for i, pair in enumerate(pairs):
         if local and pair.act and pair.quantized:
             res.local.append(i)
@@ -288,7 +303,7 @@ def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, lo
                 continue
             gx, gy = res.gain_input(pair.act), res.gain_input(pair.tensor)
             groups.append((depth.get(pair.tensor, -1) + 0.5,
-                           _scratch(g, lambda h: _local_sums(h, i, pair, gx, gy, opset))))
+                           _scratch(g, lambda h: _local_sums(h, i, pair, res.twin(pair.act), gx, gy, opset))))
     # onnxruntime orders nodes by a depth-first walk up from the leaves, the last leaf first: the
     # shallowest sums go last so each runs as soon as its tensors exist and they are freed early.
     for _, h in sorted(groups, key=lambda x: -x[0]):
@@ -305,11 +320,11 @@ def _fill(g, ref, cand, ref_path, cand_path, folder, pairs, unmatched, opset, lo
     return res
 
 
-def _wide(g, pairs, tensors, wide, local, keep, folder, opsets, ir_version) -> list[Wide]:
+def _wide(g, mg: Merged, wide, local, folder, opsets, ir_version) -> list[Wide]:
     """The wide pairs whose reference layer stands alone (debug_wide), each saved in `folder`."""
     out = []
     producers = {o: n for n in g.node for o in n.output}
-    for i, pair in enumerate(pairs):
+    for i, pair in enumerate(mg.pairs):
         if pair.tensor not in wide or producers.get(pair.tensor) is None:
             continue
         m = head_model(g, producers[pair.tensor], opsets, ir_version)
@@ -318,6 +333,6 @@ def _wide(g, pairs, tensors, wide, local, keep, folder, opsets, ir_version) -> l
         path = folder.path.with_suffix(f".head{i}.onnx")
         folder.created.append(path)
         onnx.save_model(m, str(path))
-        xq = _rename(pair.act, keep) if local and pair.act and pair.quantized else ""
-        out.append(Wide(tensors.index(pair.tensor), i, pair.tensor, pair.node.input[0], xq, path))
+        xq = mg.twin(pair.act) if local and pair.act and pair.quantized else ""
+        out.append(Wide(mg.tensors.index(pair.tensor), i, pair.tensor, pair.node.input[0], xq, path))
     return out
