@@ -26,6 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphpass.graph.consts import Consts, attr
+from graphpass.graph.nbits_layout import Packed, unpack_reference
 
 FLOATS = (np.float32, np.float16, np.float64)
 
@@ -236,8 +237,6 @@ def _dynamic_weight(c: Consts, mmi: gs.Node, comb: gs.Node) -> np.ndarray | None
 def _nbits_weight(c: Consts, n: gs.Node) -> np.ndarray | None:
     """MatMulNBits(A, B, scales[, zero_points]) with uint8 codes and zero points (graphpass's and
     onnxruntime's packing): W' = (q − z)·s per block; None with g_idx, a bias or float zero points."""
-    from graphpass.passes.nbits import Packed, unpack_reference
-
     if len(n.inputs) > 4 and any(t.name for t in n.inputs[4:]):
         return None
     k, m, bits, block = (int(attr(n, a, 0)) for a in ("K", "N", "bits", "block_size"))

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from graphpass.errors import GraphpassError
 from graphpass.graph.consts import Consts, attr
 from graphpass.graph.gs_io import add_opset, export_into, opset_version, proto_graphs
+from graphpass.graph.nbits_layout import Packed, unpack_reference  # noqa: F401 (re-exported)
 from graphpass.match.linears import Linear
 from graphpass.match.sites import analyze
 from graphpass.passes.qforms import MS, Emitter
@@ -66,16 +67,6 @@ class NBitsConfig:
             raise GraphpassError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
 
 
-@dataclass(frozen=True)
-class Packed:
-    """One weight in MatMulNBits layout: B [N, k_blocks, blob], scales [N, k_blocks], zp or None."""
-    b: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray | None
-    k: int
-    n: int
-
-
 def pack(w: np.ndarray, bits: int = 8, block_size: int = 32, symmetric: bool = True) -> Packed:
     """W [K, N] float32 -> MatMulNBits inputs, packed by onnxruntime's C++ quantizer."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
@@ -93,24 +84,6 @@ def pack(w: np.ndarray, bits: int = 8, block_size: int = 32, symmetric: bool = T
     fn = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
     fn(packed, w, scales, zp, block_size, cols, rows, symmetric)
     return Packed(packed, scales, None if symmetric else zp, rows, cols)
-
-
-def unpack_reference(p: Packed, bits: int, block_size: int) -> np.ndarray:
-    """Numpy dequantization of a Packed weight back to W [K, N] (the reference the tests use)."""
-    n, kb, _ = p.b.shape
-    if bits == 8:
-        q = p.b.reshape(n, kb, block_size).astype(np.float32)
-    else:
-        lo, hi = p.b & 0x0F, p.b >> 4
-        q = np.stack([lo, hi], -1).reshape(n, kb, block_size).astype(np.float32)
-    if p.zero_points is None:
-        z = np.full((n, kb), 2 ** (bits - 1), np.float32)
-    elif bits == 8:
-        z = p.zero_points[:, :kb].astype(np.float32)
-    else:
-        z = np.stack([p.zero_points & 0x0F, p.zero_points >> 4], -1).reshape(n, -1)[:, :kb].astype(np.float32)
-    w = (q - z[:, :, None]) * p.scales[:, :, None]
-    return w.reshape(n, kb * block_size)[:, :p.k].T
 
 
 def nbits(model: onnx.ModelProto | gs.Graph, config: NBitsConfig = NBitsConfig(), base_dir: str | None = None,
