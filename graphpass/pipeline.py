@@ -17,6 +17,7 @@ from graphpass.graph.io import externalized, load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.decode import fuse_decode_graph
+from graphpass.calibrate.data import as_data
 from graphpass.calibrate.gram import GRAM_STEP
 from graphpass.calibrate.kv import cache_absmax, cache_scales
 from graphpass.passes.kv_cache import KV_CACHE_TYPES, quantize_kv_cache
@@ -125,7 +126,8 @@ class PipelineResult:
 def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
              config: PipelineConfig = PipelineConfig(), progress: bool = True, log=print,
              stats=None) -> PipelineResult:
-    """The whole job. `data`: dict of arrays (first axis = samples) or a CalibrationDataReader.
+    """The whole job. `data`: dict of arrays (first axis = samples), a CalibrationDataReader, or
+    an .npz path.
 
     `stats`: calibration stats computed earlier for this model (graphpass.budget re-quantizes
     with them); calibration is then skipped, and `data` is read only by --kv-cache (the written
@@ -134,6 +136,7 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     from graphpass.graph.runtime import fixed_mmap_threshold
 
     fixed_mmap_threshold()   # freed weights and activations go back to the OS, not to a heap hole
+    data = as_data(data)
     with externalized(model) as src:     # inline weights: read once, then one at a time
         res = _quantize(src, output, data, config, progress, log, stats, Path(model))
     res.size_before = model_size(model)

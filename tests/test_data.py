@@ -189,3 +189,17 @@ def test_tokenizer_saved_with_truncation_still_reads_the_whole_text(capsys, tmp_
     cli_ok(capsys, ["data", "--text", text, "--tokenizer", trunc, "--seq-len", SEQ,
                     "--samples", SAMPLES, "-o", out])
     assert load_data(out)["input_ids"].shape == (SAMPLES, SEQ)
+
+
+def test_python_api_takes_a_data_path(synth, tmp_path):
+    """graphpass.quantize and graphpass.evaluate read an .npz path as `data` (it used to be
+    iterated as a string: 'calibration batch 0: lacks the past input(s)...' or a ValueError)."""
+    import graphpass
+
+    s = synth("prenorm")
+    out = tmp_path / "q.onnx"
+    res = graphpass.quantize(s.path, out, s.data_path, graphpass.PipelineConfig(scheme="token"),
+                             progress=False, log=lambda *a: None)
+    assert res.quant.quantized and out.is_file()
+    by_path = graphpass.evaluate(out, s.path, str(s.data_path), progress=False)
+    assert by_path == graphpass.evaluate(out, s.path, load_data(s.data_path), progress=False)

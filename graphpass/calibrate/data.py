@@ -141,6 +141,12 @@ def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return data
 
 
+def as_data(data):
+    """`data` as the API takes it: an .npz path is read with load_data; anything else (a dict of
+    arrays, a CalibrationDataReader, an iterable of dicts, None) is returned as is."""
+    return load_data(data) if isinstance(data, (str, os.PathLike)) else data
+
+
 def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, source: str = "data") -> int:
     """Arrays must match graph inputs by name, dtype and rank, share a sample count > 0, be finite."""
     specs = {s.name: s for s in input_specs(model)}
