@@ -219,7 +219,8 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
             _, res.quant = nbits_or(quantize_pass)(g, qcfg, ranges, None, None, nbits=config.nbits, packed=packed)
         if not res.quant.quantized and not res.quant.tables:
             log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
-        step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
+        form = _weight_form(config)
+        step("quantize", t0, f"{len(res.quant.quantized)} linear layers in {form} ({config.scheme})")
     if config.decode_fusions:
         t0 = time.perf_counter()
         step("decode", t0, fuse_decode_graph(g).format())
@@ -368,6 +369,13 @@ def _gptq_on(config: PipelineConfig) -> bool:
     from graphpass.passes.nbits import NBITS_SCHEMES
 
     return bool(config.gptq) and config.scheme in NBITS_SCHEMES   # opt-in: ~2x the CPU time of AWQ + clip
+
+
+def _weight_form(config: PipelineConfig) -> str:
+    """How the quantized linear layers' weights are stored, for the log: 'int8' or 'N bits'."""
+    from graphpass.passes.nbits import NBITS_SCHEMES
+
+    return f"{_nbits_config(config).bits} bits" if config.scheme in NBITS_SCHEMES else "int8"
 
 
 def _nbits_config(config: PipelineConfig) -> NBitsConfig:
