@@ -175,6 +175,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         save_graph(g, output, check=True)
         res.quant, res.size_before, res.size_after = QuantReport(), model_size(src), model_size(output)
         return res
+    _check_patterns(an, config)
     step("load", t0, f"{len(g.nodes)} nodes")
     if needs_stats:
         if data is None:
@@ -369,6 +370,19 @@ def _gptq_on(config: PipelineConfig) -> bool:
     from graphpass.passes.nbits import NBITS_SCHEMES
 
     return bool(config.gptq) and config.scheme in NBITS_SCHEMES   # opt-in: ~2x the CPU time of AWQ + clip
+
+
+def _check_patterns(an, config: PipelineConfig) -> None:
+    """Every --skip / --layer-block-size pattern names at least one linear layer (a typo is not
+    silently ignored)."""
+    import fnmatch
+
+    blocks = tuple(p for p, _ in config.nbits.layer_blocks) if config.nbits else ()
+    for flag, patterns in (("--skip", config.skip), ("--layer-block-size", blocks)):
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(lin.name, p) for lin in an.linears):
+                raise GraphpassError(f"{flag} {p!r} matches no linear layer (names look like "
+                                     f"{an.linears[0].name!r}; see graphpass inspect)")
 
 
 def _weight_form(config: PipelineConfig) -> str:
