@@ -246,3 +246,12 @@ def test_bench_keeps_to_its_seconds_budget():
     r, c, n = time_pair(ref, cand, {}, seconds=budget)
     assert time.perf_counter() - t < 3 * budget
     assert n >= 5 and cand.runs >= 5 and 1.0 <= r < c
+
+
+def test_bench_reports_progress_in_a_log(capsys, synth):
+    """bench is a long step (6 s a shape by default): in a log it writes one line when it ends,
+    like calibrate and eval."""
+    s = synth("prenorm")
+    _, err = cli_ok(capsys, ["bench", s.path, "--reference", s.path, "--shape", "1x8", "--shape", "2x4",
+                             "--seconds", BENCH_SECONDS])
+    assert "bench: 2/2 shapes" in err

@@ -18,6 +18,7 @@ from graphpass.graph.decode import conform_empty_past, load_layout
 from graphpass.graph.io import InputSpec, input_specs, load_model, model_size, output_names
 from graphpass.graph.runtime import fixed_mmap_threshold, make_session
 from graphpass.validate.evaluate import OUTPUT_BUDGET, sample_output_bytes
+from graphpass.progress import bar
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def time_pair(ref_sess, cand_sess, feeds, seconds: float = 6.0, rounds: int = 5,
 
 
 def bench(candidate: str | os.PathLike, reference: str | os.PathLike,
-          shapes: list[tuple[int, int]], threads: int = 2, seconds: float = 6.0) -> dict:
+          shapes: list[tuple[int, int]], threads: int = 2, seconds: float = 6.0, progress: bool = True) -> dict:
     ref_model = load_model(reference, load_weights=False)
     cand_model = load_model(candidate, load_weights=False)
     specs = input_specs(ref_model)
@@ -120,7 +121,7 @@ def bench(candidate: str | os.PathLike, reference: str | os.PathLike,
         fixed_mmap_threshold()
     ref_sess, cand_sess = (make_session(m, threads, arena=not lean) for m in (reference, candidate))
     timings = []
-    for shape in shapes:
+    for shape in bar(shapes, "bench", "shape", enabled=progress):
         feeds = _prefill_inputs(specs, shape, layout) if layout else synthetic_inputs(specs, shape)
         # an int8-cache candidate takes its empty past as int8
         r, c, n = time_pair(ref_sess, cand_sess, feeds, seconds, cand_feeds=conform_empty_past(cand_layout, feeds))

@@ -160,7 +160,7 @@ def _bench(rd: ReportData, inp: ReportInputs, given: dict | None) -> None:
 
         try:
             rd.bench = bench(inp.candidate, inp.reference, [(1, 512)], threads=inp.threads,
-                             seconds=inp.bench_seconds)
+                             seconds=inp.bench_seconds, progress=inp.progress)
         except GraphpassError as e:
             rd.notes.append(f"latency not measured: {e}")
     if not rd.bench:
