@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 
+from graphpass.cli.common import OVERWRITE_HELP
 from graphpass.cli.nbits import add_nbits_args, with_nbits
 from graphpass.cli.outlier import add_outlier_args, with_outlier
 from graphpass.errors import GraphpassError
@@ -146,7 +147,8 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--bench-seconds", type=float, default=2.0,
                    help="budget: timing at 1x512 of the plain and the written graph (0: skip)")
     q.add_argument("--report", help="write a JSON summary")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true",
+                   help=OVERWRITE_HELP)
     add_nbits_args(q)   # w8 / w4 options
     add_outlier_args(q)
     q.set_defaults(func=_cmd_quantize)
