@@ -37,8 +37,10 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          decode_route=a.decode_route)
     cfg = with_outlier(with_nbits(cfg, a), a)   # w8 / w4, outlier options
     if a.data is None and needs_calibration(cfg):
-        raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
-                             "a dynamic scheme)")
+        if cfg.scheme in ("static", "outlier"):
+            raise GraphpassError(f"--scheme {cfg.scheme} calibrates its activations: give --data DATA.npz")
+        raise GraphpassError(f"--data DATA.npz is needed for smoothing (or pass --no-smooth: --scheme "
+                             f"{cfg.scheme} then runs without data)")
     data = load_data(a.data) if a.data else None
     bres = None
     if a.max_kl is not None or a.max_ppl_increase is not None:
