@@ -17,6 +17,7 @@ from graphpass.graph.io import externalized, load_model, model_size, save_graph
 from graphpass.passes.attention import drop_softmax_nan_guards
 from graphpass.passes.causal import split_causal_attention
 from graphpass.passes.decode import fuse_decode_graph
+from graphpass.calibrate.data import as_data
 from graphpass.calibrate.gram import GRAM_STEP
 from graphpass.calibrate.kv import cache_absmax, cache_scales
 from graphpass.passes.kv_cache import KV_CACHE_TYPES, quantize_kv_cache
@@ -125,7 +126,8 @@ class PipelineResult:
 def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
              config: PipelineConfig = PipelineConfig(), progress: bool = True, log=print,
              stats=None) -> PipelineResult:
-    """The whole job. `data`: dict of arrays (first axis = samples) or a CalibrationDataReader.
+    """The whole job. `data`: dict of arrays (first axis = samples), a CalibrationDataReader, or
+    an .npz path.
 
     `stats`: calibration stats computed earlier for this model (graphpass.budget re-quantizes
     with them); calibration is then skipped, and `data` is read only by --kv-cache (the written
@@ -134,6 +136,7 @@ def quantize(model: str | os.PathLike, output: str | os.PathLike, data=None,
     from graphpass.graph.runtime import fixed_mmap_threshold
 
     fixed_mmap_threshold()   # freed weights and activations go back to the OS, not to a heap hole
+    data = as_data(data)
     with externalized(model) as src:     # inline weights: read once, then one at a time
         res = _quantize(src, output, data, config, progress, log, stats, Path(model))
     res.size_before = model_size(model)
@@ -172,6 +175,7 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
         save_graph(g, output, check=True)
         res.quant, res.size_before, res.size_after = QuantReport(), model_size(src), model_size(output)
         return res
+    _check_patterns(an, config)
     step("load", t0, f"{len(g.nodes)} nodes")
     if needs_stats:
         if data is None:
@@ -216,7 +220,8 @@ def _quantize(src: Path, output, data, config: PipelineConfig, progress: bool, l
             _, res.quant = nbits_or(quantize_pass)(g, qcfg, ranges, None, None, nbits=config.nbits, packed=packed)
         if not res.quant.quantized and not res.quant.tables:
             log(f"nothing to quantize in {src}: no linear layer with a constant float weight")
-        step("quantize", t0, f"{len(res.quant.quantized)} linear layers in int8 ({config.scheme})")
+        form = _weight_form(config)
+        step("quantize", t0, f"{len(res.quant.quantized)} linear layers in {form} ({config.scheme})")
     if config.decode_fusions:
         t0 = time.perf_counter()
         step("decode", t0, fuse_decode_graph(g).format())
@@ -365,6 +370,26 @@ def _gptq_on(config: PipelineConfig) -> bool:
     from graphpass.passes.nbits import NBITS_SCHEMES
 
     return bool(config.gptq) and config.scheme in NBITS_SCHEMES   # opt-in: ~2x the CPU time of AWQ + clip
+
+
+def _check_patterns(an, config: PipelineConfig) -> None:
+    """Every --skip / --layer-block-size pattern names at least one linear layer (a typo is not
+    silently ignored)."""
+    import fnmatch
+
+    blocks = tuple(p for p, _ in config.nbits.layer_blocks) if config.nbits else ()
+    for flag, patterns in (("--skip", config.skip), ("--layer-block-size", blocks)):
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(lin.name, p) for lin in an.linears):
+                raise GraphpassError(f"{flag} {p!r} matches no linear layer (names look like "
+                                     f"{an.linears[0].name!r}; see graphpass inspect)")
+
+
+def _weight_form(config: PipelineConfig) -> str:
+    """How the quantized linear layers' weights are stored, for the log: 'int8' or 'N bits'."""
+    from graphpass.passes.nbits import NBITS_SCHEMES
+
+    return f"{_nbits_config(config).bits} bits" if config.scheme in NBITS_SCHEMES else "int8"
 
 
 def _nbits_config(config: PipelineConfig) -> NBitsConfig:

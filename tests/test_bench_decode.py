@@ -7,6 +7,7 @@ two forms, which share their weights (testing/past.py)."""
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import numpy as np
@@ -140,3 +141,12 @@ def test_prefill_bench_of_a_with_past_graph_runs_over_an_empty_past(models, form
     out, _ = cli_ok(capsys, ["bench", models[form], "--reference", models[form], "--shape", "2x5",
                              "--threads", 1, "--seconds", SECONDS])
     assert "2x5" in out
+
+
+def test_decode_bench_reports_progress_in_a_log(models, capsys):
+    """bench --decode times generations for 20 s by default: in a log it writes one line when it
+    ends, with the number of interleaved generations."""
+    out, err = cli_ok(capsys, ["bench", models["genai"], "--reference", models["optimum"], "--decode",
+                               "--prompt-len", P, "--steps", N, "--threads", 1, "--seconds", SECONDS])
+    generations = re.search(r"(\d+) interleaved generations each", out).group(1)
+    assert f"bench --decode: {generations} generations" in err

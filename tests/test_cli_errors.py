@@ -153,3 +153,18 @@ def test_inspect_lists_sites_and_plot_errors(capsys, tmp_path, synth, calibrated
     assert "no site named 'nope'" in cli_error(capsys, ["inspect", s.path, "--stats", tmp_path / "s.npz",
                                                         "--plot", "nope", "-o", png], [png])
     assert "alpha must be within [0, 1]" in cli_error(capsys, ["inspect", s.path, "--alpha", "2"])
+
+
+@pytest.mark.parametrize("flags,says", [(["--scheme", "w4"], "--no-smooth"),
+                                        (["--scheme", "token"], "--no-smooth"),
+                                        (["--scheme", "static", "--no-smooth"], "--scheme static calibrates"),
+                                        (["--scheme", "outlier"], "--scheme outlier calibrates")])
+def test_quantize_without_data_says_what_runs_without_it(capsys, synth, tmp_path, flags, says):
+    """Without --data the error names the way out that works for the scheme: --no-smooth for
+    dynamic / token / w8 / w4 (w4 was told 'use --no-smooth with a dynamic scheme'); none for static
+    and outlier, whose ranges or columns are calibrated."""
+    s = synth("llama")
+    err = cli_error(capsys, ["quantize", s.path, "-o", tmp_path / "q.onnx", *flags], [tmp_path / "q.onnx"])
+    assert says in err and "dynamic scheme" not in err
+    if "--no-smooth" in says:
+        cli_ok(capsys, ["quantize", s.path, "-o", tmp_path / "q.onnx", *flags, "--no-smooth"])

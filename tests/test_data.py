@@ -189,3 +189,35 @@ def test_tokenizer_saved_with_truncation_still_reads_the_whole_text(capsys, tmp_
     cli_ok(capsys, ["data", "--text", text, "--tokenizer", trunc, "--seq-len", SEQ,
                     "--samples", SAMPLES, "-o", out])
     assert load_data(out)["input_ids"].shape == (SAMPLES, SEQ)
+
+
+def test_python_api_takes_a_data_path(synth, tmp_path):
+    """graphpass.quantize and graphpass.evaluate read an .npz path as `data` (it used to be
+    iterated as a string: 'calibration batch 0: lacks the past input(s)...' or a ValueError)."""
+    import graphpass
+
+    s = synth("prenorm")
+    out = tmp_path / "q.onnx"
+    res = graphpass.quantize(s.path, out, s.data_path, graphpass.PipelineConfig(scheme="token"),
+                             progress=False, log=lambda *a: None)
+    assert res.quant.quantized and out.is_file()
+    by_path = graphpass.evaluate(out, s.path, str(s.data_path), progress=False)
+    assert by_path == graphpass.evaluate(out, s.path, load_data(s.data_path), progress=False)
+
+
+def test_long_name_lists_in_data_errors_are_cut_short(synth):
+    """A with-past model's 60 past arrays given to a no-cache graph (or the reverse) name a few
+    arrays and count the rest: the one-line error was 1,500 characters wide on SmolLM2."""
+    s = synth("llama")
+    data = dict(s.data)
+    empty = np.zeros((len(data["input_ids"]), 3, 0, 64), np.float32)
+    data.update({f"past_key_values.{i}.{kv}": empty for i in range(30) for kv in ("key", "value")})
+    with pytest.raises(GraphpassError) as e:
+        check_data(data, s.model)
+    msg = str(e.value)
+    assert len(msg) < 300 and "(and 56 more)" in msg and "past_key_values.0.key" in msg
+    big = make_model([node("Identity", ["x"], "y")], [(f"in_{i}", ["b"]) for i in range(20)] + [("x", ["b"])],
+                     [("y", ["b"])], {})
+    with pytest.raises(GraphpassError) as e:
+        check_data({"x": np.zeros(2, np.float32)}, big)
+    assert len(str(e.value)) < 300 and "in_0, in_1, in_2, in_3 (and 16 more)" in str(e.value)

@@ -219,3 +219,39 @@ def test_reference_cache_runs_the_reference_once_and_only_for_the_same_data(synt
     opened.clear()
     res = evaluate(cand, s.path, other, progress=False, ref_cache=cache)
     assert [p == str(s.path) for p in opened] == [True, False] and res["samples"] == 2
+
+
+class _SleepySession:
+    """A session whose run takes `ms` milliseconds: timing with a known cost per run."""
+
+    def __init__(self, ms: float):
+        self.ms, self.runs = ms, 0
+
+    def run(self, names, feeds):
+        import time
+        self.runs += 1
+        time.sleep(self.ms / 1e3)
+
+
+def test_bench_keeps_to_its_seconds_budget():
+    """`--seconds S` is the timing budget per shape: the interleaved blocks shrink to fit it (they
+    were 0.5 s each and at least 5 rounds of two, 5.5 s whatever S was)."""
+    import time
+
+    from graphpass.validate.bench import time_pair
+
+    budget = 0.5
+    ref, cand = _SleepySession(1.0), _SleepySession(2.0)
+    t = time.perf_counter()
+    r, c, n = time_pair(ref, cand, {}, seconds=budget)
+    assert time.perf_counter() - t < 3 * budget
+    assert n >= 5 and cand.runs >= 5 and 1.0 <= r < c
+
+
+def test_bench_reports_progress_in_a_log(capsys, synth):
+    """bench is a long step (6 s a shape by default): in a log it writes one line when it ends,
+    like calibrate and eval."""
+    s = synth("prenorm")
+    _, err = cli_ok(capsys, ["bench", s.path, "--reference", s.path, "--shape", "1x8", "--shape", "2x4",
+                             "--seconds", BENCH_SECONDS])
+    assert "bench: 2/2 shapes" in err

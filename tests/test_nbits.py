@@ -377,3 +377,15 @@ def _check_tied_table(q, w: np.ndarray, bits: int, block: int) -> None:
     emb, logits = make_session(q).run(["emb", "logits"], {"x": x, "ids": ids})
     np.testing.assert_array_equal(emb, table.T[ids])
     np.testing.assert_allclose(logits, x @ table, rtol=0, atol=1e-4 * np.abs(x @ table).max())
+
+
+@pytest.mark.parametrize("scheme,bits", [("w4", 4), ("w8", 8)])
+def test_quantize_log_names_the_weight_bits(capsys, synth, tmp_path, scheme, bits):
+    """The quantize step's line says how many bits the MatMulNBits layers hold ('in int8 (w4)'
+    was printed for 4-bit layers)."""
+    from conftest import cli_ok
+
+    s = synth("llama")
+    out, _ = cli_ok(capsys, ["quantize", s.path, "-o", tmp_path / "q.onnx", "--scheme", scheme,
+                             "--no-smooth", "--no-awq"])
+    assert f"linear layers in {bits} bits ({scheme})" in out and "int8 (w" not in out

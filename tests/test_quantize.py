@@ -461,3 +461,16 @@ def test_transposed_weight_leaves_no_float_copy():
 def test_int8_head_leaves_no_dead_nodes(quantized):
     path, _, _ = quantized("llama", scheme="token", alpha=0.5, embedding_int8=True, lm_head=True)
     assert _dead_nodes(onnx.load(str(path))) == []
+
+
+@pytest.mark.parametrize("flags", [["--scheme", "token", "--skip", "*down_proj*", "--skip", "*dwon_proj*"],
+                                   ["--scheme", "w8", "--layer-block-size", "*dwon_proj*=128"]])
+def test_a_layer_pattern_that_matches_nothing_is_an_error(capsys, synth, tmp_path, flags):
+    """A --skip / --layer-block-size pattern matching no linear layer (a typo) is refused before any
+    work; it used to be ignored and the layers quantized as if it were not given."""
+    from conftest import cli_error
+
+    s = synth("llama")
+    out = tmp_path / "q.onnx"
+    err = cli_error(capsys, ["quantize", s.path, "-o", out, "--data", s.data_path, *flags], [out])
+    assert "*dwon_proj*" in err and "matches no linear layer" in err

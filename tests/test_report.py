@@ -111,6 +111,27 @@ def test_cli_errors(synth, quantized, tmp_path, capsys):
     assert "not a JSON file" in err
 
 
+EVAL = {"kind": "causal-lm", "samples": 4, "tokens": 64, "perplexity_reference": 2.0,
+        "perplexity_candidate": 2.1, "kl": 0.01, "top1": 0.9, "outputs": {}}
+DECODE_BENCH = {"prompt_len": 8, "steps": 4, "threads": 1, "reference": {}, "candidate": {}, "ratio": {}}
+
+
+@pytest.mark.parametrize("flag,given", [("--eval-json", DECODE_BENCH), ("--eval-json", {}),
+                                        ("--bench-json", EVAL), ("--bench-json", DECODE_BENCH),
+                                        ("--debug-json", EVAL), ("--quantize-report", EVAL)])
+def test_json_of_another_command_is_a_one_line_error(synth, quantized, tmp_path, capsys, flag, given):
+    """A JSON that is not the named command's output is refused before any work, by name (a bench
+    --decode JSON as --eval-json was a KeyError traceback after report_files/ was written; an eval
+    JSON as --bench-json or --quantize-report was silently ignored)."""
+    s = synth("llama")
+    qpath, _, _ = quantized("llama", scheme="token")
+    (tmp_path / "given.json").write_text(json.dumps(given))
+    out = tmp_path / "r.html"
+    err = cli_error(capsys, ["report", s.path, qpath, "--data", s.data_path, "-o", out, flag, tmp_path / "given.json",
+                             "--bench-seconds", "0"], [out, tmp_path / "r_files"])
+    assert "given.json" in err and "not the output of" in err
+
+
 def _render(html: str, tmp: Path) -> str:
     """The <body> tag Chromium leaves after loading `html` with the probe script added."""
     tmp.mkdir(exist_ok=True)

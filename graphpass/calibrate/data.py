@@ -141,22 +141,27 @@ def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return data
 
 
+def as_data(data):
+    """`data` as the API takes it: an .npz path is read with load_data; anything else (a dict of
+    arrays, a CalibrationDataReader, an iterable of dicts, None) is returned as is."""
+    return load_data(data) if isinstance(data, (str, os.PathLike)) else data
+
+
 def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, source: str = "data") -> int:
     """Arrays must match graph inputs by name, dtype and rank, share a sample count > 0, be finite."""
     specs = {s.name: s for s in input_specs(model)}
-    missing = sorted(set(specs) - set(data))
-    extra = sorted(set(data) - set(specs))
+    missing = [n for n in specs if n not in data]      # graph order
+    extra = [n for n in data if n not in specs]        # the file's order
     past = [n for n in specs if is_past_name(n)]
     lack = [n for n in past if n in missing]
     if lack:
-        more = f" (and {len(lack) - 2} more)" if len(lack) > 2 else ""
-        raise GraphpassError(f"{source}: lacks the past input(s) {', '.join(lack[:2])}{more} of this "
+        raise GraphpassError(f"{source}: lacks the past input(s) {_few(lack, 2)} of this "
                              f"with-past graph; build it with `graphpass data --model MODEL`")
     if missing:
-        raise GraphpassError(f"{source}: missing graph input(s) {', '.join(missing)}")
+        raise GraphpassError(f"{source}: missing graph input(s) {_few(missing)}")
     if extra:
-        raise GraphpassError(f"{source}: array(s) {', '.join(extra)} are not graph inputs "
-                             f"(expected {', '.join(specs)})")
+        raise GraphpassError(f"{source}: array(s) {_few(extra)} are not graph inputs "
+                             f"(expected {_few(list(specs))})")
     counts = set()
     for name, spec in specs.items():
         a = data[name]
@@ -177,6 +182,11 @@ def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, source: str 
     if past:
         _check_past_lengths(data, past, source)
     return n
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    """'a, b, c, d (and 56 more)': an error line stays readable with a model's 60 past inputs."""
+    return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
 def _only_past_empty(a: np.ndarray) -> bool:

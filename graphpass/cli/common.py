@@ -41,6 +41,9 @@ def positive(kind):
     return parse
 
 
+OVERWRITE_HELP = "allow -o to be the input model itself (an existing output file is always replaced)"
+
+
 def check_output(inp: str, out: str, overwrite: bool, also: tuple = ()) -> None:
     """Before any work: the output must not be the input (unless overwrite), and it and every
     other file named in `also` (a report, say) must be creatable where they go."""

@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 
+from graphpass.cli.common import OVERWRITE_HELP
 from graphpass.cli.nbits import add_nbits_args, with_nbits
 from graphpass.cli.outlier import add_outlier_args, with_outlier
 from graphpass.errors import GraphpassError
@@ -36,8 +37,10 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          decode_route=a.decode_route)
     cfg = with_outlier(with_nbits(cfg, a), a)   # w8 / w4, outlier options
     if a.data is None and needs_calibration(cfg):
-        raise GraphpassError("--data DATA.npz is needed for calibration (or use --no-smooth with "
-                             "a dynamic scheme)")
+        if cfg.scheme in ("static", "outlier"):
+            raise GraphpassError(f"--scheme {cfg.scheme} calibrates its activations: give --data DATA.npz")
+        raise GraphpassError(f"--data DATA.npz is needed for smoothing (or pass --no-smooth: --scheme "
+                             f"{cfg.scheme} then runs without data)")
     data = load_data(a.data) if a.data else None
     bres = None
     if a.max_kl is not None or a.max_ppl_increase is not None:
@@ -146,7 +149,8 @@ def add_parsers(sub, positive) -> None:
     q.add_argument("--bench-seconds", type=float, default=2.0,
                    help="budget: timing at 1x512 of the plain and the written graph (0: skip)")
     q.add_argument("--report", help="write a JSON summary")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true",
+                   help=OVERWRITE_HELP)
     add_nbits_args(q)   # w8 / w4 options
     add_outlier_args(q)
     q.set_defaults(func=_cmd_quantize)

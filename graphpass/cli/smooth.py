@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from graphpass.cli.common import check_output, site_alpha
+from graphpass.cli.common import OVERWRITE_HELP, check_output, site_alpha
 from graphpass.errors import GraphpassError
 
 
@@ -122,7 +122,8 @@ def add_parsers(sub, positive) -> None:
     s.add_argument("--site-alpha", action="append", metavar="SITE=ALPHA", help="per-site override")
     s.add_argument("--allow-mul", action="store_true", help="insert a Mul where no producer can absorb 1/s")
     s.add_argument("--report", help="write the per-site report as JSON")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true",
+                   help=OVERWRITE_HELP)
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=_cmd_smooth)
 

@@ -42,6 +42,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_bench(a: argparse.Namespace) -> None:
+    if a.json:
+        check_output(a.json, a.json, overwrite=True)      # the JSON can be written: before any timing
     if a.decode:
         return _cmd_bench_decode(a)
     from graphpass.validate.bench import bench, format_bench, parse_shape

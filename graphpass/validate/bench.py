@@ -18,6 +18,7 @@ from graphpass.graph.decode import conform_empty_past, load_layout
 from graphpass.graph.io import InputSpec, input_specs, load_model, model_size, output_names
 from graphpass.graph.runtime import fixed_mmap_threshold, make_session
 from graphpass.validate.evaluate import OUTPUT_BUDGET, sample_output_bytes
+from graphpass.progress import bar
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,11 @@ def _prefill_inputs(specs: list[InputSpec], shape: tuple[int, int], layout) -> d
     return step_feeds(layout, empty_cache(layout, shape[0]), ids)
 
 
-def _time_block(sess, feeds, runs: int) -> list[float]:
+def _time_block(sess, feeds, runs: int = 1, seconds: float = 0.0) -> list[float]:
+    """Per-run times of `runs` runs, continued until `seconds` have passed."""
     times = []
-    for _ in range(runs):
+    start = time.perf_counter()
+    while len(times) < runs or time.perf_counter() - start < seconds:
         t = time.perf_counter()
         sess.run(None, feeds)
         times.append(time.perf_counter() - t)
@@ -81,26 +84,28 @@ def time_pair(ref_sess, cand_sess, feeds, seconds: float = 6.0, rounds: int = 5,
               cand_feeds=None) -> tuple[float, float, int]:
     """Median latency (ms) of each session over alternating blocks lasting ~`seconds` in total.
 
-    Blocks are kept short (about 0.5 s each, at least one run) and alternate as often as the
-    budget allows (at least `rounds` times), so drifts in machine speed hit both sessions alike.
+    Blocks are short (0.5 s each, or `seconds / (2 * rounds)` when that is less; at least one
+    run) and alternate as often as the budget allows (at least `rounds` times), so drifts in
+    machine speed hit both sessions alike. A block is bounded by time, not by a run count
+    estimated from a few runs, so a slower-than-estimated graph cannot stretch the budget.
     `cand_feeds`: the candidate's own inputs when they differ in dtype (an int8 KV cache)."""
     cf = feeds if cand_feeds is None else cand_feeds
     _time_block(ref_sess, feeds, 2)  # warm-up: first runs allocate and pick kernels
     _time_block(cand_sess, cf, 2)
-    one = max(float(np.median(_time_block(ref_sess, feeds, 3) + _time_block(cand_sess, cf, 3))), 1e-4)
-    per_block = max(1, int(0.5 / one))
-    rounds = max(rounds, int(seconds / (2 * per_block * one)))
+    block = min(0.5, seconds / (2 * rounds))
+    rounds = max(rounds, int(seconds / (2 * block)))
+    pause = min(0.05, block / 4)
     ref_t, cand_t = [], []
     for _ in range(rounds):
-        ref_t += _time_block(ref_sess, feeds, per_block)
-        time.sleep(0.05)
-        cand_t += _time_block(cand_sess, cf, per_block)
-        time.sleep(0.05)
+        ref_t += _time_block(ref_sess, feeds, seconds=block)
+        time.sleep(pause)
+        cand_t += _time_block(cand_sess, cf, seconds=block)
+        time.sleep(pause)
     return 1e3 * float(np.median(ref_t)), 1e3 * float(np.median(cand_t)), len(ref_t)
 
 
 def bench(candidate: str | os.PathLike, reference: str | os.PathLike,
-          shapes: list[tuple[int, int]], threads: int = 2, seconds: float = 6.0) -> dict:
+          shapes: list[tuple[int, int]], threads: int = 2, seconds: float = 6.0, progress: bool = True) -> dict:
     ref_model = load_model(reference, load_weights=False)
     cand_model = load_model(candidate, load_weights=False)
     specs = input_specs(ref_model)
@@ -116,7 +121,7 @@ def bench(candidate: str | os.PathLike, reference: str | os.PathLike,
         fixed_mmap_threshold()
     ref_sess, cand_sess = (make_session(m, threads, arena=not lean) for m in (reference, candidate))
     timings = []
-    for shape in shapes:
+    for shape in bar(shapes, "bench", "shape", enabled=progress):
         feeds = _prefill_inputs(specs, shape, layout) if layout else synthetic_inputs(specs, shape)
         # an int8-cache candidate takes its empty past as int8
         r, c, n = time_pair(ref_sess, cand_sess, feeds, seconds, cand_feeds=conform_empty_past(cand_layout, feeds))

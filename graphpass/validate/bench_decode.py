@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from graphpass.errors import GraphpassError
 from graphpass.graph.decode import DecodeRunner, PastLayout, load_layout
 from graphpass.graph.io import input_specs, load_model
 from graphpass.graph.runtime import make_session
+from graphpass.progress import bar
 
 MIN_ROUNDS = 2       # timed generations per graph, whatever the budget
 
@@ -112,9 +114,17 @@ def _summary(ttfts: list[float], steps: list[float]) -> dict:
             "tokens_per_s": 1e3 / ms if steps else float("nan"), "generations": len(ttfts)}
 
 
+def _rounds(seconds: float) -> Iterator[int]:
+    """0, 1, 2, ... while fewer than MIN_ROUNDS have run or `seconds` have not passed."""
+    start, n = time.perf_counter(), 0
+    while n < MIN_ROUNDS or time.perf_counter() - start < seconds:
+        yield n
+        n += 1
+
+
 def bench_decode(candidate: str | os.PathLike, reference: str | os.PathLike, prompt_len: int = 256,
                  steps: int = 64, threads: int = 2, seconds: float = 20.0,
-                 data: dict[str, np.ndarray] | None = None) -> dict:
+                 data: dict[str, np.ndarray] | None = None, progress: bool = True) -> dict:
     """TTFT, ms/token, tokens/s of both graphs from one prompt, timed in alternating generations."""
     if prompt_len < 1 or steps < 1:
         raise GraphpassError(f"prompt length and steps must be >= 1, got {prompt_len} and {steps}")
@@ -127,13 +137,11 @@ def bench_decode(candidate: str | os.PathLike, reference: str | os.PathLike, pro
     tokens = lockstep_generation(runners, prompt, steps)[0]          # warm-up, and the tokens
     ttft, step = {k: [] for k in runners}, {k: [] for k in runners}
     load = [os.getloadavg()[0]]      # 1-minute load average, before and after: how busy the machine was
-    start, rounds = time.perf_counter(), 0
-    while rounds < MIN_ROUNDS or time.perf_counter() - start < seconds:
+    for rounds in bar(_rounds(seconds), "bench --decode", "generation", enabled=progress):
         _, t0, ts = lockstep_generation(runners, prompt, steps, flip=rounds)
         for k in runners:
             ttft[k].append(t0[k])
             step[k] += ts[k]
-        rounds += 1
     load.append(os.getloadavg()[0])
     ref, cand = _summary(ttft["reference"], step["reference"]), _summary(ttft["candidate"], step["candidate"])
     return {"prompt_len": prompt_len, "steps": steps, "threads": threads, "prompt": source,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from graphpass.progress import bar
 
-from graphpass.calibrate.data import batches, check_data
+from graphpass.calibrate.data import as_data, batches, check_data
 from graphpass.errors import GraphpassError
 from graphpass.graph.decode import DecodeRunner, PastLayout, conform_empty_past, load_layout
 from graphpass.graph.io import load_model, output_names
@@ -68,7 +68,8 @@ def _check_scorable(kind: str, data: dict[str, np.ndarray]) -> None:
         raise GraphpassError("no token to score: the attention mask is all zeros")
 
 
-def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: dict[str, np.ndarray],
+def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike,
+             data: dict[str, np.ndarray] | str | os.PathLike,
              batch_size: int = 2, threads: int = 2, kind: str | None = None,
              progress: bool = True, ref_cache: str | os.PathLike | None = None,
              decode_from: int = 0) -> dict:
@@ -77,6 +78,7 @@ def evaluate(candidate: str | os.PathLike, reference: str | os.PathLike, data: d
     `ref_cache`: a folder keeping the reference's outputs between calls (the accuracy budget
     evaluates many candidates against one reference); reused only for the same reference file,
     data, batch size and outputs."""
+    data = as_data(data)      # an .npz path, or a dict of arrays
     ref_model = load_model(reference, load_weights=False)
     cand_model = load_model(candidate, load_weights=False)
     ref_layout, cand_layout = load_layout(reference, ref_model), load_layout(candidate, cand_model)

@@ -62,15 +62,32 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
 
 
+# the keys the page reads from each given JSON, and the command that writes it
+_GIVEN = {"quantize_report": ("graphpass quantize --report", ("kept_float",)),
+          "eval_json": ("graphpass eval --json", ("kind", "samples")),
+          "bench_json": ("graphpass bench --json (without --decode)", ("latency", "size")),
+          "debug_json": ("graphpass debug --json", ("layers", "samples"))}
+_EVAL_KEYS = {"causal-lm": ("perplexity_reference", "perplexity_candidate", "kl", "top1"),
+              "encoder": ("cosine_mean", "cosine_min")}
+
+
 def _read_json(path: str | None, what: str) -> dict | None:
+    """The JSON given for `what` (a key of _GIVEN), refused unless it holds what the page reads."""
     if not path:
         return None
+    writer, keys = _GIVEN[what]
     try:
-        return json.loads(Path(path).read_text())
+        res = json.loads(Path(path).read_text())
     except OSError as e:
-        raise GraphpassError(f"{path}: cannot read {what} ({e.strerror})") from None
+        raise GraphpassError(f"{path}: cannot read {what.replace('_', ' ')} ({e.strerror})") from None
     except ValueError:
-        raise GraphpassError(f"{path}: not a JSON file ({what})") from None
+        raise GraphpassError(f"{path}: not a JSON file ({what.replace('_', ' ')})") from None
+    if isinstance(res, dict) and what == "eval_json":
+        keys += _EVAL_KEYS.get(res.get("kind"), _EVAL_KEYS["causal-lm"])
+    missing = [k for k in keys if not isinstance(res, dict) or k not in res]
+    if missing:
+        raise GraphpassError(f"{path}: not the output of {writer} (no {', '.join(missing)})")
+    return res
 
 
 def gather(inp: ReportInputs) -> ReportData:
@@ -82,8 +99,7 @@ def gather(inp: ReportInputs) -> ReportData:
         raise GraphpassError(f"{inp.candidate}: no such file")
     data = load_data(inp.data)
     check_data(data, ref_m, inp.data)
-    given = {k: _read_json(getattr(inp, k), k.replace("_", " ")) for k in
-             ("quantize_report", "eval_json", "bench_json", "debug_json")}     # all read before any work
+    given = {k: _read_json(getattr(inp, k), k) for k in _GIVEN}     # all read before any work
     rd = ReportData(inp.title or f"{Path(inp.candidate).name} against {Path(inp.reference).name}")
     _debug(rd, inp, data, given["debug_json"])
     _summary(rd, inp, ref_m)
@@ -144,7 +160,7 @@ def _bench(rd: ReportData, inp: ReportInputs, given: dict | None) -> None:
 
         try:
             rd.bench = bench(inp.candidate, inp.reference, [(1, 512)], threads=inp.threads,
-                             seconds=inp.bench_seconds)
+                             seconds=inp.bench_seconds, progress=inp.progress)
         except GraphpassError as e:
             rd.notes.append(f"latency not measured: {e}")
     if not rd.bench:
