@@ -25,28 +25,20 @@ ROWS = 256     # sampled rows scored per layer (evenly thinned)
 
 
 def rank_layers(an: Analysis, stats: Stats, cfg: NBitsConfig) -> list[tuple[str, float, int]]:
-    """(layer, relative 4-bit output error, extra bytes in 8 bits), largest error first. Weights
-    are read in this thread, the layers scored on both cores (search/pool.py)."""
-    from graphpass.search.pool import ordered_map
-
-    c = an.consts
-
-    def prepare(lin):
-        lcfg = layer_config(lin, c, cfg)
-        x = stats.rows.get(lin.act)
-        if lcfg is None or lcfg.bits != 4 or _skip_reason(lin, c, cfg) or x is None or not len(x):
-            return None
-        return lin.name, x[::-(-len(x) // ROWS)].astype(np.float32), lin.weight(c).astype(np.float32), lcfg
-
+    """(layer, relative 4-bit output error, extra bytes in 8 bits), largest error first."""
+    c, out = an.consts, []
     with one_blas_thread():
-        out = [score for _, score in ordered_map(prepare, _score, an.linears)]
+        for lin in an.linears:
+            lcfg = layer_config(lin, c, cfg)
+            x = stats.rows.get(lin.act)
+            if lcfg is None or lcfg.bits != 4 or _skip_reason(lin, c, cfg) or x is None or not len(x):
+                continue
+            x = x[::-(-len(x) // ROWS)].astype(np.float32)
+            w = lin.weight(c).astype(np.float32)
+            y = x @ w
+            e = float(((y - x @ fake_quant_weight_blocks(w, lcfg)) ** 2).sum() / max(float((y ** 2).sum()), 1e-30))
+            out.append((lin.name, e, -(-w.shape[0] // lcfg.block_size) * lcfg.block_size * w.shape[1] // 2))
     return sorted(out, key=lambda r: -r[1])
-
-
-def _score(name: str, x: np.ndarray, w: np.ndarray, lcfg: NBitsConfig) -> tuple[str, float, int]:
-    y = x @ w
-    e = float(((y - x @ fake_quant_weight_blocks(w, lcfg)) ** 2).sum() / max(float((y ** 2).sum()), 1e-30))
-    return name, e, -(-w.shape[0] // lcfg.block_size) * lcfg.block_size * w.shape[1] // 2
 
 
 def keep_8bit(an: Analysis, stats: Stats, cfg: NBitsConfig, count: int) -> tuple[NBitsConfig, list]:
