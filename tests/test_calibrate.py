@@ -103,11 +103,13 @@ def test_each_linear_input_is_reduced_as_soon_as_it_exists(synth, tmp_path):
 
     m = copy_model(synth("llama").model)
     targets = sorted(calibration_targets(m))
-    add_reductions(m, targets)
+    add_reductions(m, targets, gram_step=4)
     order = [n.name for n in m.graph.node]
     made = {o: i for i, n in enumerate(m.graph.node) for o in n.output}
     for k, t in enumerate(targets):
         assert order.index(f"gp_calib_Flatten_{k}") == made[t] + 1, t
+        # GPTQ's rows too (they were sliced after the last layer, every input alive until then)
+        assert made[t] < order.index(f"gp_calib_GramSlice_{k}") <= made[t] + 8, t
     sess = make_session(m, 1, in_order=True, profile=True)
     data = np.load(synth("llama").dir / "data.npz")
     sess.run(None, {i.name: data[i.name][:1] for i in sess.get_inputs()})

@@ -42,3 +42,18 @@ def test_calibration_rows_are_the_sampled_rows(synth):
     for t, x in st.rows.items():
         assert x.ndim == 2 and x.shape[1] == st.min[t].size and len(x) > 0
         assert (x >= st.min[t]).all() and (x <= st.max[t]).all()
+
+
+def test_reads_leave_the_file_position_alone():
+    """GPTQ's workers read Grams from two threads: a read is positioned (pread), it neither moves
+    nor depends on the file's offset, and the rows come back whole."""
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((n, 6)).astype(np.float32) for n in (4, 1, 3)]
+    with RowSpill() as spill:
+        for x in parts:
+            spill.add("a", x)
+            spill.add("b", x + 1)
+        spill._f.seek(5)
+        assert np.array_equal(spill.read("a"), np.concatenate(parts))
+        assert spill._f.tell() == 5
+        assert np.array_equal(spill.read("b"), np.concatenate(parts) + 1)

@@ -87,12 +87,92 @@ def test_act_order_grid_is_the_packers_and_packs_bit_for_bit(bits, block, k):
     np.testing.assert_array_equal(unpack_reference(p, bits, block), r.dequantized)
 
 
+@pytest.mark.parametrize("act_order,symmetric,bits", [(True, True, 4), (False, True, 4), (True, False, 8)])
+def test_gptq_error_from_its_own_steps_is_the_hessian_weighted_error(act_order, symmetric, bits):
+    """Rounded.h_error, Σ e_k² − λ̄·||D||² from GPTQ's steps (no product with H), is tr(D^T·H·D)
+    of its weight error D (a dead input channel included, whose H row is 0)."""
+    x = _skewed(160, 640, seed=9)
+    x[:, 7] = 0.0
+    w = np.random.default_rng(10).normal(size=(160, 24)).astype(np.float32)
+    h = hessian(x.T.astype(np.float64) @ x, len(x))
+    r = gptq_round(w, h, bits, 32, symmetric, act_order=act_order)
+    d = (w - r.dequantized).astype(np.float64)
+    assert r.h_error == pytest.approx(float(np.einsum("kn,kn->", d, h @ d)), rel=1e-4)
+
+
 def test_dead_input_channels_get_zero_weight_and_no_nan():
     x = _correlated(64, 200, seed=3)
     x[:, 5] = 0.0
     w = np.random.default_rng(4).normal(size=(64, 8)).astype(np.float32)
     r = gptq_round(w, hessian(x.T.astype(np.float64) @ x, len(x)), 4, 32, True)
     assert np.isfinite(r.dequantized).all() and (r.dequantized[5] == 0).all()
+
+
+def _textbook_codes(w: np.ndarray, h: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """The OBQ recursion without lazy batches (natural order, symmetric, float32): each row's error
+    is taken out of every later row at once; the block grid is fixed at the block's first row."""
+    from graphpass.search.gptq import inverse_factor
+
+    u = inverse_factor(h, DAMP)[0].astype(np.float32)
+    wk, codes, half = w.astype(np.float32).copy(), np.zeros(w.shape, np.uint8), 2 ** (bits - 1)
+    for i in range(len(wk)):
+        if i % block == 0:
+            v = np.take_along_axis(wk[i:i + block], np.abs(wk[i:i + block]).argmax(0)[None], 0)[0]
+            scale = (v / -half).astype(np.float32)
+            inv = np.divide(1, scale, out=np.zeros_like(scale), where=scale != 0)
+        c = np.clip(np.rint(wk[i] * inv), -half, half - 1)
+        codes[i] = c + half
+        wk[i + 1:] -= np.outer(u[i, i + 1:], (wk[i] - c * scale) / u[i, i])
+    return codes
+
+
+@pytest.mark.parametrize("k,block", [(300, 128), (96, 32), (70, 16)])
+def test_lazy_updates_are_the_textbook_recursion(k, block):
+    """The two-level lazy update (sub-batches of 16 gathering their corrections, matrix products
+    for the rest) rounds as the unbatched OBQ recursion does: codes equal but for float ties."""
+    x = _skewed(k, 4 * k, seed=k)
+    w = np.random.default_rng(k).normal(size=(k, 32)).astype(np.float32)
+    h = hessian(x.T.astype(np.float64) @ x, len(x))
+    got = gptq_round(w, h, 4, block, True).codes
+    assert np.mean(got == _textbook_codes(w, h, 4, block)) >= 0.999
+
+
+@pytest.mark.parametrize("k", [64, 128, 129, 300, 1000])
+def test_cholesky_inverse_is_the_inverse_of_the_factor(k):
+    """By halves, M^-1 of A = M·M^T: lower triangular, M^-1·A·M^-T = I, LAPACK's factor inverted;
+    a matrix that is not positive definite (here only in its second half) is refused."""
+    from graphpass.search.gptq import cholesky_inverse
+
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(2 * k, k)) * np.exp(rng.normal(size=k))
+    a = x.T @ x + 0.1 * np.eye(k)
+    got = cholesky_inverse(a)
+    assert not np.triu(got, 1).any()
+    np.testing.assert_allclose(got @ a @ got.T, np.eye(k), rtol=0, atol=1e-9)
+    want = np.linalg.inv(np.linalg.cholesky(a))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+    a[-1, -1] = -1.0
+    with pytest.raises(np.linalg.LinAlgError):
+        cholesky_inverse(a)
+
+
+@pytest.mark.parametrize("act_order,symmetric", [(True, True), (False, True), (True, False)])
+def test_mixed_bits_round_each_column_on_its_own_grid(act_order, symmetric):
+    """Readers of one input in 4 and 8 bits (--w4-keep-8bit) are rounded in one call with a bit
+    count per column: the same codes, scales and zero points as one call per bit count."""
+    k, bits = 200, np.array([4] * 24 + [8] * 16)
+    x = _skewed(k, 4 * k, seed=7)
+    w = np.random.default_rng(8).normal(size=(k, 40)).astype(np.float32)
+    h = hessian(x.T.astype(np.float64) @ x, len(x))
+    both = gptq_round(w, h, bits, 64, symmetric, act_order=act_order)
+    for b, cols in ((4, slice(0, 24)), (8, slice(24, 40))):
+        one = gptq_round(w[:, cols], h, b, 64, symmetric, act_order=act_order)
+        np.testing.assert_array_equal(both.codes[:, cols], one.codes)
+        np.testing.assert_array_equal(both.scales[cols], one.scales)
+        np.testing.assert_array_equal(both.dequantized[:, cols], one.dequantized)
+        if not symmetric:
+            np.testing.assert_array_equal(both.zero_points[cols], one.zero_points)
+        assert one.codes.max() > 15 if b == 8 else one.codes.max() <= 15
 
 
 def test_calibration_gram_is_the_sum_over_thinned_rows(synth):
@@ -104,13 +184,13 @@ def test_calibration_gram_is_the_sum_over_thinned_rows(synth):
     st = calibrate(s.path, s.data, batch_size=2, progress=False, row_step=1, gram_step=1)
     assert set(st.gram) == set(st.min)
     for t, x in st.rows.items():
-        assert st.gram_rows[t] == len(x)
+        assert st.gram.rows[t] == len(x)
         ref = x.T.astype(np.float64) @ x
         np.testing.assert_allclose(st.gram[t], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
         np.testing.assert_array_equal(st.gram[t], st.gram[t])     # the spilled rows stay for a second read
     thin = calibrate(s.path, s.data, batch_size=2, progress=False, gram_step=3)
     t = next(iter(thin.gram))
-    assert thin.gram_rows[t] == sum(-(-n // 3) for n in [thin.count[t] // 2] * 2) and not thin.rows
+    assert thin.gram.rows[t] == sum(-(-n // 3) for n in [thin.count[t] // 2] * 2) and not thin.rows
 
 
 def test_gptq_graph_runs_the_codes_it_chose_and_beats_rtn(synth):
@@ -139,6 +219,36 @@ def test_gptq_graph_runs_the_codes_it_chose_and_beats_rtn(synth):
     ref, got = run(float_model, feeds), run(q, feeds)
     for k in ref:
         assert np.abs(ref[k] - got[k]).max() <= 1e-4 * np.abs(ref[k]).max(), k
+
+
+def test_one_gram_and_one_call_per_input_whatever_the_bits(synth):
+    """An input whose readers are in 4 and 8 bits (--w4-keep-8bit) is rounded in one call, on one
+    Gram read once (it was one call and one S^T·S per bit count); each reader keeps its own bits."""
+    from collections import Counter
+
+    from graphpass.calibrate.collect import calibrate
+
+    s = synth("llama")
+    st = calibrate(s.path, s.data, batch_size=2, progress=False, gram_step=1)
+    an = analyze(s.fresh())
+    site = next(site for site in an.sites if len(site.consumers) == 3)          # q / k / v
+    cfg = NBitsConfig(bits=4, block_size=32, accuracy_level=0, lm_head=False, keep8=(site.consumers[2].name,))
+    reads, grams = Counter(), st.gram
+
+    class Counted(type(grams)):
+        def __getitem__(self, t):
+            reads[t] += 1
+            return grams[t]
+    counted = Counted()
+    counted.rows = grams.rows
+    st.gram = counted
+    rep = gptq(an, st, cfg, progress=False)
+    assert reads[site.act] == 1 and max(reads.values()) == 1
+    assert len(rep.rows) == len(reads)
+    assert [r["readers"] for r in rep.rows if r["readers"][0] == site.consumers[0].name] == \
+        [[lin.name for lin in site.consumers]]
+    bits = {lin.name: rep.packed[lin.name].b.shape[2] * 8 // 32 for lin in site.consumers}
+    assert list(bits.values()) == [4, 4, 8]
 
 
 def test_awq_scores_a_head_on_the_grid_it_is_packed_on():

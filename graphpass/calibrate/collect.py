@@ -32,7 +32,7 @@ from graphpass.progress import bar
 from graphpass.search.pool import ordered_map
 
 from graphpass.calibrate.data import batches, check_data
-from graphpass.calibrate.gram import Grams, add_grams
+from graphpass.calibrate.gram import Grams
 from graphpass.calibrate.kv_stat import update_cache_absmax
 from graphpass.calibrate.rows import RowSpill
 from graphpass.calibrate.stats import Stats
@@ -57,20 +57,22 @@ def calibration_targets(model: onnx.ModelProto | gs.Graph, base_dir: str | None 
 
 
 def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_step: int = 0,
-                   keep: tuple[str, ...] | list[str] = ()) -> list[str]:
+                   keep: tuple[str, ...] | list[str] = (), gram_step: int = 0) -> list[str]:
     """Replace the graph outputs by per-channel min/max of each target; returns output names.
 
     With row_step > 0 every target also returns its rows o, o + row_step, o + 2·row_step, ...
-    (samples of X for the per-site alpha search) as a third output; o is the graph input
-    `gp_calib_start`. Nodes no new output needs (the LM head, say) go with cleanup(); the graph
+    (samples of X for the per-site alpha search) as a further output; o is the graph input
+    `gp_calib_start`. With gram_step > 0, one more: the rows S = F[0::gram_step] (GPTQ's
+    Hessian, calibrate/gram.py). Nodes no new output needs (the LM head, say) go with cleanup(); the graph
     outputs named in `keep` (a with-past graph's present.*, fed back by decode steps) stay. A gs.Graph
     is edited in place; a ModelProto is imported, edited and written back into the same object.
     """
     g = model if isinstance(model, gs.Graph) else import_graph(model)
     tensors, new18 = g.tensors(), opset_version(g) >= 18
     axes = gs.Constant("gp_calib_axes0", np.array([0], np.int64))
+    zero, end, step, gstep = (gs.Constant(f"gp_calib_{k}", np.array([v], np.int64)) for k, v in
+                              (("zero", 0), ("end", 2**62), ("step", row_step), ("gram_step", gram_step)))
     if row_step:
-        end, step = (gs.Constant(f"gp_calib_{k}", np.array([v], np.int64)) for k, v in (("end", 2**62), ("step", row_step)))
         # the first sampled row varies batch by batch (fed at run time), so every position is seen
         start = gs.Variable("gp_calib_start", np.int64, [1])
         g.inputs.append(start)
@@ -92,6 +94,10 @@ def add_reductions(model: onnx.ModelProto | gs.Graph, targets: list[str], row_st
         if row_step:
             o = gs.Variable(f"gp_calib_rows_{k}", F32)
             nodes.append(gs.Node("Slice", f"gp_calib_Slice_{k}", {}, [flat, start, end, axes, step], [o]))
+            outs.append(o)
+        if gram_step:      # beside the other reductions, so the input is freed where it is made
+            o = gs.Variable(f"gp_calib_gram_{k}", F32)
+            nodes.append(gs.Node("Slice", f"gp_calib_GramSlice_{k}", {}, [flat, zero, end, axes, gstep], [o]))
             outs.append(o)
         after.setdefault(id(tensors[t].inputs[0]) if tensors[t].inputs else None, []).extend(nodes)
     g.nodes = _placed(g.nodes, after)
@@ -142,7 +148,7 @@ def calibrate(model_path: str | os.PathLike, data, batch_size: int = 1, threads:
               gram_step: int = 0, windows: int | None = None,
               rewrite: Callable[[gs.Graph], object] | None = None) -> Stats:
     """See _calibrate; a model with inline weights is read through an external-data copy.
-    gram_step > 0: stats.gram also sums X^T·X of every gram_step-th row (calibrate/gram.py).
+    gram_step > 0: stats.gram gives X^T·X of every gram_step-th row (calibrate/gram.py).
     windows: batches run at once (default min(threads, WINDOWS)); the stats do not depend on it.
     rewrite: applied in place to the graph that is run, before its reductions; it must keep every
     linear input (e.g. the exact decode fusions: the same inputs, fewer nodes to run)."""
@@ -188,15 +194,15 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
     if isinstance(data, dict):
         check_data(data, check_model, "data")   # before any progress bar is drawn
     drop_softmax_nan_guards(g)   # exact where it drops one (positional masks): ~13% of a SmolLM2 forward
-    outs = add_reductions(g, names, row_step, keep=layout.present_names if layout is not None else ())
-    grams = add_grams(g, names, gram_step) if gram_step else []
+    outs = add_reductions(g, names, row_step, keep=layout.present_names if layout is not None else (),
+                          gram_step=gram_step)
     with tempfile.TemporaryDirectory(prefix="graphpass-calib-") as tmp:
         src = _spill(g, Path(tmp))
         del g   # inline weights now sit in tmp: their protobuf copy goes back to the OS
         sess = make_session(src, threads, prepack=False, in_order=True, external_dir=str(p.parent.resolve())
                             if isinstance(src, onnx.ModelProto) else None)
-    stats, per = Stats(kv_absmax=cache), 5 if row_step else 4
-    if grams:
+    stats, per = Stats(kv_absmax=cache), 4 + bool(row_step) + bool(gram_step)
+    if gram_step:
         stats.gram = Grams()           # S^T·S per input, computed from spilled rows when GPTQ reads it
     total = -(-len(next(iter(data.values()))) // batch_size) if isinstance(data, dict) and data else None
     rng = np.random.default_rng(0)
@@ -214,7 +220,7 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
 
     def work(b, nxt, firsts):     # one window's runs, on a worker thread (onnxruntime frees the GIL)
         it = iter(firsts)
-        return list(run_window(sess, outs + grams, b, layout, nxt, lambda f: next(it), on_cache))
+        return list(run_window(sess, outs, b, layout, nxt, lambda f: next(it), on_cache))
 
     pairs = with_next_tokens(feeds(data, batch_size, check_model), decode_steps if layout else 0)
     on_cache = None if cache is None or layout is None else _locked(partial(update_cache_absmax, cache, layout))
@@ -225,14 +231,13 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
                 for k, t in enumerate(names):
                     stats.update(t, vals[per * k], vals[per * k + 1])
                     stats.add_abs(t, vals[per * k + 2], int(vals[per * k + 3][0]))
-                    if grams:
-                        stats.gram.add(t, vals[len(outs) + k])
                     if row_step:
                         rows.add(t, vals[per * k + 4])
+                    if gram_step:
+                        stats.gram.add(t, vals[per * k + per - 1])
             stats.samples += next(iter(b.values())).shape[0]
         del sess, vals, runs                # weights and activations go before the rows come back
         stats.require(targets, "calibration")
-        stats.gram_rows = dict(stats.gram.rows) if grams else {}
         for t in rows.names():
             stats.rows[t] = rows.take(t)
     return stats

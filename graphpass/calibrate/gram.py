@@ -1,42 +1,27 @@
 """Per-tensor Gram matrices X^T·X of calibration rows (GPTQ's Hessian), computed when read.
 
 For a linear input X, flattened to F [rows, C], the calibration graph also returns the rows
-S = F[0::step] (every step-th row). They are appended to a temporary file as they arrive
+S = F[0::step] (every step-th row; calibrate/collect.add_reductions, placed with the other
+reductions of X). They are appended to a temporary file as they arrive
 (calibrate/rows.RowSpill) and `Grams[t]` returns S^T·S [C, C] (float32) over all of them when
 GPTQ asks for it: H = 2/n · S^T·S is the Hessian of ||X·W − X·Q||² that GPTQ (search/gptq.py)
 inverts, one input at a time. The rows come from every calibration token (thinned by `step`,
 default 4: 4,096 rows over 32 x 512 tokens, above the widest C of SmolLM2, 1,536, so H has full
 rank), where the sampled rows kept for the searches (every 64th: 256 rows) would leave H of rank 256.
-Memory: one S and one Gram at a time (SmolLM2: 25 + 9 MB) instead of every sum at once (Σ C² · 4
-bytes: 405 MB over SmolLM2's 121 linear inputs, held from the calibration session's peak to the
-end of GPTQ); the file takes rows · Σ C · 4 bytes of disk (1.6 GB there).
+Memory: one S and one Gram at a time per reader (SmolLM2: 25 + 9 MB) instead of every sum at once
+(Σ C² · 4 bytes: 405 MB over SmolLM2's 121 linear inputs, held from the calibration session's peak
+to the end of GPTQ); the file takes rows · Σ C · 4 bytes of disk (1.6 GB there). Reads may come
+from several threads at once (positioned reads).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from graphpass.calibrate.rows import RowSpill
 
 GRAM_STEP = 4
-
-
-def add_grams(g: gs.Graph, targets: list[str], step: int = GRAM_STEP) -> list[str]:
-    """Append an output S = F[0::step] per target to `g` (after calibrate/collect.add_reductions); names."""
-    tensors = g.tensors()
-    consts = {k: gs.Constant(f"gp_gram_{k}", np.array([v], np.int64))
-              for k, v in (("start", 0), ("end", 2**62), ("axes", 0), ("step", step))}
-    outs = []
-    for k, t in enumerate(targets):
-        flat, rows = gs.Variable(f"gp_gram_flat_{k}"), gs.Variable(f"gp_gram_rows_{k}", np.float32)
-        g.nodes.append(gs.Node("Flatten", f"gp_gram_Flatten_{k}", {"axis": -1}, [tensors[t]], [flat]))
-        g.nodes.append(gs.Node("Slice", f"gp_gram_Slice_{k}", {}, [flat, consts["start"], consts["end"],
-                                                                  consts["axes"], consts["step"]], [rows]))
-        outs.append(rows)
-    g.outputs.extend(outs)
-    return [o.name for o in outs]
 
 
 class Grams(Mapping):
@@ -44,7 +29,7 @@ class Grams(Mapping):
 
     def __init__(self):
         self._rows = RowSpill()
-        self.rows: dict[str, int] = {}        # rows spilled per tensor
+        self.rows: dict[str, int] = {}        # rows spilled per tensor: n of H = 2/n · S^T·S
 
     def add(self, t: str, s: np.ndarray) -> None:
         """Park one batch's rows S [n, C] of tensor t."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graphpass.errors import GraphpassError
+
+if TYPE_CHECKING:
+    from graphpass.calibrate.gram import Grams
 
 META_KEY = "__graphpass_stats__"
 VERSION = 1
@@ -31,8 +34,7 @@ class Stats:
     abs_sum: dict[str, np.ndarray] = field(default_factory=dict)   # Σ over rows of |X_j| (float64)
     count: dict[str, int] = field(default_factory=dict)            # rows summed into abs_sum
     kv_absmax: dict[str, np.ndarray] | None = None   # KV-cache statistic of the same runs (calibrate/kv_stat.py; not saved)
-    gram: Mapping[str, np.ndarray] = field(default_factory=dict)   # X^T·X of thinned rows (GPTQ, calibrate/gram.Grams; not saved)
-    gram_rows: dict[str, int] = field(default_factory=dict)        # rows summed into gram
+    gram: Grams | None = None        # X^T·X of thinned rows, and their count per tensor (GPTQ; not saved)
 
     def mean_abs(self, t: str) -> np.ndarray:
         """Per-channel mean|X_j| over every calibration row (AWQ's activation statistic)."""

@@ -67,29 +67,31 @@ def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndar
          ratios: dict[str, np.ndarray] | None = None, progress: bool = True,
          how: GptqConfig = GptqConfig()) -> GptqReport:
     """Round every eligible reader by GPTQ; `scales`: AWQ's s per site name, `ratios`: ρ per linear.
-    Weights and Grams are read in this thread, the rounding runs on both cores (search/pool.py)."""
+    Weights are read in this thread; each input's Gram (S^T·S from the spilled rows) and the
+    rounding run on both cores (search/pool.py). Readers of one input on one block grid are
+    rounded in one call whatever their bits (--w4-keep-8bit): one Gram and one factorization per input."""
     from graphpass.progress import bar
 
     if not stats.gram:
         raise GraphpassError("GPTQ needs X^T·X per input from calibration (calibrate with gram_step > 0)")
     rep, c, ratios = GptqReport(), an.consts, ratios or {}
-    items = [(t, s, lcfg, part) for t, s, lins in groups(an, cfg, scales or {}) if t in stats.gram
-             for lcfg, part in _by_config(lins, c, cfg)]
+    items = [(t, s, part) for t, s, lins in groups(an, cfg, scales or {}) if t in stats.gram
+             for part in _by_grid(lins, c, cfg)]
 
     def prepare(item):
-        t, s, lcfg, part = item
-        ws = [lin.weight(c).astype(np.float32) for lin in part]
-        kb = -(-ws[0].shape[0] // lcfg.block_size)
+        t, s, part = item
+        ws = [lin.weight(c).astype(np.float32) for lin, _ in part]
+        kb = -(-ws[0].shape[0] // part[0][1].block_size)
         rho = np.concatenate([ratios.get(lin.name, np.ones((kb, w.shape[1]), np.float32))
-                              for lin, w in zip(part, ws)], 1)
-        return stats.gram[t], stats.gram_rows[t], s, ws, rho, lcfg, how
+                              for (lin, _), w in zip(part, ws)], 1)
+        return stats.gram, t, s, ws, rho, [lcfg for _, lcfg in part], how
 
     with one_blas_thread(), heap_scratch(SCRATCH):
-        for (_, _, lcfg, part), (ws, r, row) in ordered_map(prepare, _round_group,
-                                                         bar(items, "GPTQ", "weight group", enabled=progress)):
-            rep.rows.append(dict(readers=[lin.name for lin in part], **row))
+        for (_, _, part), (ws, r, row) in ordered_map(prepare, _round_group,
+                                                    bar(items, "GPTQ", "weight group", enabled=progress)):
+            rep.rows.append(dict(readers=[lin.name for lin, _ in part], **row))
             at = 0
-            for lin, wi in zip(part, ws):
+            for (lin, lcfg), wi in zip(part, ws):
                 cols = slice(at, at + wi.shape[1])
                 at += wi.shape[1]
                 zp = None if r.zero_points is None else r.zero_points[cols]
@@ -98,21 +100,29 @@ def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndar
     return rep
 
 
-def _by_config(lins: list, c, cfg: NBitsConfig) -> list[tuple[NBitsConfig, list]]:
-    out: dict[NBitsConfig, list] = {}
+def _by_grid(lins: list, c, cfg: NBitsConfig) -> list[list[tuple]]:
+    """The readers as (linear, its config) in parts of one block size and symmetry (bits may differ)."""
+    out: dict[tuple, list] = {}
     for lin in lins:
-        out.setdefault(layer_config(lin, c, cfg), []).append(lin)
-    return list(out.items())
+        lcfg = layer_config(lin, c, cfg)
+        out.setdefault((lcfg.block_size, lcfg.symmetric), []).append((lin, lcfg))
+    return list(out.values())
 
 
-def _round_group(gram, rows: int, s, ws: list, rho: np.ndarray, cfg: NBitsConfig, how: GptqConfig):
-    """(ws, GPTQ's Rounded, H-weighted errors of clipped RTN and GPTQ) for readers ws of one input."""
-    h = hessian(gram, rows, s)
+def _round_group(grams, t: str, s, ws: list, rho: np.ndarray, cfgs: list[NBitsConfig], how: GptqConfig):
+    """(ws, GPTQ's Rounded, H-weighted errors of clipped RTN and GPTQ) for readers ws of input t,
+    each on its own grid cfgs[i] (one block size and symmetry, bits per reader)."""
+    h = hessian(grams[t], grams.rows[t], s)
     w = np.concatenate(ws, 1)
-    r = gptq_round(w, h, cfg.bits, cfg.block_size, cfg.symmetric, rho, how.damp, how.act_order)
-    rtn = fake_quant_weight_blocks(clip_blocks(w, rho, cfg.block_size, cfg.symmetric), cfg)
-    h32 = h.astype(np.float32)
-    return ws, r, dict(rtn=_h_error(w - rtn, h32), gptq=_h_error(w - r.dequantized, h32))
+    bits = np.concatenate([np.full(wi.shape[1], lcfg.bits) for wi, lcfg in zip(ws, cfgs)])
+    block, symmetric = cfgs[0].block_size, cfgs[0].symmetric
+    r = gptq_round(w, h, bits, block, symmetric, rho, how.damp, how.act_order)
+    at, rtn = 0, np.empty_like(w)
+    for wi, lcfg in zip(ws, cfgs):
+        cols = slice(at, at + wi.shape[1])
+        at += wi.shape[1]
+        rtn[:, cols] = fake_quant_weight_blocks(clip_blocks(wi, rho[:, cols], block, symmetric), lcfg)
+    return ws, r, dict(rtn=_h_error(w - rtn, h.astype(np.float32)), gptq=r.h_error)
 
 
 def _h_error(d: np.ndarray, h: np.ndarray) -> float:
