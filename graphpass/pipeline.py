@@ -386,10 +386,16 @@ def _check_patterns(an, config: PipelineConfig) -> None:
 
 
 def _weight_form(config: PipelineConfig) -> str:
-    """How the quantized linear layers' weights are stored, for the log: 'int8' or 'N bits'."""
+    """How the quantized linear layers' weights are stored, for the log: 'int8' or 'N bits', and
+    the layers in other bits ('--w4-keep-8bit', '--head-bits')."""
     from graphpass.passes.nbits import NBITS_SCHEMES
 
-    return f"{_nbits_config(config).bits} bits" if config.scheme in NBITS_SCHEMES else "int8"
+    if config.scheme not in NBITS_SCHEMES:
+        return "int8"
+    c = _nbits_config(config)
+    other = ([f"{len(c.keep8)} of them in 8 bits"] if c.keep8 and c.bits != 8 else []) + \
+        ([f"the LM head in {c.head_bits} bits"] if c.head_bits and c.head_bits != c.bits else [])
+    return ", ".join([f"{c.bits} bits"] + other)
 
 
 def _nbits_config(config: PipelineConfig) -> NBitsConfig:

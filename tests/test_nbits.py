@@ -389,3 +389,14 @@ def test_quantize_log_names_the_weight_bits(capsys, synth, tmp_path, scheme, bit
     out, _ = cli_ok(capsys, ["quantize", s.path, "-o", tmp_path / "q.onnx", "--scheme", scheme,
                              "--no-smooth", "--no-awq"])
     assert f"linear layers in {bits} bits ({scheme})" in out and "int8 (w" not in out
+
+
+def test_quantize_log_names_the_layers_in_other_bits(capsys, synth, tmp_path):
+    """With --w4-keep-8bit and --head-bits 8 the line counts the 8-bit layers too ('211 linear
+    layers in 4 bits (w4)' was printed with 57 of them and the head in 8 bits)."""
+    from conftest import cli_ok
+
+    s = synth("llama")
+    out, _ = cli_ok(capsys, ["quantize", s.path, "-o", tmp_path / "q.onnx", "--scheme", "w4", "--no-smooth",
+                             "--data", s.data_path, "--w4-keep-8bit", "2", "--head-bits", "8", "--lm-head"])
+    assert "linear layers in 4 bits, 2 of them in 8 bits, the LM head in 8 bits (w4)" in out
