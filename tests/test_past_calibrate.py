@@ -125,6 +125,19 @@ def test_windows_in_flight_give_the_stats_of_one_at_a_time_to_the_bit(saved, row
         np.testing.assert_array_equal(one[0][k], one[1][k])
 
 
+@pytest.mark.parametrize("threads, windows, per_run", [(2, None, 1), (2, 1, 2), (1, None, 1), (4, None, 2)])
+def test_windows_in_flight_share_the_threads(saved, monkeypatch, threads, windows, per_run):
+    """Two windows in flight on one session each run on threads // 2 intra-op threads (each
+    run with a pool of both threads made them wait on each other: 35 s against 28 s on SmolLM2)."""
+    import graphpass.calibrate.collect as collect
+
+    made, real = [], collect.make_session
+    monkeypatch.setattr(collect, "make_session", lambda src, n, **kw: made.append(n) or real(src, n, **kw))
+    path, _, data, _ = saved
+    collect.calibrate(path, data, 1, threads, False, decode_steps=0, windows=windows)
+    assert made == [per_run]
+
+
 def test_calibration_on_the_fused_graph_reads_the_same_inputs(tmp_path):
     """With --decode-fusions the pipeline calibrates the graph after the attention and norm
     fusions: fewer nodes, the same linear inputs, stats equal up to float rounding (RTOL). A
