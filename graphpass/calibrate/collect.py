@@ -204,9 +204,10 @@ def _calibrate(model_path: Path, data, batch_size: int, threads: int, progress: 
     with tempfile.TemporaryDirectory(prefix="graphpass-calib-") as tmp:
         src = _spill(g, Path(tmp))
         del g   # inline weights now sit in tmp: their protobuf copy goes back to the OS
-        # the windows share the cores: each run gets threads // windows of them (SmolLM2, 2 cores,
-        # 2 windows: 1 thread per run 27.7-28.8 s, against 34.7-35.3 s with 2 threads per run, whose
-        # pools then wait on each other; the stats are the same to the bit)
+        # the windows share the cores: each run gets threads // windows of them, not a pool of all
+        # (SmolLM2, 2 cores, 2 windows, interleaved A/Bs near idle: 1 thread per run 27.7-28.8 s
+        # against 34.7-35.3 with 2, then 32.3-35.7 against 36.6-38.2 (CPU 63-70 s against 72-76);
+        # one A/B with GPTQ's rows read within this VM's noise); the stats are the same to the bit
         sess = make_session(src, run_threads(threads, windows), prepack=False, in_order=True,
                             external_dir=str(p.parent.resolve()) if isinstance(src, onnx.ModelProto) else None)
     stats, per = Stats(kv_absmax=cache), 4 + bool(row_step) + bool(gram_step)
