@@ -429,6 +429,10 @@ def _gptq(an, stats, config: PipelineConfig, awq_rep, step, progress) -> dict:
     cfg = _nbits_config(config)
     scales = {k: ch.scales for k, ch in awq_rep.choices.items()} if awq_rep else {}
     ratios = {r["linear"]: r["ratio"] for r in awq_rep.clip} if awq_rep else {}
-    rep = gptq(an, stats, cfg, scales, ratios, progress, config.gptq_how)
+    try:
+        rep = gptq(an, stats, cfg, scales, ratios, progress, config.gptq_how)
+    finally:     # the spilled rows (1.6 GB of temporary disk on SmolLM2) are not read again
+        stats.gram.close()
+        stats.gram = None
     step("gptq", t0, rep.summary())
     return rep.packed

@@ -344,3 +344,30 @@ def test_gptq_order_option_reaches_the_pipeline_config():
     for extra in (["--gptq-order", "natural"], ["--gptq-damp", "0.1"]):
         with pytest.raises(GraphpassError, match="--gptq-order, --gptq-damp"):
             cfg("token", *extra)
+
+
+def test_gptq_closes_its_spilled_rows_when_done(synth, tmp_path, monkeypatch):
+    """The pipeline closes the Grams' temporary file (1.6 GB of rows on SmolLM2) right after
+    GPTQ has read it, not when the stats are collected at the end of the job."""
+    from graphpass.calibrate.gram import Grams
+    from graphpass.pipeline import PipelineConfig, quantize
+
+    closed, real = [], Grams.close
+    monkeypatch.setattr(Grams, "close", lambda self: closed.append(self) or real(self))
+    s = synth("llama")
+    logged = []
+    quantize(s.path, tmp_path / "q.onnx", s.data, PipelineConfig(scheme="w4", alpha=None, gptq=True, row_step=2),
+             progress=False, log=logged.append)
+    assert len(closed) == 1 and closed[0]._rows._f.closed
+    assert any(m.startswith("gptq") for m in logged)
+
+
+@pytest.mark.parametrize("damp", [0.0, -0.1, 11.0])
+def test_gptq_damping_out_of_range_is_a_one_line_error_through_the_api(damp):
+    """GptqConfig refuses a damping the CLI would refuse; through the API, damp=0 on a singular H
+    was a numpy LinAlgError."""
+    from graphpass.errors import GraphpassError
+    from graphpass.search.gptq import GptqConfig
+
+    with pytest.raises(GraphpassError, match=r"GPTQ damping must lie in \(0, 10\]"):
+        GptqConfig(damp=damp)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphpass.errors import GraphpassError
+
 DAMP = 0.1           # λ: the fraction of mean(diag H) added to the diagonal (the reference's percdamp is 0.01)
 LAZY = 128           # columns per lazy batch update
 SUB = 16             # rows per inner batch of a lazy batch (search/gptq._round_rows)
@@ -35,6 +37,10 @@ class GptqConfig:
     damp: λ, the fraction of mean(diag H) added to its diagonal."""
     act_order: bool = True
     damp: float = DAMP
+
+    def __post_init__(self):
+        if not 0.0 < self.damp <= 10.0:
+            raise GraphpassError(f"GPTQ damping must lie in (0, 10] (a fraction of mean diag H), got {self.damp}")
 
 
 @dataclass(frozen=True)
