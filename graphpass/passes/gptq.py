@@ -90,10 +90,7 @@ def gptq(an: Analysis, stats: Stats, cfg: NBitsConfig, scales: dict[str, np.ndar
         for (_, _, part), (ws, r, row) in ordered_map(prepare, _round_group,
                                                     bar(items, "GPTQ", "weight group", enabled=progress)):
             rep.rows.append(dict(readers=[lin.name for lin, _ in part], **row))
-            at = 0
-            for (lin, lcfg), wi in zip(part, ws):
-                cols = slice(at, at + wi.shape[1])
-                at += wi.shape[1]
+            for (lin, lcfg), cols in zip(part, _columns(ws)):
                 zp = None if r.zero_points is None else r.zero_points[cols]
                 rep.packed[lin.name] = pack_codes(r.codes[:, cols], r.scales[cols], zp, lcfg.bits, lcfg.block_size)
                 lin.set_weight(c, np.ascontiguousarray(r.dequantized[:, cols]))
@@ -117,12 +114,16 @@ def _round_group(grams, t: str, s, ws: list, rho: np.ndarray, cfgs: list[NBitsCo
     bits = np.concatenate([np.full(wi.shape[1], lcfg.bits) for wi, lcfg in zip(ws, cfgs)])
     block, symmetric = cfgs[0].block_size, cfgs[0].symmetric
     r = gptq_round(w, h, bits, block, symmetric, rho, how.damp, how.act_order)
-    at, rtn = 0, np.empty_like(w)
-    for wi, lcfg in zip(ws, cfgs):
-        cols = slice(at, at + wi.shape[1])
-        at += wi.shape[1]
+    rtn = np.empty_like(w)
+    for wi, lcfg, cols in zip(ws, cfgs, _columns(ws)):
         rtn[:, cols] = fake_quant_weight_blocks(clip_blocks(wi, rho[:, cols], block, symmetric), lcfg)
     return ws, r, dict(rtn=_h_error(w - rtn, h.astype(np.float32)), gptq=r.h_error)
+
+
+def _columns(ws: list) -> list[slice]:
+    """Each reader's columns in the concatenation [W_1 | ... | W_n] that GPTQ rounds in one call."""
+    ends = np.cumsum([wi.shape[1] for wi in ws]).tolist()
+    return [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]
 
 
 def _h_error(d: np.ndarray, h: np.ndarray) -> float:
